@@ -1,0 +1,2 @@
+"""evomerge: evolutionary model-merge optimizer."""
+__version__ = "0.1.0"

@@ -1,0 +1,10 @@
+"""Regenerates the zoo's lm-eval tasks and data in evals/ (deterministic; committed)."""
+
+from pathlib import Path
+
+from evomerge.zoo.tasks import write_eval_data
+
+if __name__ == "__main__":
+    evals = Path(__file__).resolve().parent.parent / "evals"
+    for p in write_eval_data(evals):
+        print(p.relative_to(evals.parent))
