@@ -1,0 +1,126 @@
+"""Command line: each sub-command parses its arguments and calls one plain Python function.
+
+Errors that come from the user's input (a missing folder, an unknown task, a bad config) are
+printed as one ``error: ...`` line with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Quiet, offline-friendly defaults; set before lm-eval, datasets or tqdm are imported.
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    # lm-eval warns on every task load and every in-memory model; a user's own errors still show.
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------- zoo
+def cmd_zoo(args: argparse.Namespace) -> int:
+    import torch  # noqa: F401  (imported here so --help stays fast)
+
+    from evomerge.zoo.build import ZooParams, build_zoo
+
+    _quiet_libraries()
+    build_zoo(args.out, ZooParams(seed=args.seed, threads=args.threads), force=args.force)
+    return 0
+
+
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("zoo", help="build the offline model zoo (tokenizer, base, specialists)",
+                       description="Builds a character tokenizer, a small Llama base model pre-trained on a "
+                       "synthetic corpus, and one specialist per skill (add, rev, sub) fine-tuned from it. "
+                       "Deterministic for a seed and thread count; a second build with the same parameters "
+                       "does nothing. About 3 minutes on 2 CPU cores.")
+    p.add_argument("--out", type=Path, required=True, help="output folder (e.g. artifacts/zoo)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads used for training (default 2)")
+    p.add_argument("--force", action="store_true", help="replace a folder that holds something else")
+    p.set_defaults(func=cmd_zoo)
+
+
+# ----------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from evomerge.evaluate import evaluate_model_dir
+    from evomerge.report import results_table
+
+    _quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = [t for spec in args.tasks for t in spec.split(",") if t]
+    results = evaluate_model_dir(args.model_dir, tasks, split=args.split, limit=args.limit,
+                                 batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                                 allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    results_table({str(args.model_dir): results}, title=f"split={args.split or 'default'}").print()
+    if args.json:
+        import json
+
+        print(json.dumps({t: {"metrics": r.metrics, "n": r.n_items} for t, r in results.items()}))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score a model folder with lm-eval tasks",
+                       description="Runs lm-eval (Hugging Face backend) on a model folder and prints the task "
+                       "metrics. The zoo tasks (zoo_add, zoo_rev, zoo_sub; tag: zoo) are found in evals/; any "
+                       "registered lm-eval task name also works when its data is available; more task folders "
+                       "can be added with EVOMERGE_TASKS=dir1:dir2.")
+    p.add_argument("model_dir", type=Path, help="Hugging Face model folder (safetensors)")
+    p.add_argument("--tasks", nargs="+", default=["zoo_add", "zoo_rev", "zoo_sub"],
+                   help="task names, space or comma separated (default: the three zoo tasks)")
+    p.add_argument("--split", default="test", help="dataset split to score: dev or test for the zoo tasks; "
+                   "'default' keeps each task's own (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--batch-size", type=int, default=32, help="fixed batch size (default 32; never 'auto')")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (can run code)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
+    p.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
+    p.set_defaults(func=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model-merge optimizer.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_zoo(sub)
+    _add_eval(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "split", None) == "default":
+        args.split = None
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Shared fixtures: offline environment, and one session-scoped zoo cached outside the repo.
+
+The zoo cache lives in ``$EVOMERGE_CACHE`` (default ``~/.cache/evomerge``) under
+``zoo/<key>``, where the key hashes the builder's source, its parameters and the torch version:
+the first run builds it (about 3 minutes on 2 cores), later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.update({
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+})
+# datasets and the hub cache write under HF_HOME: keep them out of the user's home.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="evomerge-hf-")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge"))
+
+
+@pytest.fixture(scope="session")
+def zoo_dir() -> Path:
+    import torch
+
+    from evomerge.zoo.build import ZooParams, build_zoo, cache_key
+
+    params = ZooParams()
+    out = cache_root() / "zoo" / cache_key(params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A lock, so that two test runs sharing the cache do not build the same zoo at once.
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        threads = torch.get_num_threads()
+        try:
+            build_zoo(out, params)
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="session")
+def zoo_test_scores(zoo_dir):
+    """Test-split scores of every zoo model, computed once for the session."""
+    from evomerge.evaluate import LmEvalEvaluator
+    from evomerge.models import load_causal_lm, load_tokenizer
+    from evomerge.zoo.build import read_manifest
+
+    manifest = read_manifest(zoo_dir)
+    evaluator = LmEvalEvaluator(list(manifest["tasks"].values()), split="test", batch_size=64)
+    tok = load_tokenizer(zoo_dir / "base")
+    return {name: evaluator.evaluate(load_causal_lm(zoo_dir / m["path"]), tok)
+            for name, m in manifest["models"].items()}

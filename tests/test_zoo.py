@@ -1,0 +1,98 @@
+"""The model zoo: loads with transformers, is deterministic, cached, and leaves room to merge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.zoo.build import ZooParams, build_zoo, read_manifest
+from evomerge.zoo.train import ModelShape
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_zoo_reloads_with_auto_classes(zoo_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest = read_manifest(zoo_dir)
+    assert manifest["base"] == "base"
+    assert len(manifest["specialists"]) >= 3
+    for name, entry in manifest["models"].items():
+        folder = zoo_dir / entry["path"]
+        assert (folder / "model.safetensors").is_file(), name
+        assert not list(folder.glob("*.bin")), "weights must be safetensors only"
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = tok("12+34=", return_tensors="pt", add_special_tokens=False).input_ids
+        assert tok.decode(ids[0]) == "12+34="
+        logits = model(input_ids=ids).logits
+        assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()
+    chat = tok.apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert chat == "<|user|>1+2=<|assistant|>"
+    for spec in manifest["specialists"]:
+        entry = manifest["models"][spec]
+        assert manifest["tasks"][entry["skill"]] == entry["task"]
+
+
+def test_zoo_meets_the_skill_table(zoo_test_scores):
+    """Each specialist >= 0.90 on its skill; others and the base at least 0.40 below it."""
+    skills = {"add": "zoo_add", "rev": "zoo_rev", "sub": "zoo_sub"}
+    for skill, task in skills.items():
+        s_i = zoo_test_scores[f"spec_{skill}"][task].metrics["acc"]
+        assert s_i >= 0.90, (skill, s_i)
+        for other, scores in zoo_test_scores.items():
+            if other != f"spec_{skill}":
+                assert scores[task].metrics["acc"] <= s_i - 0.40, (skill, other, scores[task].metrics)
+
+
+TINY = ZooParams(shape=ModelShape(layers=2, hidden=32, intermediate=64, heads=2),
+                 base_steps=40, spec_max_steps=30, val_items=40)
+BUILD_SNIPPET = """
+import sys
+from evomerge.zoo.build import ZooParams, build_zoo
+from evomerge.zoo.train import ModelShape
+p = ZooParams(shape=ModelShape(layers=2, hidden=32, intermediate=64, heads=2),
+              base_steps=40, spec_max_steps=30, val_items=40)
+build_zoo(sys.argv[1], p, log=lambda *a: None)
+"""
+
+
+def test_two_builds_in_fresh_processes_are_byte_identical(tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        subprocess.run([sys.executable, "-c", BUILD_SNIPPET, str(out)], check=True, cwd=tmp_path)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.safetensors"))
+    assert len(files) == 4
+    for rel in files:
+        assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
+    # zoo.json differs only in the measured build time
+    a, b = (json.loads((o / "zoo.json").read_text()) for o in outs)
+    a["build"].pop("seconds"), b["build"].pop("seconds")
+    assert a == b
+
+
+def test_second_build_does_nothing_and_other_params_are_refused(tmp_path):
+    out = tmp_path / "zoo"
+    build_zoo(out, TINY, log=lambda *a: None)
+    stamp = (out / "base" / "model.safetensors").stat().st_mtime_ns
+    said = []
+    build_zoo(out, TINY, log=said.append)
+    assert "up to date" in said[0]
+    assert (out / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+    other = ZooParams(shape=TINY.shape, base_steps=41, spec_max_steps=30, val_items=40)
+    with pytest.raises(FileExistsError, match="other parameters"):
+        build_zoo(out, other, log=lambda *a: None)
+    assert (out / "base" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing lost
+
+
+def test_zoo_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a zoo folder"):
+        build_zoo(tmp_path, TINY, log=lambda *a: None)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
