@@ -1,0 +1,62 @@
+"""The zoo table: every zoo model and the plain merges, scored on one split.
+
+Plain merges are built by evomerge's merge engine from mergekit-style recipes (the same code path
+as ``evomerge merge``), and scored in memory by the same evaluator as ``evomerge eval``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from evomerge.evaluate import LmEvalEvaluator, TaskResult
+from evomerge.models import load_causal_lm, load_tokenizer
+from evomerge.zoo.build import read_manifest
+
+
+def plain_merge_recipes(zoo_dir: str | Path) -> dict[str, dict]:
+    """mergekit-format recipes of the plain merges that a search must beat."""
+    zoo_dir = Path(zoo_dir)
+    m = read_manifest(zoo_dir)
+    base = str(zoo_dir / m["base"])
+    specs = [str(zoo_dir / m["models"][s]["path"]) for s in m["specialists"]]
+
+    def with_base(method: str, **params) -> dict:
+        return {"merge_method": method, "base_model": base, "dtype": "float32", "mask_seed": 0,
+                "models": [{"model": s, "parameters": dict(params)} for s in specs]}
+
+    recipes = {"uniform average": {"merge_method": "linear", "dtype": "float32",
+                                   "models": [{"model": s, "parameters": {"weight": 1.0}} for s in specs]}}
+    for w in (0.5, 0.7, 1.0):
+        recipes[f"task arithmetic w={w}"] = with_base("task_arithmetic", weight=w)
+    recipes["TIES w=1 d=0.5"] = with_base("ties", weight=1.0, density=0.5)
+    recipes["DARE w=1 drop=0.5"] = with_base("dare_linear", weight=1.0, density=0.5)
+    return recipes
+
+
+def merged_model(recipe: dict, template: torch.nn.Module) -> torch.nn.Module:
+    """Loads the merged tensors of ``recipe`` into ``template`` (a model of the same architecture)."""
+    from evomerge.merge.engine import merge_state_dict
+    from evomerge.recipe import Recipe
+
+    state = merge_state_dict(Recipe.model_validate(recipe), device="cpu")
+    template.load_state_dict(state, strict=True)
+    return template
+
+
+def zoo_scores(zoo_dir: str | Path, split: str = "test", batch_size: int = 64,
+               limit: int | None = None, plain_merges: bool = True,
+               evaluator: LmEvalEvaluator | None = None) -> dict[str, dict[str, TaskResult]]:
+    zoo_dir = Path(zoo_dir)
+    manifest = read_manifest(zoo_dir)
+    evaluator = evaluator or LmEvalEvaluator(list(manifest["tasks"].values()), split=split, batch_size=batch_size)
+    tok = load_tokenizer(zoo_dir / manifest["base"])
+    scores = {}
+    for name, entry in manifest["models"].items():
+        scores[name] = evaluator.evaluate(load_causal_lm(zoo_dir / entry["path"]), tok, limit=limit)
+    if plain_merges:
+        template = load_causal_lm(zoo_dir / manifest["base"])
+        for name, recipe in plain_merge_recipes(zoo_dir).items():
+            scores[name] = evaluator.evaluate(merged_model(recipe, template), tok, limit=limit)
+    return scores
