@@ -1,0 +1,77 @@
+"""The model card (README.md) of a merged folder: recipe, source hashes, library versions.
+
+Nothing time- or host-dependent goes in, so merging the same recipe twice gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evomerge.merge.methods import uses_random_masks
+
+if TYPE_CHECKING:
+    from evomerge.merge.engine import MergePlan
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("evomerge", "torch", "transformers", "safetensors"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    if out["evomerge"] == "not installed":
+        import evomerge
+
+        out["evomerge"] = evomerge.__version__
+    return out
+
+
+def model_card(plan: MergePlan) -> str:
+    recipe = plan.recipe
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- merge",
+        "- evomerge",
+        "---",
+        "",
+        "# Merged model",
+        "",
+        f"Merged by evomerge with the `{recipe.merge_method}` method "
+        "(mergekit 0.1.5 semantics).",
+        "",
+        f"## Recipe (sha256 `{recipe.hash()}`)",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    if uses_random_masks(plan.method):
+        lines += [
+            f"Random masks (DARE/DELLA) come from uniforms keyed by `mask_seed` "
+            f"({recipe.mask_seed}) and the tensor name: `evomerge merge` rebuilds this model "
+            "bit for bit, while mergekit draws masks from torch's global generator and "
+            "reproduces it only in distribution.",
+            "",
+        ]
+    lines += ["## Source weights (sha256)", "", "| model | file | sha256 |", "|---|---|---|"]
+    for name, source in plan.sources.items():
+        for file in source.weight_files:
+            lines.append(f"| {name} | {file.name} | `{sha256_file(file)}` |")
+    lines += ["", "## Libraries", ""]
+    lines += [f"- {k} {v}" for k, v in library_versions().items()]
+    return "\n".join(lines) + "\n"

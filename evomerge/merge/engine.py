@@ -1,0 +1,526 @@
+"""The merge engine: recipe -> checked plan -> merged tensors -> Hugging Face folder.
+
+Everything that can be wrong with the inputs (missing folders, different architectures, layer
+counts, hidden sizes, shapes or tokenizers, missing parameters) is found while planning, before
+any tensor is read. This module imports neither lm-eval nor optimizers: an in-place merger reuses
+it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.merge.methods import (
+    MergeMethod,
+    ParamScope,
+    TensorGroup,
+    get_method,
+    merge_group,
+)
+from evomerge.merge.sources import (
+    MergeError,
+    SourceModel,
+    TokenizerInfo,
+    describe_tokenizer_difference,
+    is_vocab_tensor,
+    load_source,
+    load_tokenizer_info,
+    num_layers_key,
+)
+from evomerge.recipe import (
+    OutputSlice,
+    Recipe,
+    layer_t,
+    parameter_scopes,
+    resolve_parameter,
+    same_model,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: which source tensors go in, with which resolved parameters."""
+
+    name: str
+    models: tuple[str, ...]  # per group key (source index in the slice): the model
+    inputs: tuple[str, ...]  # per group key: the input tensor name
+    base: int | None  # group key of the base model
+    shared: Mapping[str, Any]
+    per_source: Mapping[int, Mapping[str, Any]]
+
+
+@dataclass
+class VocabMap:
+    """Output tokenizer's vocabulary and, per model, out token id -> model row (-1: missing)."""
+
+    size: int
+    rows: dict[str, torch.Tensor]
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MergeMethod
+    sources: dict[str, SourceModel]  # by model name as written in the recipe
+    jobs: list[TensorJob]
+    out_config: dict[str, Any]
+    donor: SourceModel  # tokenizer, generation config and config come from here
+    tokenizer_donor: SourceModel | None
+    vocab: VocabMap | None
+
+
+def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    if dtype is None or isinstance(dtype, str):
+        if dtype is not None and dtype not in DTYPES:
+            raise MergeError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        return dtype
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+
+def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
+    """Index the sources, check them against each other and resolve every tensor's parameters."""
+    method = get_method(recipe.merge_method)
+    sources: dict[str, SourceModel] = {}
+    for name in recipe.referenced_models():
+        sources[name] = load_source(name, allow_pickle=allow_pickle)
+
+    def source(name: str) -> SourceModel:
+        return next(s for k, s in sources.items() if same_model(k, name))
+
+    donor = source(recipe.base_model) if recipe.base_model else next(iter(sources.values()))
+    merged = [s for s in sources.values()]
+    _check_compatible(donor, merged, vocab_may_differ=recipe.tokenizer_source is not None)
+
+    tokenizer_donor: SourceModel | None = None
+    vocab: VocabMap | None = None
+    if recipe.tokenizer_source is not None:
+        tokenizer_donor = (donor if recipe.tokenizer_source == "base"
+                           else source(recipe.tokenizer_source))
+        vocab = _vocab_map(tokenizer_donor, merged)
+    else:
+        _check_tokenizers(merged)
+
+    slices = recipe.output_slices(donor.layout.num_layers)
+    jobs = _plan_jobs(recipe, method, slices, source, donor)
+    out_config = _out_config(recipe, donor, slices, source, vocab)
+    return MergePlan(recipe=recipe, method=method, sources=sources, jobs=jobs,
+                     out_config=out_config, donor=donor, tokenizer_donor=tokenizer_donor,
+                     vocab=vocab)
+
+
+def _check_compatible(ref: SourceModel, models: list[SourceModel], vocab_may_differ: bool) -> None:
+    for m in models:
+        if m is ref:
+            continue
+        pair = f"{m.name} and {ref.name}"
+        if m.config.get("model_type") != ref.config.get("model_type") or (
+            m.architectures != ref.architectures
+        ):
+            raise MergeError(
+                f"different architectures: {pair} ({m.config.get('model_type')} "
+                f"{list(m.architectures)} vs {ref.config.get('model_type')} "
+                f"{list(ref.architectures)})"
+            )
+        if m.layout.num_layers != ref.layout.num_layers:
+            raise MergeError(f"different layer counts: {pair} ({m.layout.num_layers} vs "
+                             f"{ref.layout.num_layers})")
+        if m.hidden_size != ref.hidden_size:
+            raise MergeError(f"different hidden sizes: {pair} ({m.hidden_size} vs "
+                             f"{ref.hidden_size})")
+        if set(m.shapes) != set(ref.shapes):
+            diff = sorted(set(m.shapes) ^ set(ref.shapes))[:5]
+            tie = " (one ties lm_head to the embeddings, the other does not)" if any(
+                is_vocab_tensor(d) for d in diff) else ""
+            raise MergeError(f"different tensors: {pair}{tie}: {diff}")
+        for name, shape in ref.shapes.items():
+            if m.shapes[name] != shape:
+                if is_vocab_tensor(name) and vocab_may_differ:
+                    if m.shapes[name][1:] == shape[1:]:
+                        continue
+                hint = (" (vocabularies differ: name a tokenizer_source in the recipe)"
+                        if is_vocab_tensor(name) else "")
+                raise MergeError(f"different shapes of {name}: {pair} ({list(m.shapes[name])} "
+                                 f"vs {list(shape)}){hint}")
+
+
+def _check_tokenizers(models: list[SourceModel]) -> None:
+    infos: list[tuple[SourceModel, TokenizerInfo]] = [
+        (m, info) for m in models if (info := load_tokenizer_info(m)) is not None
+    ]
+    for m, info in infos[1:]:
+        ref, ref_info = infos[0]
+        if info != ref_info:
+            raise MergeError(
+                f"different tokenizers: {m.name} and {ref.name}: "
+                f"{describe_tokenizer_difference(info, ref_info)}; name a tokenizer_source in "
+                "the recipe to merge them anyway"
+            )
+
+
+def _vocab_map(tokenizer_donor: SourceModel, models: list[SourceModel]) -> VocabMap:
+    """mergekit's permutations: out token id -> the row of that token in each model."""
+    out_info = load_tokenizer_info(tokenizer_donor)
+    if out_info is None:
+        raise MergeError(f"tokenizer_source {tokenizer_donor.name} has no tokenizer files")
+    size = len(out_info.vocab)
+    if sorted(out_info.vocab.values()) != list(range(size)):
+        raise MergeError(f"{tokenizer_donor.name}: token ids are not 0..{size - 1}")
+    rows: dict[str, torch.Tensor] = {}
+    for m in models:
+        # A model without tokenizer files is assumed to use the output tokenizer (as mergekit).
+        vocab = (load_tokenizer_info(m) or out_info).vocab
+        n_rows = m.vocab_rows if m.vocab_rows is not None else len(vocab)
+        p = torch.full((size,), -1, dtype=torch.int64)
+        for token, out_id in out_info.vocab.items():
+            row = vocab.get(token, -1)
+            if 0 <= row < n_rows:
+                p[out_id] = row
+        rows[m.name] = p
+    return VocabMap(size=size, rows=rows)
+
+
+def _plan_jobs(recipe: Recipe, method: MergeMethod, slices: list[OutputSlice], source,
+               donor: SourceModel) -> list[TensorJob]:
+    layout = donor.layout
+    jobs: list[TensorJob] = []
+    for i, s in enumerate(slices):
+        names = [src.model for src in s.sources]
+        for a in range(len(names)):
+            if any(same_model(names[a], names[b]) for b in range(a)):
+                raise MergeError(f"slices.{i}: model {names[a]} appears twice in one slice")
+        for src in s.sources:
+            n = source(src.model).layout.num_layers
+            if src.layer_range[1] > n:
+                raise MergeError(f"slices.{i}: layer_range {list(src.layer_range)} of "
+                                 f"{src.model} exceeds its {n} layers")
+        if method.requires_base and not any(same_model(recipe.base_model, n) for n in names):
+            raise MergeError(f"slices.{i}: the base model {recipe.base_model} must be one of "
+                             f"the slice's sources for {recipe.merge_method}")
+
+    def job(out_name: str, s: OutputSlice, inputs: list[str], t: float) -> TensorJob:
+        base = next((k for k, src in enumerate(s.sources)
+                     if same_model(src.model, recipe.base_model)), None)
+        shared = {}
+        for p in method.params:
+            if p.scope is ParamScope.SHARED:
+                value = resolve_parameter(parameter_scopes(recipe, s, None), p.name, out_name, t)
+                shared[p.name] = _finish(p, value, f"tensor {out_name}")
+        per_source: dict[int, dict[str, Any]] = {}
+        for k, src in enumerate(s.sources):
+            per_source[k] = {}
+            for p in method.params:
+                if p.scope is ParamScope.SHARED or (p.scope is ParamScope.NON_BASE and k == base):
+                    continue
+                # mergekit matches per-model filters against the input tensor's name.
+                value = resolve_parameter(parameter_scopes(recipe, s, k), p.name, inputs[k], t)
+                per_source[k][p.name] = _finish(p, value, f"model {src.model}, tensor {inputs[k]}")
+        return TensorJob(name=out_name, models=tuple(src.model for src in s.sources),
+                         inputs=tuple(inputs), base=base, shared=shared, per_source=per_source)
+
+    # Non-layer tensors are evaluated at t = 0: embeddings with the first slice's parameters,
+    # the final norm and lm_head with the last slice's.
+    for name in layout.pre:
+        jobs.append(job(name, slices[0], [name] * len(slices[0].sources), 0.0))
+    out_index = 0
+    for s in slices:
+        for offset in range(s.num_layers):
+            t = layer_t(offset, s.num_layers)
+            for suffix in layout.layer_suffixes:
+                inputs = [source(src.model).layout.layer_name(src.layer_range[0] + offset, suffix)
+                          for src in s.sources]
+                jobs.append(job(layout.layer_name(out_index, suffix), s, inputs, t))
+            out_index += 1
+    for name in layout.post:
+        jobs.append(job(name, slices[-1], [name] * len(slices[-1].sources), 0.0))
+    return jobs
+
+
+def _finish(spec, value, where: str) -> Any:
+    if value is None:
+        if spec.required:
+            raise MergeError(f"missing parameter {spec.name!r} for {where}")
+        return spec.default
+    try:
+        return spec.check(value)
+    except ValueError as err:
+        raise MergeError(f"{err} ({where})") from None
+
+
+def _out_config(recipe: Recipe, donor: SourceModel, slices: list[OutputSlice], source,
+                vocab: VocabMap | None) -> dict[str, Any]:
+    config = json.loads(json.dumps(donor.config))
+    n_out = sum(s.num_layers for s in slices)
+    key = num_layers_key(config)
+    if key is not None and key in config:
+        config[key] = n_out
+    # Per-layer config lists (Qwen2's layer_types, ...) follow the layers they describe.
+    for k, v in list(config.items()):
+        if isinstance(v, list) and len(v) == donor.layout.num_layers and k.startswith("layer"):
+            config[k] = [source(s.sources[0].model).config.get(k, v)[s.sources[0].layer_range[0]
+                                                                    + o]
+                         for s in slices for o in range(s.num_layers)]
+    if vocab is not None:
+        config["vocab_size"] = vocab.size
+    out_dtype = recipe.out_dtype or recipe.dtype
+    if out_dtype:
+        config["dtype"] = out_dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = out_dtype
+    return config
+
+
+# --- merging ------------------------------------------------------------------------------------
+
+
+def _permute_vocab(tensors: dict[int, torch.Tensor], models: tuple[str, ...], base: int | None,
+                   vocab: VocabMap) -> dict[int, torch.Tensor]:
+    """Re-index token rows to the output tokenizer, filling missing rows as mergekit does.
+
+    A token that a model lacks gets: the row of the only model that has it; else the base's row
+    if the base is an input and has it; else the mean of the rows that exist; zero if none has it.
+    """
+    keys = list(tensors)
+    dtype = tensors[keys[0]].dtype
+    for t in tensors.values():
+        dtype = torch.promote_types(dtype, t.dtype)
+    device = tensors[keys[0]].device
+    rest = tensors[keys[0]].shape[1:]
+    present, rows = [], []
+    for k in keys:
+        p = vocab.rows[models[k]].to(device)
+        row = torch.zeros((vocab.size, *rest), dtype=dtype, device=device)
+        have = p >= 0
+        row[have] = tensors[k][p[have]].to(dtype)
+        present.append(have)
+        rows.append(row)
+    have_all = torch.stack(present)  # [models, vocab]
+    stacked = torch.stack(rows)
+    count = have_all.sum(0)
+    expand = (-1,) + (1,) * len(rest)
+    mean = stacked.sum(0) / count.clamp(min=1).reshape(expand).to(dtype)
+    default = torch.where((count == 1).reshape(expand), stacked.sum(0), mean)
+    if base is not None:
+        b = keys.index(base)
+        use_base = ((count > 1) & have_all[b]).reshape(expand)
+        default = torch.where(use_base, stacked[b], default)
+    return {k: torch.where(have_all[i].reshape(expand), stacked[i], default)
+            for i, k in enumerate(keys)}
+
+
+def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Merged tensors one by one (name, tensor on `device`), in output order.
+
+    `dtype` overrides the recipe's `dtype` (the dtype inputs are cast to before merging); the
+    output is cast to the recipe's `out_dtype` if it names one.
+    """
+    compute = _dtype_name(dtype) or plan.recipe.dtype
+    out_dtype = plan.recipe.out_dtype
+    with ExitStack() as stack:
+        for job in plan.jobs:
+            tensors: dict[int, torch.Tensor] = {}
+            for k, (model, name) in enumerate(zip(job.models, job.inputs, strict=True)):
+                t = plan_source(plan, model).read(name, stack).to(device)
+                if compute and t.is_floating_point():
+                    t = t.to(DTYPES[compute])
+                tensors[k] = t
+            if plan.vocab is not None and is_vocab_tensor(job.name):
+                tensors = _permute_vocab(tensors, job.models, job.base, plan.vocab)
+            group = TensorGroup(name=job.name, tensors=tensors, base=job.base)
+            try:
+                out = merge_group(plan.method, group, job.shared, job.per_source,
+                                  mask_seed=plan.recipe.mask_seed)
+            except ValueError as err:
+                raise MergeError(f"{job.name}: {err}") from None
+            if out_dtype and out.is_floating_point():
+                out = out.to(DTYPES[out_dtype])
+            yield job.name, out
+
+
+def plan_source(plan: MergePlan, model: str) -> SourceModel:
+    return next(s for k, s in plan.sources.items() if same_model(k, model))
+
+
+def merge_state_dict(recipe: Recipe, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | str | None = None,
+                     allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The whole merged model in memory: output tensor name -> tensor (on CPU)."""
+    plan = plan_merge(recipe, allow_pickle=allow_pickle)
+    return {name: t.cpu() for name, t in iter_merged(plan, device=device, dtype=dtype)}
+
+
+# --- writing a Hugging Face folder --------------------------------------------------------------
+
+_TOKENIZER_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "chat_template.jinja", "chat_template.json")
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
+                       device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                       force: bool = False, allow_pickle: bool = False,
+                       max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Merge and write a Hugging Face folder; returns its path.
+
+    The folder is built under a temporary sibling name, fsynced and renamed into place when
+    complete. An existing `out_dir` is refused unless `force`; with `force` it is replaced only
+    after the new folder is complete, so a failed merge loses nothing.
+    """
+    from safetensors.torch import save as save_safetensors
+
+    from evomerge.merge.card import model_card
+
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise MergeError(f"{out} exists; pass --force (force=True) to replace it")
+    if max_shard_size <= 0:
+        raise MergeError("max_shard_size must be positive")
+    plan = plan_merge(recipe, allow_pickle=allow_pickle)  # all input checks happen here
+    if dtype is not None and not recipe.out_dtype:
+        plan.out_config["dtype"] = _dtype_name(dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        # Shards are filled in output order and named once their count is known.
+        shards: list[list[str]] = [[]]
+        pending: dict[str, torch.Tensor] = {}
+        pending_bytes = 0
+        total = 0
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes
+            if pending:
+                data = save_safetensors(pending, metadata={"format": "pt"})
+                _write_file(tmp / f"part-{len(shards)}.safetensors", data)
+                shards[-1] = sorted(pending)
+                shards.append([])
+                pending, pending_bytes = {}, 0
+
+        for name, tensor in iter_merged(plan, device=device, dtype=dtype):
+            size = tensor.numel() * tensor.element_size()
+            if pending and pending_bytes + size > max_shard_size:
+                flush()
+            pending[name] = tensor.detach().cpu().contiguous()
+            pending_bytes += size
+            total += size
+        flush()
+        shards.pop()
+        if len(shards) == 1:
+            os.replace(tmp / "part-1.safetensors", tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards, start=1):
+                final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                os.replace(tmp / f"part-{i}.safetensors", tmp / final)
+                weight_map.update({n: final for n in names})
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(
+                weight_map.items()))}
+            _write_file(tmp / "model.safetensors.index.json", _json_bytes(index))
+
+        _write_file(tmp / "config.json", _json_bytes(plan.out_config))
+        _copy_extras(plan, tmp)
+        _write_file(tmp / "README.md", model_card(plan).encode("utf-8"))
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _copy_extras(plan: MergePlan, tmp: Path) -> None:
+    """Tokenizer files, generation config and chat template, byte for byte from the donors."""
+    tok_src = plan.tokenizer_donor or plan.donor
+    for name in _TOKENIZER_COPY:
+        if (tok_src.path / name).is_file():
+            _write_file(tmp / name, (tok_src.path / name).read_bytes())
+    gen_src = next((s for s in (plan.donor, *plan.sources.values())
+                    if (s.path / "generation_config.json").is_file()), None)
+    if gen_src is not None:
+        _write_file(tmp / "generation_config.json",
+                    (gen_src.path / "generation_config.json").read_bytes())
+    template = plan.recipe.chat_template
+    if template == "auto":
+        template = _most_common_template(plan)
+    if template:
+        _write_file(tmp / "chat_template.jinja", template.encode("utf-8"))
+        (tmp / "chat_template.json").unlink(missing_ok=True)
+        config_file = tmp / "tokenizer_config.json"
+        if config_file.is_file():  # a template in tokenizer_config.json would compete with it
+            tok_config = json.loads(config_file.read_text(encoding="utf-8"))
+            if tok_config.pop("chat_template", None) is not None:
+                _write_file(config_file, _json_bytes(tok_config))
+
+
+def _most_common_template(plan: MergePlan) -> str | None:
+    counts: dict[str, int] = {}
+    for s in plan.sources.values():
+        text = None
+        if (s.path / "chat_template.jinja").is_file():
+            text = (s.path / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (s.path / "tokenizer_config.json").is_file():
+            value = json.loads((s.path / "tokenizer_config.json").read_text()).get(
+                "chat_template")
+            text = value if isinstance(value, str) else None
+        if text:
+            counts[text] = counts.get(text, 0) + 1
+    # Ties go to the template seen first (sources in recipe order), so the choice is stable.
+    return max(counts, key=lambda k: counts[k]) if counts else None
+
+
+def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        return
+    if not force:
+        raise MergeError(f"{out} exists; pass --force (force=True) to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous folder back
+        raise
+    _fsync_dir(out.parent)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
