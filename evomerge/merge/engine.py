@@ -48,7 +48,7 @@ from evomerge.recipe import (
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
-DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # as mergekit and the CLI ("5GB")
 
 
 @dataclass(frozen=True)

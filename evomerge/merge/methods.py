@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from evomerge.merge.sparsify import RescaleMode, Sparsifier, sparsify
 
 
-class ParamScope(str, Enum):
+class ParamScope(StrEnum):
     """Along which axis a parameter is bound (mergekit's ParameterScope)."""
 
     SHARED = "shared"  # one value per tensor, not per model (normalize, lambda)
@@ -86,10 +86,6 @@ class MergeMethod(Protocol):
     ) -> torch.Tensor: ...
 
 
-def _param(method: MergeMethod, name: str) -> ParamSpec:
-    return next(p for p in method.params if p.name == name)
-
-
 @dataclass(frozen=True)
 class LinearMerge:
     """R = sum_i w_i x_i, divided by sum_i w_i if normalize; accumulated in float32."""
@@ -138,7 +134,7 @@ class PassthroughMerge:
         return tensor if scale is None else tensor * scale
 
 
-class Consensus(str, Enum):
+class Consensus(StrEnum):
     SUM = "sum"  # TIES sign election: sign of the summed weighted deltas
 
 

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 
-class Sparsifier(str, Enum):
+class Sparsifier(StrEnum):
     MAGNITUDE = "magnitude"  # TIES: keep the top-k |delta|
     RANDOM = "random"  # DARE: keep each element with probability density
     MAGNITUDE_OUTLIERS = "magnitude_outliers"  # breadcrumbs: drop the largest and the smallest
     DELLA_MAGPRUNE = "della_magprune"  # DELLA: keep probability grows with the magnitude rank
 
 
-class RescaleMode(str, Enum):
+class RescaleMode(StrEnum):
     """How `rescale: true` restores the scale of a sparsified delta."""
 
     L1 = "l1"  # mergekit >= 0.1.0: match the L1 norm of the dense delta (per tensor)
