@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from evomerge.merge.cli import add_parser as add_merge_parser
+
 # Quiet, offline-friendly defaults; set before lm-eval, datasets or tqdm are imported.
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_zoo(sub)
     _add_eval(sub)
+    add_merge_parser(sub)
     return parser
 
 

@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from evomerge.merge import cli
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-# TEMPORARY: the session fixture `zoo_dir` will come from tests/conftest.py (main branch); this
-# stand-in points at a zoo built beforehand and is to be removed when merging.
-@pytest.fixture(scope="session")
-def zoo_dir() -> Path:
-    path = Path(os.environ.get("EVOMERGE_TEST_ZOO", "/tmp/zoo1"))
-    if not (path / "zoo.json").is_file():
-        pytest.skip(f"no zoo at {path}")
-    return path
+from evomerge.cli import main
 
 
 def evomerge(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="evomerge")
-    cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    return main(list(argv))
 
 
 def ties_yaml(zoo: Path, path: Path) -> Path:
@@ -126,3 +107,27 @@ def test_help_mentions_usage(capsys):
         evomerge("merge", "--help")
     out = capsys.readouterr().out
     assert "CONFIG.yml" in out and "--force" in out and "--dtype" in out and "example" in out
+
+
+def test_merged_zoo_folder_scores_with_evomerge_eval(zoo_dir, tmp_path, capsys):
+    """`evomerge merge` -> `evomerge eval` gives the scores of the same merge built in memory."""
+    import json
+
+    import yaml
+
+    from evomerge.evaluate import LmEvalEvaluator
+    from evomerge.models import load_causal_lm, load_tokenizer
+    from evomerge.zoo.table import merged_model, plain_merge_recipes
+
+    recipe = plain_merge_recipes(zoo_dir)["task arithmetic w=0.7"]
+    cfg = tmp_path / "ta.yml"
+    cfg.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "merged"
+    assert evomerge("merge", str(cfg), str(out)) == 0
+    capsys.readouterr()
+    assert evomerge("eval", str(out), "--limit", "100", "--batch-size", "16", "--json") == 0
+    from_cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    in_memory = LmEvalEvaluator(["zoo_add", "zoo_rev", "zoo_sub"], split="test", batch_size=16).evaluate(
+        merged_model(recipe, load_causal_lm(zoo_dir / "base")), load_tokenizer(zoo_dir / "base"), limit=100)
+    assert {t: v["metrics"] for t, v in from_cli.items()} == {t: r.metrics for t, r in in_memory.items()}
+    assert 0.3 < from_cli["zoo_rev"]["metrics"]["acc"] < 0.95  # a real merge, not a copy of a source
