@@ -101,12 +101,49 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+# ----------------------------------------------------------------------------- search
+def cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.config import SearchConfig
+    from evomerge.driver import SearchStopped, run_search
+
+    _quiet_libraries()
+    if args.config is None and args.resume is None:
+        raise ValueError("give a CONFIG.yml to start a search, or --resume RUN_DIR")
+    cfg = SearchConfig.load(args.config) if args.config else None
+    try:
+        out = run_search(cfg, run_dir=args.resume or args.run_dir, resume=args.resume is not None,
+                         quiet=args.quiet, config_path=args.config)
+    except SearchStopped:
+        where = args.resume or args.run_dir or "the run folder"
+        print(f"stopped; every finished candidate is saved. Resume with: evomerge search --resume {where}",
+              file=sys.stderr)
+        return 143
+    if out.best_recipe is not None:
+        print(f"best recipe: {out.run_dir / 'best.yaml'} (mergekit: {out.run_dir / 'best.mergekit.yaml'})")
+    return 0
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="run (or resume) an evolutionary merge search",
+                       description="Searches merge recipes with CMA-ES (or random search) over a search space, "
+                       "scoring each candidate with lm-eval in memory. Every candidate is logged to the run "
+                       "folder as it finishes; a search killed at any moment resumes exactly with --resume.")
+    p.add_argument("config", nargs="?", type=str, help="search config YAML (see docs/search.md)")
+    p.add_argument("--resume", metavar="RUN_DIR", type=Path, help="continue the search in RUN_DIR; with a CONFIG, "
+                   "its budget may be raised (other changes are refused)")
+    p.add_argument("--run-dir", type=Path, help="run folder for a new search (default: run_dir of the config, "
+                   "else runs/<config name>)")
+    p.add_argument("--quiet", action="store_true", help="plain log lines instead of the live panel")
+    p.set_defaults(func=cmd_search)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model-merge optimizer.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_zoo(sub)
     _add_eval(sub)
     add_merge_parser(sub)
+    _add_search(sub)
     return parser
 
 

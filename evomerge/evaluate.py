@@ -50,8 +50,12 @@ class Evaluator(Protocol):
 
     tasks: Sequence[str]
 
-    def evaluate(self, model: torch.nn.Module, tokenizer, *, limit: int | None = None) -> dict[str, TaskResult]:
-        ...
+    def metric_names(self, task: str) -> list[str]: ...
+
+    def n_docs(self, task: str) -> int: ...
+
+    def evaluate(self, model: torch.nn.Module, tokenizer, *, limit: int | None = None,
+                 samples: dict[str, list[int]] | None = None) -> dict[str, TaskResult]: ...
 
 
 class UnknownTaskError(ValueError):
@@ -139,7 +143,18 @@ class LmEvalEvaluator:
                 task.set_config(key="num_fewshot", value=num_fewshot)
             task.set_fewshot_seed(seed=fewshot_seed)
 
-    def evaluate(self, model: torch.nn.Module, tokenizer, *, limit: int | None = None) -> dict[str, TaskResult]:
+    def metric_names(self, task: str) -> list[str]:
+        """The metrics a task reports (from its config; no model needed)."""
+        t = self._task_dict["tasks"][task]
+        return list(t.aggregation())
+
+    def n_docs(self, task: str) -> int:
+        return len(self._task_dict["tasks"][task].eval_docs)
+
+    def evaluate(self, model: torch.nn.Module, tokenizer, *, limit: int | None = None,
+                 samples: dict[str, list[int]] | None = None) -> dict[str, TaskResult]:
+        """Scores ``model``; ``limit`` takes the first N items of each task, ``samples`` the
+        given item indices per task (a seeded subset)."""
         from lm_eval.evaluator import evaluate as lm_evaluate
 
         lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
@@ -147,7 +162,7 @@ class LmEvalEvaluator:
         was_training = model.training
         model.eval()
         try:
-            out = lm_evaluate(lm, self._task_dict, limit=limit, bootstrap_iters=0, cache_requests=False,
+            out = lm_evaluate(lm, self._task_dict, limit=limit, samples=samples, bootstrap_iters=0, cache_requests=False,
                               log_samples=self.log_samples, verbosity="WARNING")
         finally:
             model.train(was_training)

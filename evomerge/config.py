@@ -1,0 +1,254 @@
+"""The search config: one frozen, validated description of a search (``evomerge search CONFIG``).
+
+Validation happens in three steps, all before any model weights are read:
+1. ``SearchConfig.load``: YAML syntax, unknown keys, types, ranges (pydantic, errors name the field);
+2. ``check_sources``: model folders exist and agree (config.json only), the granularity divides
+   the layer count;
+3. ``check_tasks``: task names and metrics exist (lm-eval task configs, no model).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.optim import OPTIMIZERS
+from evomerge.space import SearchSpace
+
+REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+class ConfigError(ValueError):
+    """A search config that cannot run; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Strict):
+    name: str = Field(description="lm-eval task name (zoo tasks: zoo_add, zoo_rev, zoo_sub)")
+    metric: str = Field("acc", description="metric of the task that enters the fitness")
+    weight: float = Field(1.0, description="weight of this metric in the fitness (weighted sum)")
+    split: str | None = Field("dev", description="dataset split scored during the search")
+    limit: int | None = Field(None, ge=1, description="items per evaluation: a subset chosen by seed "
+                              "per generation; null scores the whole split")
+    num_fewshot: int | None = Field(None, ge=0)
+    apply_chat_template: bool = Field(False, description="format prompts with the tokenizer's chat template")
+    lm_eval_task_overrides: dict[str, Any] = Field(default_factory=dict,
+                                                   description="task config keys set on the loaded task")
+
+
+class OptimizerConfig(_Strict):
+    name: str = Field("cma", description=f"one of {', '.join(OPTIMIZERS)}")
+    popsize: int | None = Field(None, ge=2, description="population per generation (default: 4 + 3 ln n)")
+    sigma0: float | None = Field(None, gt=0, le=1, description="initial step (default: the space's sigma0)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {v!r}; choose one of {', '.join(OPTIMIZERS)}")
+        return v
+
+
+class BudgetConfig(_Strict):
+    generations: int | None = Field(None, gt=0)
+    evaluations: int | None = Field(None, gt=0, description="rounded up to whole generations")
+    time_limit_s: float | None = Field(None, gt=0, description="wall-clock limit; NOT reproducible")
+
+    @model_validator(mode="after")
+    def _one(self) -> BudgetConfig:
+        if self.generations is None and self.evaluations is None and self.time_limit_s is None:
+            raise ValueError("give generations, evaluations or time_limit_s")
+        return self
+
+
+class SearchConfig(_Strict):
+    models: list[str] = Field(min_length=1, description="source model folders, as you name them")
+    base_model: str | None = Field(None, description="base model folder (task-arithmetic methods)")
+    search_space: str | SearchSpace = Field(description="a file in search_spaces/ (name or path) or inline")
+    tasks: list[TaskConfig] = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    batch_size: int = Field(32, ge=1, description="fixed lm-eval batch size")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    budget: BudgetConfig
+    seed: int = Field(0, description="seeds the optimizer and the evaluation subsets")
+    mask_seed: int = Field(0, description="DARE/DELLA mask seed, the same for every candidate")
+    rescore_top_k: int = Field(3, ge=1, description="candidates re-scored on the full dev split at the end")
+    penalty_fitness: float = Field(-1.0, description="fitness of a failed or non-finite candidate")
+    run_dir: str | None = Field(None, description="run folder (default: runs/<config name>)")
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, v: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"task(s) listed twice: {', '.join(sorted(dup))}")
+        return v
+
+    @property
+    def space(self) -> SearchSpace:
+        if isinstance(self.search_space, SearchSpace):
+            return self.search_space
+        return load_space(self.search_space)
+
+    def search_key(self) -> dict:
+        """The fields that define a search: a resume must not change them (budget may grow)."""
+        data = self.model_dump(mode="json", exclude={"budget", "run_dir", "threads"})
+        data["search_space"] = self.space.model_dump(mode="json")
+        return data
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a search config is a YAML mapping")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<config>") -> SearchConfig:
+        try:
+            cfg = cls.model_validate(data)
+            cfg.space  # noqa: B018  (loads and validates the search space file now)
+            return cfg
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {format_errors(e, cls)}") from None
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{source}: search_space: {e}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_space(ref: str) -> SearchSpace:
+    """A search space by path, or by name in the repository's search_spaces/ folder."""
+    candidates = [Path(ref), REPO_SPACES / ref, REPO_SPACES / f"{ref}.yaml"]
+    for p in candidates:
+        if p.is_file():
+            try:
+                return SearchSpace.load(p)
+            except ValidationError as e:
+                raise ValueError(f"{p}: {format_errors(e, SearchSpace)}") from None
+    known = sorted(p.stem for p in REPO_SPACES.glob("*.yaml"))
+    raise FileNotFoundError(f"search space {ref!r} not found (as a path, or a name among {', '.join(known)})")
+
+
+def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at ``loc`` (for suggesting the nearest one to an unknown key)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        nxt = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            inner = [a for arg in args for a in (getattr(arg, "__args__", ()) or ())]
+            nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        cls = nxt
+    return list(cls.model_fields) if cls is not None and hasattr(cls, "model_fields") else []
+
+
+def format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in
+                                                                         ("str", "SearchSpace"))))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _fields_of(model, loc), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            msgs.append(f"{where}: unknown key{hint}")
+        elif e["type"] == "missing":
+            msgs.append(f"{where}: required field is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            msgs.append(f"{where}: {msg}")
+    return "; ".join(dict.fromkeys(msgs))
+
+
+# ------------------------------------------------------------------ checks beyond the schema
+def _read_config_json(name: str, field: str) -> dict:
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{field}: model folder {name!r} does not exist")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ConfigError(f"{field}: {name!r} has no config.json (not a Hugging Face model folder)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{field}: {cfg} is not valid JSON: {e}") from None
+
+
+def _num_layers(config: dict) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config:
+            return int(config[key])
+    return None
+
+
+def check_sources(cfg: SearchConfig) -> int:
+    """Model folders exist and agree on architecture and size; returns the layer count."""
+    from evomerge.merge.methods import get_method
+
+    space = cfg.space
+    method = get_method(space.method)
+    if method.requires_base and not cfg.base_model:
+        raise ConfigError(f"base_model: method {space.method!r} (search_space) needs a base model")
+    named = [(f"models.{i}", m) for i, m in enumerate(cfg.models)]
+    if cfg.base_model:
+        named.insert(0, ("base_model", cfg.base_model))
+    configs = [(field, name, _read_config_json(name, field)) for field, name in named]
+    ref_field, ref_name, ref = configs[0]
+    for field, name, c in configs[1:]:
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "n_layer", "n_embd"):
+            if c.get(key) != ref.get(key):
+                raise ConfigError(f"{field}: {name!r} has {key}={c.get(key)!r} but {ref_field} "
+                                  f"{ref_name!r} has {ref.get(key)!r}")
+    n_layers = _num_layers(ref)
+    k = space.granularity.layers_per_group
+    if n_layers and k != "all" and n_layers % k:
+        raise ConfigError(f"search_space.granularity.layers_per_group: {k} does not divide the "
+                          f"{n_layers} layers of the models")
+    return n_layers or 0
+
+
+def check_tasks(cfg: SearchConfig):
+    """Loads the tasks (no model) and checks splits and metrics; returns the evaluators by split."""
+    from evomerge.evaluate import LmEvalEvaluator, UnknownTaskError
+
+    evaluators = {}
+    for i, t in enumerate(cfg.tasks):
+        try:
+            ev = LmEvalEvaluator([t.name], split=t.split, batch_size=cfg.batch_size, num_fewshot=t.num_fewshot)
+        except UnknownTaskError as e:
+            raise ConfigError(f"tasks.{i}.name: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"tasks.{i}: {e}") from None
+        metrics = ev.metric_names(t.name)
+        if t.metric not in metrics:
+            raise ConfigError(f"tasks.{i}.metric: task {t.name!r} has no metric {t.metric!r} "
+                              f"(it has {', '.join(metrics)})")
+        evaluators[t.name] = ev
+    return evaluators

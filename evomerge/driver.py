@@ -1,0 +1,274 @@
+"""The search loop: ask -> trial -> tell -> checkpoint, with exact resume.
+
+Resume replays the run log: a fresh optimizer (same seed) is asked for each logged generation and
+must return the logged genomes bit for bit (else the code, config or platform changed and the run
+cannot continue exactly); it is then told the logged fitness. Candidates already in the log are
+never evaluated again, so a search killed at any moment loses at most the candidate in flight.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evomerge.codec import Codec, RecipeSettings
+from evomerge.config import ConfigError, SearchConfig, check_sources, check_tasks
+from evomerge.export import mergekit_yaml
+from evomerge.fitness import FitnessFunction
+from evomerge.merge.sources import load_source
+from evomerge.models import load_tokenizer
+from evomerge.optim import make_optimizer
+from evomerge.progress import Display
+from evomerge.recipe import Recipe
+from evomerge.run import BEST, BEST_MK, OPTIMIZER, RunFolder, RunFolderError
+from evomerge.trial import CandidateBuilder, TrialResult, run_trial
+
+
+class SearchStopped(Exception):
+    """SIGTERM (or SIGINT) arrived; every finished candidate is in the log."""
+
+
+@dataclass
+class SearchOutcome:
+    run_dir: Path
+    generations: int
+    evaluations: int
+    best_fitness: float | None
+    best_recipe: Recipe | None
+    finished: bool
+    reference_fitness: float | None
+
+
+def _genome_list(x: np.ndarray) -> list[float]:
+    return [float(v) for v in x]
+
+
+def _diff_keys(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [prefix]
+
+
+def default_run_dir(config_path: str | Path | None) -> Path:
+    name = Path(config_path).stem if config_path else "search"
+    return Path("runs") / name
+
+
+def default_builder(cfg: SearchConfig) -> CandidateBuilder:
+    from evomerge.trial import EngineBuilder
+
+    return EngineBuilder(cfg.models, cfg.base_model, device=cfg.device, dtype=cfg.dtype,
+                         allow_pickle=cfg.allow_pickle)
+
+
+class Search:
+    """One search in one run folder. ``run()`` returns when the budget is spent."""
+
+    def __init__(self, cfg: SearchConfig, run: RunFolder, display: Display, builder_factory=default_builder):
+        self.cfg, self.run, self.display = cfg, run, display
+        self.builder_factory = builder_factory
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self, evaluators) -> None:
+        cfg = self.cfg
+        space = cfg.space
+        layout = load_source(cfg.base_model or cfg.models[0], allow_pickle=cfg.allow_pickle).layout
+        self.codec = Codec(space, cfg.models, cfg.base_model, layout,
+                           RecipeSettings(dtype=cfg.dtype, mask_seed=cfg.mask_seed))
+        self.optimizer = make_optimizer(cfg.optimizer.name, self.codec.x0, cfg.optimizer.sigma0 or space.sigma0,
+                                        cfg.optimizer.popsize, cfg.seed)
+        self.fitness = FitnessFunction(cfg.tasks, evaluators, cfg.seed)
+        b = cfg.budget
+        gens = [math.inf]
+        if b.generations:
+            gens.append(b.generations)
+        if b.evaluations:
+            gens.append(math.ceil(b.evaluations / self.optimizer.popsize))
+        self.max_generations = min(gens)
+        self.deadline = time.monotonic() + b.time_limit_s if b.time_limit_s else math.inf
+
+    def _budget_left(self, generation: int) -> bool:
+        return generation < self.max_generations and time.monotonic() < self.deadline
+
+    # ------------------------------------------------------------------ the loop
+    def run_loop(self, evaluators) -> SearchOutcome:
+        self._setup(evaluators)
+        records = self.run.records()
+        candidates = {(r["generation"], r["index"]): r for r in records if r["type"] == "candidate"}
+        done_gens = {r["generation"]: r for r in records if r["type"] == "generation"}
+        finals = [r for r in records if r["type"] == "final"]
+        reference = next((r for r in records if r["type"] == "reference"), None)
+        if finals and finals[-1]["generations"] >= self.max_generations:
+            self.display.message(f"this run is finished: {finals[-1]['generations']} generations, "
+                                 f"best fitness {finals[-1]['fitness']:.4f}; raise the budget to continue it")
+            return self._outcome(records, finished=True)
+
+        tok = load_tokenizer(self.cfg.base_model or self.cfg.models[0], trust_remote_code=self.cfg.trust_remote_code)
+        self.display.message("loading models...")
+        builder = self.builder_factory(self.cfg)
+        self.display.start(self.max_generations, self.optimizer.popsize, records)
+        if reference is None:
+            res = run_trial(self.codec.x0, self.codec, builder, self.fitness, tok, None, self.cfg.penalty_fitness)
+            reference = self._record("reference", -1, 0, self.codec.x0, res)
+        self.display.reference(reference)
+
+        g = 0
+        while self._budget_left(g):
+            genomes = self.optimizer.ask()
+            fitness = np.empty(len(genomes))
+            for i, x in enumerate(genomes):
+                logged = candidates.get((g, i))
+                if logged is not None:
+                    if _genome_list(x) != logged["genome"]:
+                        raise RunFolderError(
+                            f"resume: the optimizer does not reproduce the logged genome of generation {g}, "
+                            f"candidate {i}; the code, the config or the platform changed, so this run "
+                            "cannot continue exactly")
+                    fitness[i] = logged["fitness"]
+                    continue
+                res = run_trial(x, self.codec, builder, self.fitness, tok, g, self.cfg.penalty_fitness)
+                rec = self._record("candidate", g, i, x, res)
+                candidates[(g, i)] = rec
+                fitness[i] = rec["fitness"]
+                if self.stop_requested:
+                    raise SearchStopped()
+            self.optimizer.tell(genomes, fitness)
+            if g not in done_gens:
+                self._end_generation(g, [candidates[(g, i)] for i in range(len(genomes))], candidates)
+            g += 1
+
+        self._rescore(builder, tok, candidates, g)
+        return self._outcome(self.run.records(), finished=True)
+
+    def _record(self, kind: str, generation: int, index: int, genome: np.ndarray, res: TrialResult) -> dict:
+        rec = {"type": kind, "generation": generation, "index": index, "genome": _genome_list(genome),
+               "recipe_hash": res.recipe_hash, "fitness": res.fitness, "status": res.status,
+               "reason": res.reason, "metrics": res.metrics, "items": res.items,
+               "timings": {"merge_s": round(res.merge_s, 4), "eval_s": round(res.eval_s, 4)},
+               "worker": "local", "time": time.time()}
+        self.run.append(rec)
+        self.display.candidate(rec)
+        return rec
+
+    def _best(self, candidates: dict) -> dict:
+        return max(candidates.values(), key=lambda r: (r["fitness"], -r["generation"], -r["index"]))
+
+    def _end_generation(self, g: int, gen_records: list[dict], candidates: dict) -> None:
+        best = self._best(candidates)
+        fit = [r["fitness"] for r in gen_records]
+        rec = {"type": "generation", "generation": g, "evaluations": len(candidates),
+               "best": {"generation": best["generation"], "index": best["index"], "fitness": best["fitness"]},
+               "median": float(np.median(fit)), "max": float(np.max(fit)), "time": time.time()}
+        self.run.append(rec)
+        self.run.write_json(OPTIMIZER, self.optimizer.state_dict())
+        self._write_best(np.array(best["genome"]), f"best so far: generation {best['generation']}, candidate "
+                         f"{best['index']}, subset fitness {best['fitness']:.4f}")
+        self.display.generation(rec, best)
+
+    def _write_best(self, genome: np.ndarray, note: str) -> None:
+        recipe = self.codec.to_recipe(genome)
+        self.run.write_text(BEST, f"# {note}\n" + recipe.to_yaml())
+        self.run.write_text(BEST_MK, mergekit_yaml(recipe, note))
+
+    def _rescore(self, builder, tok, candidates: dict, generations: int) -> None:
+        """Top-k distinct recipes re-scored on the full dev split; the best one is the winner."""
+        records = self.run.records()
+        rescored = {r["recipe_hash"]: r for r in records if r["type"] == "rescore"}
+        ranked, seen = [], set()
+        for r in sorted(candidates.values(), key=lambda r: (-r["fitness"], r["generation"], r["index"])):
+            if r["status"] == "ok" and r["recipe_hash"] not in seen:
+                seen.add(r["recipe_hash"])
+                ranked.append(r)
+        top = ranked[: self.cfg.rescore_top_k]
+        if not top:
+            raise RunFolderError("every candidate failed; see the reasons in the log (evomerge status)")
+        self.display.message(f"re-scoring the top {len(top)} candidates on the full dev split...")
+        results = []
+        for r in top:
+            if r["recipe_hash"] not in rescored:
+                res = run_trial(np.array(r["genome"]), self.codec, builder, self.fitness, tok, None,
+                                self.cfg.penalty_fitness)
+                rec = self._record("rescore", r["generation"], r["index"], np.array(r["genome"]), res)
+                rescored[r["recipe_hash"]] = rec
+            results.append(rescored[r["recipe_hash"]])
+        win = max(results, key=lambda r: (r["fitness"], -r["generation"], -r["index"]))
+        self._write_best(np.array(win["genome"]), f"winner: generation {win['generation']}, candidate "
+                         f"{win['index']}, full-dev fitness {win['fitness']:.4f}")
+        final = {"type": "final", "generations": generations, "evaluations": len(candidates),
+                 "generation": win["generation"], "index": win["index"], "recipe_hash": win["recipe_hash"],
+                 "fitness": win["fitness"], "metrics": win["metrics"], "time": time.time()}
+        self.run.append(final)
+        self.display.final(final)
+
+    def _outcome(self, records: list[dict], finished: bool) -> SearchOutcome:
+        final = next((r for r in reversed(records) if r["type"] == "final"), None)
+        ref = next((r for r in records if r["type"] == "reference"), None)
+        gens = sum(1 for r in records if r["type"] == "generation")
+        evals = sum(1 for r in records if r["type"] == "candidate")
+        recipe = Recipe.load(self.run.path / BEST) if final else None
+        return SearchOutcome(self.run.path, gens, evals, final["fitness"] if final else None, recipe, finished,
+                             ref["fitness"] if ref else None)
+
+
+def validate(cfg: SearchConfig):
+    """Every check that needs no weights: sources' configs, tasks and metrics, codec sizes."""
+    check_sources(cfg)
+    return check_tasks(cfg)
+
+
+def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
+               quiet: bool = False, builder_factory=default_builder, config_path: str | None = None) -> SearchOutcome:
+    """``evomerge search``: a new search, or ``resume=True`` to continue the one in ``run_dir``."""
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume needs the run folder")
+        run = RunFolder.open(run_dir)
+        frozen = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))
+        if cfg is not None:
+            diff = _diff_keys(frozen.search_key(), cfg.search_key())
+            if diff:
+                raise ConfigError(f"the config differs from the run's frozen config in {', '.join(diff)}; "
+                                  "only the budget (and threads) may change on resume")
+            if cfg.budget != frozen.budget or cfg.threads != frozen.threads:
+                frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
+                run.acquire()
+                run.write_text("config.yaml", frozen.to_yaml())
+            else:
+                run.acquire()
+        else:
+            run.acquire()
+        cfg = frozen
+        evaluators = validate(cfg)
+    else:
+        if cfg is None:
+            raise ConfigError("a config is needed to start a search")
+        evaluators = validate(cfg)  # before the run folder exists: a bad config leaves nothing behind
+        run_dir = Path(run_dir or cfg.run_dir or default_run_dir(config_path))
+        run = RunFolder.create(run_dir, cfg.to_yaml())
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    display = Display(quiet=quiet, tasks=[t.name for t in cfg.tasks])
+    search = Search(cfg, run, display, builder_factory)
+
+    def _on_signal(signum, frame):
+        search.stop_requested = True
+
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM,)}
+    try:
+        return search.run_loop(evaluators)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        display.close()
+        run.close()

@@ -1,0 +1,29 @@
+"""Recipes for other tools: mergekit YAML."""
+
+from __future__ import annotations
+
+import yaml
+
+from evomerge.merge.methods import get_method, uses_random_masks
+from evomerge.recipe import Recipe
+
+EVOMERGE_ONLY_KEYS = ("mask_seed",)
+
+
+def mergekit_yaml(recipe: Recipe, note: str | None = None) -> str:
+    """The recipe as mergekit-yaml reads it, models named as the user gave them.
+
+    For DARE/DELLA methods mergekit draws its own masks from torch's global generator, so it
+    rebuilds the evaluated model only in distribution; ``evomerge merge`` on the evomerge recipe
+    (which keeps ``mask_seed``) rebuilds it exactly. The header says so.
+    """
+    data = yaml.safe_load(recipe.to_yaml())
+    for key in EVOMERGE_ONLY_KEYS:
+        data.pop(key, None)
+    lines = ["# mergekit recipe exported by evomerge (mergekit-yaml THIS_FILE OUT_DIR)"]
+    if note:
+        lines.append(f"# {note}")
+    if uses_random_masks(get_method(recipe.merge_method)):
+        lines += [f"# {recipe.merge_method} draws random masks: mergekit reproduces the evaluated model only in",
+                  "# distribution. `evomerge merge` on the evomerge recipe (with its mask_seed) rebuilds it exactly."]
+    return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False)

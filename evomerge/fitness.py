@@ -1,0 +1,50 @@
+"""Fitness: the weighted sum of task metrics, on seeded evaluation subsets.
+
+During the search each generation scores every candidate on the same subset of each task's
+split (``limit`` items chosen by a seed that depends on the search seed, the generation and the
+task), so candidates of one generation are compared on equal terms and different generations
+see different items. ``generation=None`` scores the whole split (the final re-scoring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evomerge.config import TaskConfig
+from evomerge.evaluate import Evaluator
+
+
+@dataclass(frozen=True)
+class Score:
+    fitness: float
+    metrics: dict[str, dict[str, float]]  # task -> metric -> value
+    items: dict[str, int]  # task -> items scored
+
+
+class FitnessFunction:
+    def __init__(self, tasks: list[TaskConfig], evaluators: dict[str, Evaluator], seed: int):
+        self.tasks = tasks
+        self.evaluators = evaluators
+        self.seed = seed
+
+    def subset(self, task_index: int, generation: int | None) -> list[int] | None:
+        task = self.tasks[task_index]
+        n = self.evaluators[task.name].n_docs(task.name)
+        if generation is None or task.limit is None or task.limit >= n:
+            return None
+        rng = np.random.default_rng([self.seed, generation, task_index])
+        return sorted(int(i) for i in rng.choice(n, size=task.limit, replace=False))
+
+    def score(self, model: torch.nn.Module, tokenizer, generation: int | None) -> Score:
+        metrics, items, total = {}, {}, 0.0
+        for i, task in enumerate(self.tasks):
+            idx = self.subset(i, generation)
+            res = self.evaluators[task.name].evaluate(
+                model, tokenizer, samples={task.name: idx} if idx is not None else None)[task.name]
+            metrics[task.name] = res.metrics
+            items[task.name] = res.n_items
+            total += task.weight * res.metrics[task.metric]
+        return Score(float(total), metrics, items)

@@ -1,0 +1,135 @@
+"""The run folder: everything about one search, written so that a kill at any byte loses nothing.
+
+    RUN_DIR/
+      config.yaml          the frozen, resolved search config
+      lock                 held (flock) by the live search; holds its pid
+      log.jsonl            append-only, one JSON record a line, fsynced after each record
+      optimizer.json       the optimizer's state snapshot after the last complete generation
+      best.yaml            the best recipe so far (evomerge format, with mask_seed)
+      best.mergekit.yaml   the same recipe for mergekit-yaml
+      sessions.jsonl       when each (re)start happened, on which host (not part of the history)
+
+Only complete lines (ending in a newline) of the log count: a record torn by a kill is dropped
+when the log is read, and cut off before the next append.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import yaml
+
+from evomerge.io import atomic_write_text
+
+CONFIG, LOG, OPTIMIZER, BEST, BEST_MK, LOCK, SESSIONS = (
+    "config.yaml", "log.jsonl", "optimizer.json", "best.yaml", "best.mergekit.yaml", "lock", "sessions.jsonl")
+# Fields that differ between runs with the same history (see conventions: "same history").
+VOLATILE_FIELDS = ("time", "worker", "host", "timings")
+
+
+class RunFolderError(ValueError):
+    pass
+
+
+def read_records(data: bytes) -> tuple[list[dict], int]:
+    """Complete records of a log's bytes, and the byte length they span."""
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].split(b"\n"):
+        if line.strip():
+            records.append(json.loads(line))
+    return records, end
+
+
+def history(records: list[dict]) -> list[dict]:
+    """Records without their volatile fields: equal for runs with the same history."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE_FIELDS} for r in records]
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        self._log = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(cls, path: str | Path, config_yaml: str) -> RunFolder:
+        run = cls(path)
+        if run.path.exists() and any(run.path.iterdir()):
+            if (run.path / CONFIG).is_file():
+                raise RunFolderError(f"run folder {str(run.path)!r} already holds a search; resume it with "
+                                     f"`evomerge search --resume {run.path}` or choose another run_dir")
+            raise RunFolderError(f"run folder {str(run.path)!r} exists and is not empty")
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.acquire()
+        atomic_write_text(run.path / CONFIG, config_yaml)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunFolder:
+        run = cls(path)
+        if not run.path.is_dir():
+            raise RunFolderError(f"run folder {str(run.path)!r} does not exist")
+        if not (run.path / CONFIG).is_file():
+            raise RunFolderError(f"{str(run.path)!r} is not a run folder (no {CONFIG})")
+        return run
+
+    def acquire(self) -> None:
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunFolderError(f"run folder {str(self.path)!r} is locked by a live search (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        with open(self.path / SESSIONS, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}) + "\n")
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ contents
+    def config_text(self) -> str:
+        return (self.path / CONFIG).read_text()
+
+    def config_dict(self) -> dict:
+        return yaml.safe_load(self.config_text())
+
+    def records(self) -> list[dict]:
+        p = self.path / LOG
+        return read_records(p.read_bytes())[0] if p.is_file() else []
+
+    def append(self, record: dict) -> None:
+        """Appends one record and fsyncs it; the first call cuts off a torn tail."""
+        if self._lock_fd is None:
+            raise RuntimeError("append without holding the run folder's lock")
+        if self._log is None:
+            p = self.path / LOG
+            if p.is_file():
+                _, end = read_records(p.read_bytes())
+                with open(p, "r+b") as f:
+                    f.truncate(end)
+            self._log = open(p, "ab")
+        self._log.write(json.dumps(record, allow_nan=False).encode() + b"\n")
+        self._log.flush()
+        os.fsync(self._log.fileno())
+
+    def write_json(self, name: str, data: dict) -> None:
+        atomic_write_text(self.path / name, json.dumps(data, indent=1) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.path / name, text)

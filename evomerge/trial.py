@@ -1,0 +1,84 @@
+"""One candidate: genome -> recipe -> merged model -> score. Failures become a penalty fitness."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from evomerge.codec import Codec
+from evomerge.fitness import FitnessFunction
+from evomerge.recipe import Recipe
+
+
+class CandidateBuilder(Protocol):
+    """Writes a recipe's merged weights into one resident model and returns it."""
+
+    model: torch.nn.Module
+
+    def build(self, recipe: Recipe) -> torch.nn.Module: ...
+
+
+@dataclass
+class TrialResult:
+    recipe_hash: str
+    fitness: float
+    status: str  # "ok" or "failed"
+    reason: str | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    items: dict[str, int] = field(default_factory=dict)
+    merge_s: float = 0.0
+    eval_s: float = 0.0
+
+
+def non_finite_tensor(model: torch.nn.Module) -> str | None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None
+
+
+def run_trial(genome: np.ndarray, codec: Codec, builder: CandidateBuilder, fitness: FitnessFunction,
+              tokenizer, generation: int | None, penalty: float) -> TrialResult:
+    recipe = codec.to_recipe(genome)
+    h = recipe.hash()
+    t0 = time.perf_counter()
+    try:
+        model = builder.build(recipe)
+        bad = non_finite_tensor(model)
+        merge_s = time.perf_counter() - t0
+        if bad is not None:
+            return TrialResult(h, penalty, "failed", f"non-finite merged weights in {bad}", merge_s=merge_s)
+        t1 = time.perf_counter()
+        score = fitness.score(model, tokenizer, generation)
+        eval_s = time.perf_counter() - t1
+    except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:  # a bad candidate, not a bad search
+        return TrialResult(h, penalty, "failed", f"{type(e).__name__}: {e}", merge_s=time.perf_counter() - t0)
+    if not np.isfinite(score.fitness):
+        return TrialResult(h, penalty, "failed", f"non-finite fitness {score.fitness}", score.metrics, score.items,
+                           merge_s, eval_s)
+    return TrialResult(h, score.fitness, "ok", None, score.metrics, score.items, merge_s, eval_s)
+
+
+class EngineBuilder:
+    """Builds each candidate with the reference merge engine and loads it into one model.
+
+    Correct but slower than the in-place merger (it re-reads the sources per candidate)."""
+
+    def __init__(self, models: list[str], base_model: str | None, *, device: str = "cpu",
+                 dtype: str = "float32", allow_pickle: bool = False):
+        from evomerge.models import load_causal_lm
+
+        self.device, self.dtype, self.allow_pickle = device, dtype, allow_pickle
+        self.model = load_causal_lm(base_model or models[0], device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+    @torch.no_grad()
+    def build(self, recipe: Recipe) -> torch.nn.Module:
+        from evomerge.merge.engine import merge_state_dict
+
+        state = merge_state_dict(recipe, device=self.device, allow_pickle=self.allow_pickle)
+        self.model.load_state_dict(state, strict=True)
+        return self.model
