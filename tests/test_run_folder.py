@@ -1,0 +1,75 @@
+"""The run folder: a log torn at any byte reads back as its complete records; one search per folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from evomerge.run import LOG, RunFolder, RunFolderError, history, read_records
+
+RECORDS = [{"type": "candidate", "generation": 0, "index": i, "genome": [0.1 * i, 1 / 3],
+            "fitness": 0.5 + i / 7, "metrics": {"zoo_add": {"acc": 0.25}}, "time": 1.5 + i} for i in range(4)]
+
+
+def test_log_torn_at_every_byte_reads_only_complete_records(tmp_path):
+    run = RunFolder.create(tmp_path / "run", "x: 1\n")
+    for r in RECORDS:
+        run.append(r)
+    run.close()
+    data = (tmp_path / "run" / LOG).read_bytes()
+    ends = [i + 1 for i, b in enumerate(data) if b == ord("\n")]
+    for cut in range(len(data) + 1):
+        records, end = read_records(data[:cut])
+        n_complete = sum(1 for e in ends if e <= cut)
+        assert records == RECORDS[:n_complete], cut
+        assert end == (ends[n_complete - 1] if n_complete else 0)
+
+
+def test_append_after_a_torn_tail_cuts_it_off(tmp_path):
+    run = RunFolder.create(tmp_path / "run", "x: 1\n")
+    run.append(RECORDS[0])
+    run.close()
+    with open(tmp_path / "run" / LOG, "ab") as f:
+        f.write(b'{"type": "candid')  # a record torn by a kill
+    run = RunFolder.open(tmp_path / "run")
+    run.acquire()
+    run.append(RECORDS[1])
+    run.close()
+    assert RunFolder.open(tmp_path / "run").records() == RECORDS[:2]
+
+
+def test_floats_round_trip_bit_for_bit(tmp_path):
+    run = RunFolder.create(tmp_path / "run", "x: 1\n")
+    genome = [0.1 + 0.2, 1 / 3, 2.0 ** -40, 0.9999999999999999]
+    run.append({"type": "candidate", "genome": genome})
+    run.close()
+    assert RunFolder.open(tmp_path / "run").records()[0]["genome"] == genome
+
+
+def test_history_drops_volatile_fields():
+    a = [dict(r, time=1.0, worker="w1", host="h") for r in RECORDS]
+    b = [dict(r, time=2.0, worker="w2", host="k") for r in RECORDS]
+    assert history(a) == history(b) and a != b
+
+
+def test_a_live_search_holds_the_lock(tmp_path):
+    run = RunFolder.create(tmp_path / "run", "x: 1\n")
+    code = ("import sys; from evomerge.run import RunFolder\n"
+            "r = RunFolder.open(sys.argv[1])\ntry:\n    r.acquire()\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True)
+    assert "locked by a live search" in out.stdout
+    run.close()
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True)
+    assert out.stdout == ""  # released with the process / close()
+
+
+def test_create_refuses_an_existing_run(tmp_path):
+    RunFolder.create(tmp_path / "run", "x: 1\n").close()
+    with pytest.raises(RunFolderError, match="already holds a search"):
+        RunFolder.create(tmp_path / "run", "x: 1\n")
+    with pytest.raises(RunFolderError, match="not a run folder"):
+        RunFolder.open(tmp_path)
+    json.dumps(RECORDS)

@@ -1,0 +1,98 @@
+"""Malformed search configs fail before any model is loaded, with a message naming the field."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import evomerge.driver as driver
+from evomerge.config import ConfigError, SearchConfig
+from evomerge.driver import run_search
+
+
+def base_config(zoo_dir, tmp_path) -> dict:
+    return {
+        "models": [str(zoo_dir / f"spec_{s}") for s in ("add", "rev", "sub")],
+        "base_model": str(zoo_dir / "base"),
+        "search_space": "ps_task_arithmetic",
+        "tasks": [{"name": "zoo_add", "metric": "acc", "limit": 20}, {"name": "zoo_rev", "limit": 20}],
+        "budget": {"generations": 2},
+        "run_dir": str(tmp_path / "run"),
+    }
+
+
+def _boom(*a, **k):
+    raise AssertionError("a model was loaded before the config was validated")
+
+
+def edit(cfg: dict, path: str, value) -> dict:
+    cfg = copy.deepcopy(cfg)
+    *parents, last = path.split(".")
+    node = cfg
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else node[p]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+    return cfg
+
+
+DELETE = object()
+INLINE_SPACE = {"method": "ties", "parameters": {"weight": {"low": 0.0, "high": 1.0},
+                                                 "density": {"low": 0.1, "high": 1.0}}}
+CASES = [
+    ("unknown top-level key", "modles", ["x"], r"modles: unknown key \(did you mean 'models'\?\)"),
+    ("unknown nested key", "tasks.0.metrc", "acc", r"tasks\.0\.metrc: unknown key \(did you mean 'metric'\?\)"),
+    ("unknown method", "search_space", dict(INLINE_SPACE, method="tiez"), r"unknown merge_method 'tiez'"),
+    ("reversed bounds", "search_space", dict(INLINE_SPACE, parameters={"weight": {"low": 1.0, "high": 0.0}}),
+     r"search_space.*parameters\.weight.*low must be < high"),
+    ("density outside its valid range", "search_space",
+     dict(INLINE_SPACE, parameters={"density": {"low": 0.0, "high": 1.0}}), r"parameters\.density: bounds"),
+    ("unknown space file", "search_space", "ps_nope", r"search space 'ps_nope' not found"),
+    ("unknown task", "tasks.1.name", "zoo_mul", r"tasks\.1\.name: unknown lm-eval task 'zoo_mul'"),
+    ("unknown metric", "tasks.0.metric", "f1", r"tasks\.0\.metric: task 'zoo_add' has no metric 'f1'"),
+    ("missing model", "models.1", "/nonexistent/model", r"models\.1: model folder '/nonexistent/model' does not exist"),
+    ("missing base", "base_model", DELETE, r"base_model: method 'task_arithmetic'.*needs a base model"),
+    ("granularity", "search_space", {"method": "task_arithmetic", "parameters": {"weight": {"low": 0, "high": 2}},
+                                     "granularity": {"layers_per_group": 3}},
+     r"layers_per_group: 3 does not divide the 4 layers"),
+    ("budget <= 0", "budget", {"generations": 0}, r"budget\.generations: Input should be greater than 0"),
+    ("no budget", "budget", {}, r"budget: give generations, evaluations or time_limit_s"),
+    ("bad optimizer", "optimizer", {"name": "sgd"}, r"optimizer\.name: unknown optimizer 'sgd'"),
+    ("auto batch size", "batch_size", "auto", r"batch_size: Input should be a valid integer"),
+]
+
+
+@pytest.mark.parametrize("what,path,value,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_config_fails_before_loading(zoo_dir, tmp_path, monkeypatch, what, path, value, message):
+    monkeypatch.setattr(driver, "load_source", _boom)
+    monkeypatch.setattr(driver, "load_tokenizer", _boom)
+    data = edit(base_config(zoo_dir, tmp_path), path, value)
+    with pytest.raises(ConfigError, match=message):
+        run_search(SearchConfig.from_dict(data), builder_factory=_boom)
+    assert not (tmp_path / "run").exists(), "a rejected config must leave no run folder"
+
+
+def test_config_that_is_not_yaml(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("models: [a, b\ntasks: {")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        SearchConfig.load(p)
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="a search config is a YAML mapping"):
+        SearchConfig.load(p)
+
+
+def test_cli_reports_one_line(zoo_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    p = tmp_path / "c.yml"
+    p.write_text(yaml.safe_dump(edit(base_config(zoo_dir, tmp_path), "tasks.0.name", "zoo_addd")))
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "tasks.0.name: unknown lm-eval task 'zoo_addd' (did you mean zoo_add?)" in r.stderr
