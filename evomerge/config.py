@@ -48,6 +48,8 @@ class OptimizerConfig(_Strict):
     name: str = Field("cma", description=f"one of {', '.join(OPTIMIZERS)}")
     popsize: int | None = Field(None, ge=2, description="population per generation (default: 4 + 3 ln n)")
     sigma0: float | None = Field(None, gt=0, le=1, description="initial step (default: the space's sigma0)")
+    sampler: str = Field("CmaEsSampler", description="with name: optuna, an Optuna sampler class name")
+    sampler_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the sampler")
 
     @field_validator("name")
     @classmethod
@@ -55,6 +57,16 @@ class OptimizerConfig(_Strict):
         if v not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {v!r}; choose one of {', '.join(OPTIMIZERS)}")
         return v
+
+    @model_validator(mode="after")
+    def _sampler(self) -> OptimizerConfig:
+        if self.name == "optuna":
+            from evomerge.optim.optuna import sampler_class
+
+            sampler_class(self.sampler)
+        elif self.sampler != "CmaEsSampler" or self.sampler_args:
+            raise ValueError(f"sampler and sampler_args apply to name: optuna, not {self.name!r}")
+        return self
 
 
 class BudgetConfig(_Strict):

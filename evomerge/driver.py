@@ -85,8 +85,9 @@ class Search:
         layout = load_source(cfg.base_model or cfg.models[0], allow_pickle=cfg.allow_pickle).layout
         self.codec = Codec(space, cfg.models, cfg.base_model, layout,
                            RecipeSettings(dtype=cfg.dtype, mask_seed=cfg.mask_seed))
-        self.optimizer = make_optimizer(cfg.optimizer.name, self.codec.x0, cfg.optimizer.sigma0 or space.sigma0,
-                                        cfg.optimizer.popsize, cfg.seed)
+        o = cfg.optimizer
+        self.optimizer = make_optimizer(o.name, self.codec.x0, o.sigma0 or space.sigma0, o.popsize, cfg.seed,
+                                        sampler=o.sampler, sampler_args=o.sampler_args)
         self.fitness = FitnessFunction(cfg.tasks, evaluators, cfg.seed)
         b = cfg.budget
         gens = [math.inf]
@@ -117,9 +118,12 @@ class Search:
         self.display.message("loading models...")
         builder = self.builder_factory(self.cfg)
         self.display.start(self.max_generations, self.optimizer.popsize, records)
+        self._builder, self._tok = builder, tok
+        # (recipe hash, settings key) -> the record that scored it: a repeated recipe is not re-evaluated
+        self.cache = {(r["recipe_hash"], r.get("eval_key")): r for r in records
+                      if r["type"] in ("reference", "candidate", "rescore") and r["status"] == "ok"}
         if reference is None:
-            res = run_trial(self.codec.x0, self.codec, builder, self.fitness, tok, None, self.cfg.penalty_fitness)
-            reference = self._record("reference", -1, 0, self.codec.x0, res)
+            reference = self._evaluate("reference", -1, 0, self.codec.x0, None)
         self.display.reference(reference)
 
         g = 0
@@ -136,8 +140,7 @@ class Search:
                             "cannot continue exactly")
                     fitness[i] = logged["fitness"]
                     continue
-                res = run_trial(x, self.codec, builder, self.fitness, tok, g, self.cfg.penalty_fitness)
-                rec = self._record("candidate", g, i, x, res)
+                rec = self._evaluate("candidate", g, i, x, g)
                 candidates[(g, i)] = rec
                 fitness[i] = rec["fitness"]
                 if self.stop_requested:
@@ -147,16 +150,32 @@ class Search:
                 self._end_generation(g, [candidates[(g, i)] for i in range(len(genomes))], candidates)
             g += 1
 
-        self._rescore(builder, tok, candidates, g)
+        self._rescore(candidates, g)
         return self._outcome(self.run.records(), finished=True)
 
-    def _record(self, kind: str, generation: int, index: int, genome: np.ndarray, res: TrialResult) -> dict:
+    def _evaluate(self, kind: str, generation: int, index: int, genome: np.ndarray,
+                  subset_generation: int | None) -> dict:
+        """Scores one genome (or serves it from the cache) and appends its record to the log."""
+        cfg = self.cfg
+        key = self.fitness.settings_key(subset_generation, {"dtype": cfg.dtype, "batch_size": cfg.batch_size,
+                                                             "device": cfg.device})
+        recipe = self.codec.to_recipe(genome)
+        recipe_hash = recipe.hash()
+        hit = self.cache.get((recipe_hash, key))
+        if hit is not None:
+            res = TrialResult(recipe_hash, hit["fitness"], hit["status"], hit["reason"], hit["metrics"], hit["items"])
+            cached_from = [hit["generation"], hit["index"]]
+        else:
+            res = run_trial(recipe, self._builder, self.fitness, self._tok, subset_generation, cfg.penalty_fitness)
+            cached_from = None
         rec = {"type": kind, "generation": generation, "index": index, "genome": _genome_list(genome),
-               "recipe_hash": res.recipe_hash, "fitness": res.fitness, "status": res.status,
-               "reason": res.reason, "metrics": res.metrics, "items": res.items,
+               "recipe_hash": res.recipe_hash, "eval_key": key, "fitness": res.fitness, "status": res.status,
+               "reason": res.reason, "metrics": res.metrics, "items": res.items, "cached_from": cached_from,
                "timings": {"merge_s": round(res.merge_s, 4), "eval_s": round(res.eval_s, 4)},
                "worker": "local", "time": time.time()}
         self.run.append(rec)
+        if res.status == "ok" and hit is None:
+            self.cache[(recipe_hash, key)] = rec
         self.display.candidate(rec)
         return rec
 
@@ -180,7 +199,7 @@ class Search:
         self.run.write_text(BEST, f"# {note}\n" + recipe.to_yaml())
         self.run.write_text(BEST_MK, mergekit_yaml(recipe, note))
 
-    def _rescore(self, builder, tok, candidates: dict, generations: int) -> None:
+    def _rescore(self, candidates: dict, generations: int) -> None:
         """Top-k distinct recipes re-scored on the full dev split; the best one is the winner."""
         records = self.run.records()
         rescored = {r["recipe_hash"]: r for r in records if r["type"] == "rescore"}
@@ -196,10 +215,8 @@ class Search:
         results = []
         for r in top:
             if r["recipe_hash"] not in rescored:
-                res = run_trial(np.array(r["genome"]), self.codec, builder, self.fitness, tok, None,
-                                self.cfg.penalty_fitness)
-                rec = self._record("rescore", r["generation"], r["index"], np.array(r["genome"]), res)
-                rescored[r["recipe_hash"]] = rec
+                rescored[r["recipe_hash"]] = self._evaluate("rescore", r["generation"], r["index"],
+                                                            np.array(r["genome"]), None)
             results.append(rescored[r["recipe_hash"]])
         win = max(results, key=lambda r: (r["fitness"], -r["generation"], -r["index"]))
         self._write_best(np.array(win["genome"]), f"winner: generation {win['generation']}, candidate "
@@ -239,14 +256,10 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
             if diff:
                 raise ConfigError(f"the config differs from the run's frozen config in {', '.join(diff)}; "
                                   "only the budget (and threads) may change on resume")
-            if cfg.budget != frozen.budget or cfg.threads != frozen.threads:
-                frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
-                run.acquire()
-                run.write_text("config.yaml", frozen.to_yaml())
-            else:
-                run.acquire()
-        else:
-            run.acquire()
+        run.acquire()
+        if cfg is not None and (cfg.budget, cfg.threads) != (frozen.budget, frozen.threads):
+            frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
+            run.write_text("config.yaml", frozen.to_yaml())
         cfg = frozen
         evaluators = validate(cfg)
     else:

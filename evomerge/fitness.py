@@ -8,6 +8,8 @@ see different items. ``generation=None`` scores the whole split (the final re-sc
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +39,14 @@ class FitnessFunction:
             return None
         rng = np.random.default_rng([self.seed, generation, task_index])
         return sorted(int(i) for i in rng.choice(n, size=task.limit, replace=False))
+
+    def settings_key(self, generation: int | None, extra: dict | None = None) -> str:
+        """Hash of everything besides the recipe that decides a score: the tasks' settings and the
+        item subsets of this generation (plus ``extra``: dtype, batch size, device). Two
+        evaluations with the same recipe hash and settings key give the same score."""
+        data = {"tasks": [t.model_dump(mode="json") for t in self.tasks],
+                "subsets": [self.subset(i, generation) for i in range(len(self.tasks))], "extra": extra or {}}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def score(self, model: torch.nn.Module, tokenizer, generation: int | None) -> Score:
         metrics, items, total = {}, {}, 0.0

@@ -9,7 +9,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from evomerge.codec import Codec
 from evomerge.fitness import FitnessFunction
 from evomerge.recipe import Recipe
 
@@ -41,9 +40,9 @@ def non_finite_tensor(model: torch.nn.Module) -> str | None:
     return None
 
 
-def run_trial(genome: np.ndarray, codec: Codec, builder: CandidateBuilder, fitness: FitnessFunction,
-              tokenizer, generation: int | None, penalty: float) -> TrialResult:
-    recipe = codec.to_recipe(genome)
+def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunction, tokenizer,
+              generation: int | None, penalty: float) -> TrialResult:
+    """Builds ``recipe`` in place and scores it on ``generation``'s subsets (None: full splits)."""
     h = recipe.hash()
     t0 = time.perf_counter()
     try:

@@ -51,6 +51,13 @@ def cli(*args: str, **kw) -> subprocess.Popen:
                             start_new_session=True, **kw)
 
 
+OPTIMIZERS = {
+    "pycma": {"name": "cma", "popsize": 4},
+    "optuna-cmaes": {"name": "optuna", "sampler": "CmaEsSampler", "popsize": 4},
+    "optuna-tpe": {"name": "optuna", "sampler": "TPESampler", "popsize": 4},
+}
+
+
 @pytest.fixture(scope="module")
 def reference_run(zoo_dir, tmp_path_factory):
     """One uninterrupted search, run through the CLI."""
@@ -82,8 +89,16 @@ def test_search_writes_a_complete_run_folder(reference_run):
     assert (run_dir / "optimizer.json").is_file() and "winner (full dev split)" in out
 
 
-def test_killed_five_times_equals_uninterrupted(reference_run, tmp_path):
-    ref_dir, cfg, _ = reference_run
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_killed_five_times_equals_uninterrupted(reference_run, zoo_dir, tmp_path, optimizer):
+    if optimizer == "pycma":
+        ref_dir, cfg, _ = reference_run
+    else:
+        cfg = write_config(tmp_path, small_config(zoo_dir, optimizer=OPTIMIZERS[optimizer]))
+        ref_dir = tmp_path / "ref"
+        p = cli(str(cfg), "--run-dir", str(ref_dir))
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out
     expected = history(RunFolder.open(ref_dir).records())
     run_dir = tmp_path / "run"
     rng = np.random.default_rng(2024)
@@ -156,3 +171,36 @@ def test_search_improves_on_its_start(reference_run):
     records = RunFolder.open(reference_run[0]).records()
     ref = next(r for r in records if r["type"] == "reference")
     assert records[-1]["fitness"] > ref["fitness"]  # both on the full dev split
+
+
+def test_a_repeated_recipe_comes_from_the_cache(zoo_dir, tmp_path, monkeypatch):
+    """Genomes that decode to one recipe (here: duplicates in a generation) are scored once."""
+    import evomerge.driver as driver
+    from evomerge.optim.random_search import RandomSearch
+    from evomerge.trial import EngineBuilder
+
+    class Duplicating(RandomSearch):
+        def ask(self):
+            x = super().ask()
+            x[1:] = x[0]
+            return x
+
+    monkeypatch.setattr(driver, "make_optimizer", lambda name, x0, s, p, seed, **kw: Duplicating(x0, s, p, seed))
+    builds = []
+
+    class CountingBuilder(EngineBuilder):
+        def build(self, recipe):
+            builds.append(recipe.hash())
+            return super().build(recipe)
+
+    cfg = SearchConfig.from_dict(small_config(zoo_dir, budget={"generations": 2}, rescore_top_k=1,
+                                              run_dir=str(tmp_path / "run")))
+    run_search(cfg, quiet=True, builder_factory=lambda c: CountingBuilder(c.models, c.base_model))
+    recs = [r for r in RunFolder.open(tmp_path / "run").records() if r["type"] == "candidate"]
+    assert len(recs) == 8
+    for r in recs:
+        first = next(c for c in recs if c["generation"] == r["generation"] and c["index"] == 0)
+        assert r["recipe_hash"] == first["recipe_hash"] and r["fitness"] == first["fitness"]
+        assert r["cached_from"] == (None if r["index"] == 0 else [r["generation"], 0])
+    # the reference, one build per generation, and the rescore (its full-dev key is new)
+    assert len(builds) == 1 + 2 + 1

@@ -1,0 +1,75 @@
+"""Optuna samplers behind the ask/tell interface (CmaEsSampler, TPESampler, or any other
+single-objective sampler by class name), on an in-memory study.
+
+Generation-synchronous: a generation asks ``popsize`` trials, then tells them all. The sampler is
+seeded (its own RandomState), so, like every evomerge optimizer, it is a deterministic function of
+its seed and the history it is told, and a resumed search rebuilds it by replaying the run log.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+
+from evomerge.optim.base import Optimizer
+
+
+def sampler_class(name: str):
+    import optuna
+
+    cls = getattr(optuna.samplers, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, optuna.samplers.BaseSampler)):
+        known = sorted(n for n in dir(optuna.samplers) if n.endswith("Sampler") and n != "BaseSampler")
+        raise ValueError(f"unknown Optuna sampler {name!r}; choose one of {', '.join(known)}")
+    if name in ("NSGAIISampler", "NSGAIIISampler", "GridSampler", "PartialFixedSampler", "BruteForceSampler"):
+        raise ValueError(f"{name} is not a single-objective sampler over a continuous space; "
+                         "use CmaEsSampler, TPESampler, RandomSampler, QMCSampler or GPSampler")
+    return cls
+
+
+class OptunaOptimizer(Optimizer):
+    name = "optuna"
+
+    def __init__(self, x0, sigma0: float, popsize: int | None, seed: int, sampler: str = "CmaEsSampler",
+                 sampler_args: dict[str, Any] | None = None):
+        super().__init__(x0, sigma0, popsize, seed)
+        import optuna
+        from optuna.distributions import FloatDistribution
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        cls = sampler_class(sampler)
+        kwargs = dict(sampler_args or {})
+        params = inspect.signature(cls).parameters
+        if "seed" in params:
+            kwargs.setdefault("seed", self.seed)
+        self.names = [f"x{i:04d}" for i in range(self.dim)]
+        if sampler == "CmaEsSampler":
+            kwargs.setdefault("x0", dict(zip(self.names, map(float, self.x0), strict=True)))
+            kwargs.setdefault("sigma0", self.sigma0)
+            kwargs.setdefault("popsize", self.popsize)
+        self.sampler_name = sampler
+        self.study = optuna.create_study(direction="maximize", sampler=cls(**kwargs))
+        self.dists = {n: FloatDistribution(0.0, 1.0) for n in self.names}
+        self._trials: list = []
+
+    def ask(self) -> np.ndarray:
+        self._trials = [self.study.ask(self.dists) for _ in range(self.popsize)]
+        return np.array([[t.params[n] for n in self.names] for t in self._trials], dtype=np.float64)
+
+    def tell(self, genomes: np.ndarray, fitness: np.ndarray) -> None:
+        fitness = self._check_tell(genomes, fitness, self.popsize)
+        if not self._trials:
+            raise RuntimeError("tell() without ask()")
+        for trial, f in zip(self._trials, fitness, strict=True):
+            self.study.tell(trial, float(f))
+        self._trials = []
+        self.generation += 1
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("rng")  # the sampler owns its stream
+        best = self.study.best_trial if self.study.trials else None
+        return state | {"sampler": self.sampler_name, "trials": len(self.study.trials),
+                        "best_value": best.value if best else None}
