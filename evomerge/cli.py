@@ -137,6 +137,65 @@ def _add_search(sub) -> None:
     p.set_defaults(func=cmd_search)
 
 
+# ----------------------------------------------------------------------------- status
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from evomerge.status import plot_fitness, read_status, status_table
+
+    while True:
+        st = read_status(args.run_dir)
+        status_table(st).print()
+        plot = plot_fitness(st)
+        if plot:
+            print(f"plot: {plot}")
+        if not args.watch or st.finished:
+            return 0
+        time.sleep(args.interval)
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="show a search's progress and write its fitness plot",
+                       description="Reads a run folder (while the search runs or after): generations, evaluations, "
+                       "best fitness and its task metrics, speed, time so far and an estimate of the time left. "
+                       "Writes RUN_DIR/fitness.png (best and population median per generation, a line per task).")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--watch", action="store_true", help="refresh until the search finishes")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (default 10)")
+    p.set_defaults(func=cmd_status)
+
+
+# ----------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from evomerge.export import describe, mergekit_yaml, recipe_from_run
+    from evomerge.io import atomic_write_text
+
+    recipe, record = recipe_from_run(args.run_dir, args.rank)
+    note = f"rank {args.rank} of {args.run_dir}: {describe(record)}"
+    text = mergekit_yaml(recipe, note) if args.format == "mergekit" else f"# {note}\n" + recipe.to_yaml()
+    if args.out is None:
+        print(text, end="")
+        return 0
+    if args.out.exists() and not args.force:
+        raise FileExistsError(f"{args.out} exists; pass --force to overwrite it")
+    atomic_write_text(args.out, text)
+    print(f"wrote {args.out} ({describe(record)})", file=sys.stderr)
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write the best (or N-th best) recipe of a run",
+                       description="Writes a run's recipe as evomerge YAML (exact: keeps mask_seed; `evomerge merge` "
+                       "rebuilds the evaluated model) or mergekit YAML (models named as in your config; DARE/DELLA "
+                       "masks reproduce only in distribution). Rank 1 is the winner after re-scoring.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--format", choices=["evomerge", "mergekit"], default="evomerge")
+    p.add_argument("--out", type=Path, help="output file (default: standard output)")
+    p.add_argument("--rank", type=int, default=1, help="1 = best (default), 2 = second best distinct recipe, ...")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model-merge optimizer.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -144,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     add_merge_parser(sub)
     _add_search(sub)
+    _add_status(sub)
+    _add_export(sub)
     return parser
 
 

@@ -70,6 +70,13 @@ def default_builder(cfg: SearchConfig) -> CandidateBuilder:
                          allow_pickle=cfg.allow_pickle)
 
 
+def make_codec(cfg: SearchConfig) -> Codec:
+    """The search's codec: reads the sources' layout (safetensors headers), no weights."""
+    layout = load_source(cfg.base_model or cfg.models[0], allow_pickle=cfg.allow_pickle).layout
+    return Codec(cfg.space, cfg.models, cfg.base_model, layout,
+                 RecipeSettings(dtype=cfg.dtype, mask_seed=cfg.mask_seed))
+
+
 class Search:
     """One search in one run folder. ``run()`` returns when the budget is spent."""
 
@@ -82,9 +89,7 @@ class Search:
     def _setup(self, evaluators) -> None:
         cfg = self.cfg
         space = cfg.space
-        layout = load_source(cfg.base_model or cfg.models[0], allow_pickle=cfg.allow_pickle).layout
-        self.codec = Codec(space, cfg.models, cfg.base_model, layout,
-                           RecipeSettings(dtype=cfg.dtype, mask_seed=cfg.mask_seed))
+        self.codec = make_codec(cfg)
         o = cfg.optimizer
         self.optimizer = make_optimizer(o.name, self.codec.x0, o.sigma0 or space.sigma0, o.popsize, cfg.seed,
                                         sampler=o.sampler, sampler_args=o.sampler_args)
@@ -185,7 +190,7 @@ class Search:
     def _end_generation(self, g: int, gen_records: list[dict], candidates: dict) -> None:
         best = self._best(candidates)
         fit = [r["fitness"] for r in gen_records]
-        rec = {"type": "generation", "generation": g, "evaluations": len(candidates),
+        rec = {"type": "generation", "generation": g, "popsize": len(gen_records), "evaluations": len(candidates),
                "best": {"generation": best["generation"], "index": best["index"], "fitness": best["fitness"]},
                "median": float(np.median(fit)), "max": float(np.max(fit)), "time": time.time()}
         self.run.append(rec)

@@ -1,7 +1,10 @@
-"""Recipes for other tools: mergekit YAML."""
+"""Taking recipes out of a run folder: ranking, evomerge and mergekit YAML."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import yaml
 
 from evomerge.merge.methods import get_method, uses_random_masks
@@ -27,3 +30,45 @@ def mergekit_yaml(recipe: Recipe, note: str | None = None) -> str:
         lines += [f"# {recipe.merge_method} draws random masks: mergekit reproduces the evaluated model only in",
                   "# distribution. `evomerge merge` on the evomerge recipe (with its mask_seed) rebuilds it exactly."]
     return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False)
+
+
+def ranked_candidates(records: list[dict]) -> list[dict]:
+    """Distinct successful recipes, best first: those re-scored on the full dev split (by that
+    score; the winner first), then the others by their search (subset) fitness."""
+    rescored = {r["recipe_hash"]: r for r in records if r["type"] == "rescore" and r["status"] == "ok"}
+    best_by_hash: dict[str, dict] = {}
+    for r in records:
+        if r["type"] == "candidate" and r["status"] == "ok":
+            h = r["recipe_hash"]
+            if h not in best_by_hash or r["fitness"] > best_by_hash[h]["fitness"]:
+                best_by_hash[h] = r
+    top = sorted(rescored.values(), key=lambda r: (-r["fitness"], r["generation"], r["index"]))
+    rest = sorted((r for h, r in best_by_hash.items() if h not in rescored),
+                  key=lambda r: (-r["fitness"], r["generation"], r["index"]))
+    return top + rest
+
+
+def recipe_from_run(run_dir: str | Path, rank: int = 1) -> tuple[Recipe, dict]:
+    """The rank-th best recipe of a run (1 = the winner) and the log record that scored it."""
+    from evomerge.config import SearchConfig
+    from evomerge.driver import make_codec
+    from evomerge.run import RunFolder, RunFolderError
+
+    run = RunFolder.open(run_dir)
+    ranked = ranked_candidates(run.records())
+    if not ranked:
+        raise RunFolderError(f"run {str(run_dir)!r} has no successful evaluations yet: nothing to export")
+    if not 1 <= rank <= len(ranked):
+        raise ValueError(f"--rank must be between 1 and {len(ranked)} (the run's distinct recipes), got {rank}")
+    cfg = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))
+    record = ranked[rank - 1]
+    recipe = make_codec(cfg).to_recipe(np.array(record["genome"]))
+    if recipe.hash() != record["recipe_hash"]:
+        raise RunFolderError(f"the genome of generation {record['generation']}, candidate {record['index']} no "
+                             "longer decodes to its logged recipe (the code or the source models changed)")
+    return recipe, record
+
+
+def describe(record: dict) -> str:
+    kind = "full-dev fitness" if record["type"] == "rescore" else "search fitness"
+    return f"generation {record['generation']}, candidate {record['index']}, {kind} {record['fitness']:.4f}"

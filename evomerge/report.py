@@ -18,9 +18,10 @@ class Table:
         from rich.console import Console
         from rich.table import Table as RichTable
 
-        t = RichTable(title=self.title)
+        key_value = not any(self.columns)  # a two-column list of facts: no header, left-aligned
+        t = RichTable(title=self.title, show_header=not key_value)
         for i, c in enumerate(self.columns):
-            t.add_column(c, justify="left" if i == 0 else "right")
+            t.add_column(c, justify="left" if i == 0 or key_value else "right")
         for r in self.rows:
             t.add_row(*r)
         Console(width=max(100, 12 * len(self.columns) + 30)).print(t)
