@@ -196,6 +196,35 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+# ----------------------------------------------------------------------------- materialize
+def cmd_materialize(args: argparse.Namespace) -> int:
+    from evomerge.materialize import materialize
+
+    _quiet_libraries()
+    out, info = materialize(args.run_dir, args.out, rank=args.rank, dtype=args.dtype, device=args.device,
+                            force=args.force, score_test=not args.no_test)
+    print(f"wrote {out} (recipe {info['recipe_hash'][:12]}, search fitness {info['record']['fitness']:.4f})")
+    for task, metrics in info["test"].items():
+        print(f"  test {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _add_materialize(sub) -> None:
+    p = sub.add_parser("materialize", help="write a run's winner as a Hugging Face model folder",
+                       description="Builds the run's best (or N-th best) recipe with the merge writer into OUT "
+                       "(safetensors, config, tokenizer, and a model card with the sources and their hashes, the "
+                       "recipe, the search's fitness and the test-split scores). In the search's dtype it equals, "
+                       "tensor for tensor, the candidate that was evaluated.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--rank", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the search's dtype")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-test", action="store_true", help="skip scoring the test split for the model card")
+    p.set_defaults(func=cmd_materialize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model-merge optimizer.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -205,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search(sub)
     _add_status(sub)
     _add_export(sub)
+    _add_materialize(sub)
     return parser
 
 

@@ -228,9 +228,25 @@ class Search:
                          f"{win['index']}, full-dev fitness {win['fitness']:.4f}")
         final = {"type": "final", "generations": generations, "evaluations": len(candidates),
                  "generation": win["generation"], "index": win["index"], "recipe_hash": win["recipe_hash"],
-                 "fitness": win["fitness"], "metrics": win["metrics"], "time": time.time()}
+                 "fitness": win["fitness"], "metrics": win["metrics"],
+                 "test_metrics": self._test_metrics(np.array(win["genome"])), "time": time.time()}
         self.run.append(final)
         self.display.final(final)
+
+    def _test_metrics(self, genome: np.ndarray) -> dict[str, dict[str, float]]:
+        """The winner's scores on each task's held-out ``test`` split, where the task has one.
+        For reports only: test scores never enter the search's decisions."""
+        from evomerge.evaluate import LmEvalEvaluator
+
+        model = self._builder.build(self.codec.to_recipe(genome))
+        out = {}
+        for t in self.cfg.tasks:
+            try:
+                ev = LmEvalEvaluator([t.name], split="test", batch_size=self.cfg.batch_size, num_fewshot=t.num_fewshot)
+            except ValueError:  # no test split
+                continue
+            out[t.name] = ev.evaluate(model, self._tok)[t.name].metrics
+        return out
 
     def _outcome(self, records: list[dict], finished: bool) -> SearchOutcome:
         final = next((r for r in reversed(records) if r["type"] == "final"), None)

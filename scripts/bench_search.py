@@ -7,8 +7,8 @@ its fitness on the held-out test split. The table gives, per optimizer, the medi
 (min-max) over seeds, and the gain over random search in the same run.
 
 Time budget: the full mode (5 seeds x 4 optimizers x 96 evaluations on 100 dev items per task)
-takes about 20 minutes on 2 CPU cores; --quick (2 seeds x 32 evaluations) under 2 minutes plus
-start-up.
+takes about 20 minutes on 2 CPU cores; --quick (2 seeds x 24 evaluations on 50 items, top-1
+re-scoring) about 2 minutes.
 
     python scripts/bench_search.py [--quick] [--zoo artifacts/zoo] [--seeds 5] [--evaluations 96]
 """
@@ -56,11 +56,12 @@ def main() -> int:
     ap.add_argument("--popsize", type=int, default=8)
     ap.add_argument("--limit", type=int, default=100, help="dev items per task per evaluation")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="2 seeds, 32 evaluations")
+    ap.add_argument("--top-k", type=int, default=3, help="candidates re-scored on the full dev split")
+    ap.add_argument("--quick", action="store_true", help="2 seeds, 24 evaluations, 50 items, top-1 re-scoring")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.seeds, args.evaluations = 2, 32
+        args.seeds, args.evaluations, args.limit, args.top_k = 2, 24, 50, 1
     _quiet_libraries()
     torch.set_num_threads(args.threads)
     build_zoo(args.zoo, ZooParams())
@@ -82,7 +83,7 @@ def main() -> int:
                     "tasks": [{"name": t, "weight": 1 / len(tasks), "limit": args.limit} for t in tasks],
                     "batch_size": 64, "threads": args.threads, "seed": seed,
                     "optimizer": dict(opt, popsize=args.popsize),
-                    "budget": {"evaluations": args.evaluations},
+                    "budget": {"evaluations": args.evaluations}, "rescore_top_k": args.top_k,
                     "run_dir": str(runs / f"{name.replace(' ', '_')}_{seed}"),
                 })
                 out = run_search(cfg, quiet=True)
