@@ -232,6 +232,10 @@ def check_sources(cfg: SearchConfig) -> int:
     if cfg.base_model:
         named.insert(0, ("base_model", cfg.base_model))
     configs = [(field, name, _read_config_json(name, field)) for field, name in named]
+    for field, name, c in configs:
+        if c.get("auto_map") and not cfg.trust_remote_code:
+            raise ConfigError(f"{field}: {name!r} needs its own Python code (auto_map in config.json); set "
+                              "trust_remote_code: true in the config only if you trust that code")
     ref_field, ref_name, ref = configs[0]
     for field, name, c in configs[1:]:
         for key in ("model_type", "hidden_size", "num_hidden_layers", "n_layer", "n_embd"):

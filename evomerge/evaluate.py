@@ -180,7 +180,7 @@ def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[str], *, split: st
                        dtype: str = "float32", allow_pickle: bool = False,
                        trust_remote_code: bool = False) -> dict[str, TaskResult]:
     """``evomerge eval``: loads a model folder and scores it with the same evaluator as in memory."""
-    check_model_dir(model_dir, allow_pickle=allow_pickle)  # a bad folder fails before tasks load
+    check_model_dir(model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)  # fails before tasks load
     evaluator = LmEvalEvaluator(tasks, split=split, batch_size=batch_size)  # unknown tasks fail first
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model = load_causal_lm(model_dir, device=device, dtype=dtype, allow_pickle=allow_pickle,

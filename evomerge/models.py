@@ -25,7 +25,7 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
-def check_model_dir(path: str | Path, *, allow_pickle: bool = False) -> dict:
+def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """Validates a model folder without loading weights; returns its config.json as a dict."""
     path = Path(path)
     if not path.exists():
@@ -43,10 +43,14 @@ def check_model_dir(path: str | Path, *, allow_pickle: bool = False) -> dict:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelFolderError(f"{str(path)!r} needs its own Python code (auto_map in config.json); pass "
+                               "--trust-remote-code only if you trust that code")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (config.get("auto_map") and trust_remote_code):
         arch = ", ".join(config.get("architectures") or []) or "unknown architecture"
         raise ModelFolderError(f"{str(path)!r} is not a causal language model (model_type {model_type!r}, {arch})")
-    AutoConfig.for_model(**{k: v for k, v in config.items() if k != "model_type"}, model_type=model_type)
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        AutoConfig.for_model(**{k: v for k, v in config.items() if k != "model_type"}, model_type=model_type)
     has_st = any(path.glob("*.safetensors"))
     has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
     if not has_st:
@@ -62,7 +66,7 @@ def load_causal_lm(path: str | Path, *, device: str = "cpu", dtype: str = "float
                    allow_pickle: bool = False, trust_remote_code: bool = False) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    check_model_dir(path, allow_pickle=allow_pickle)
+    check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     use_st = any(Path(path).glob("*.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=parse_dtype(dtype), use_safetensors=use_st, trust_remote_code=trust_remote_code

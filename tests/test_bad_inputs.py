@@ -1,0 +1,244 @@
+"""The catalogue of bad inputs: each is answered through the CLI with its message, never a traceback.
+
+Every case runs `evomerge ...` through the CLI entry point and checks the exit code, the message
+on standard error, and that nothing was left behind or lost where that matters.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from merge_helpers import save_model, tiny_config
+
+from evomerge.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, err
+
+
+def search_config(zoo_dir: Path, tmp: Path, **over) -> dict:
+    cfg = {"models": [str(zoo_dir / f"spec_{s}") for s in ("add", "rev", "sub")],
+           "base_model": str(zoo_dir / "base"), "search_space": "ps_task_arithmetic",
+           "tasks": [{"name": "zoo_add", "limit": 12}, {"name": "zoo_rev", "limit": 12}],
+           "optimizer": {"popsize": 4}, "budget": {"generations": 1}, "rescore_top_k": 1, "threads": 1,
+           "run_dir": str(tmp / "run")}
+    cfg.update(over)
+    return cfg
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(zoo_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = write_yaml(tmp / "c.yml", search_config(zoo_dir, tmp))
+    assert main(["search", str(cfg), "--quiet"]) == 0
+    return tmp / "run"
+
+
+# ------------------------------------------------------------------ search configs
+def test_config_not_yaml(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", "models: [a\n"))
+    assert rc == 2 and "not valid YAML" in err
+
+
+def test_unknown_key_suggests_nearest(zoo_dir, tmp_path, capsys):
+    cfg = search_config(zoo_dir, tmp_path)
+    cfg["bugdet"] = cfg.pop("budget")
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and "bugdet: unknown key (did you mean 'budget'?)" in err
+
+
+def test_missing_model_folder(zoo_dir, tmp_path, capsys):
+    cfg = search_config(zoo_dir, tmp_path, models=[str(zoo_dir / "spec_add"), str(tmp_path / "gone")])
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and f"models.1: model folder '{tmp_path / 'gone'}' does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_base_model_for_task_arithmetic(zoo_dir, tmp_path, capsys):
+    cfg = search_config(zoo_dir, tmp_path)
+    del cfg["base_model"]
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and "base_model: method 'task_arithmetic' (search_space) needs a base model" in err
+
+
+def test_unknown_task_and_metric(zoo_dir, tmp_path, capsys):
+    cfg = search_config(zoo_dir, tmp_path, tasks=[{"name": "zoo_ad"}])
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and "unknown lm-eval task 'zoo_ad' (did you mean zoo_add" in err
+    cfg = search_config(zoo_dir, tmp_path, tasks=[{"name": "zoo_add", "metric": "exact_match"}])
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and "task 'zoo_add' has no metric 'exact_match' (it has acc" in err
+
+
+def test_trust_remote_code_needed_but_not_allowed(zoo_dir, tmp_path, capsys):
+    custom = tmp_path / "custom"
+    shutil.copytree(zoo_dir / "spec_add", custom)
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLM"}
+    (custom / "config.json").write_text(json.dumps(config))
+    cfg = search_config(zoo_dir, tmp_path, models=[str(custom), str(zoo_dir / "spec_rev")])
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and "needs its own Python code (auto_map in config.json); set trust_remote_code" in err
+    rc, _, err = run_cli(capsys, "eval", custom, "--limit", "2")
+    assert rc == 2 and "pass --trust-remote-code only if you trust that code" in err
+
+
+def test_weights_that_make_every_candidate_nan(zoo_dir, tmp_path, capsys):
+    nan_model = tmp_path / "nan"
+    shutil.copytree(zoo_dir / "spec_add", nan_model)
+    from safetensors.torch import load_file, save_file
+
+    st = load_file(nan_model / "model.safetensors")
+    st["model.norm.weight"] = torch.full_like(st["model.norm.weight"], float("nan"))
+    save_file(st, nan_model / "model.safetensors", metadata={"format": "pt"})
+    cfg = search_config(zoo_dir, tmp_path, models=[str(nan_model), str(zoo_dir / "spec_rev")])
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg), "--quiet")
+    assert rc == 2 and "every candidate failed" in err
+    reasons = {json.loads(line)["reason"] for line in (tmp_path / "run/log.jsonl").read_text().splitlines()
+               if json.loads(line)["type"] == "candidate"}
+    assert reasons == {"non-finite merged weights in model.norm.weight"}
+
+
+# ------------------------------------------------------------------ model folders
+def test_pickled_weights_only(zoo_dir, tmp_path, capsys):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(zoo_dir / "spec_add", pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    rc, _, err = run_cli(capsys, "eval", pickled, "--limit", "2")
+    assert rc == 2 and "only pickled weights" in err and "--allow-pickle" in err
+    recipe = write_yaml(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(pickled), "parameters": {"weight": 1.0}}, {"model": str(zoo_dir / "spec_rev"),
+                                                                 "parameters": {"weight": 1.0}}]})
+    rc, _, err = run_cli(capsys, "merge", recipe, tmp_path / "out")
+    assert rc == 2 and "pickled weights" in err and "--allow-pickle" in err
+
+
+def test_not_a_causal_lm(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    rc, _, err = run_cli(capsys, "eval", tmp_path)
+    assert rc == 2 and "is not a causal language model" in err
+
+
+@pytest.mark.parametrize("other,message", [
+    (dict(arch="qwen2"), "different architectures"),
+    (dict(layers=3), "different layer counts"),
+    (dict(hidden=32), "different hidden sizes"),
+])
+def test_mismatched_models(tmp_path, capsys, other, message):
+    a = save_model(tmp_path / "a", tiny_config("llama"), seed=1)
+    b = save_model(tmp_path / "b", tiny_config(**{"arch": "llama", **other}), seed=2)
+    recipe = write_yaml(tmp_path / "r.yml", {"merge_method": "task_arithmetic", "base_model": str(a),
+                                             "models": [{"model": str(b), "parameters": {"weight": 1.0}}]})
+    rc, _, err = run_cli(capsys, "merge", recipe, tmp_path / "out")
+    assert rc == 2 and message in err and not (tmp_path / "out").exists()
+
+
+def test_mismatched_tokenizers(tmp_path, capsys):
+    from evomerge.zoo.tokenizer import build_tokenizer
+
+    a = save_model(tmp_path / "a", tiny_config("llama"), seed=1)
+    tok = build_tokenizer()
+    tok.eos_token = "<|assistant|>"
+    b = save_model(tmp_path / "b", tiny_config("llama"), seed=2, tokenizer=tok)
+    recipe = write_yaml(tmp_path / "r.yml", {"merge_method": "task_arithmetic", "base_model": str(a),
+                                             "models": [{"model": str(b), "parameters": {"weight": 1.0}}]})
+    rc, _, err = run_cli(capsys, "merge", recipe, tmp_path / "out")
+    assert rc == 2 and "different tokenizers" in err and "tokenizer_source" in err
+
+
+def test_no_base_model_in_a_recipe(zoo_dir, tmp_path, capsys):
+    recipe = write_yaml(tmp_path / "r.yml", {"merge_method": "ties", "models": [
+        {"model": str(zoo_dir / "spec_add"), "parameters": {"weight": 1.0, "density": 0.5}}]})
+    rc, _, err = run_cli(capsys, "merge", recipe, tmp_path / "out")
+    assert rc == 2 and "needs a base_model" in err
+
+
+def test_existing_output_folder_without_force(zoo_dir, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    recipe = write_yaml(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(zoo_dir / "spec_add"), "parameters": {"weight": 1.0}}]})
+    rc, _, err = run_cli(capsys, "merge", recipe, tmp_path / "out")
+    assert rc == 2 and "exists; pass --force" in err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------ run folders
+def test_not_a_run_folder(tmp_path, capsys):
+    for cmd in (["status", tmp_path], ["export", tmp_path], ["search", "--resume", tmp_path],
+                ["materialize", tmp_path, "--out", tmp_path / "m"]):
+        rc, _, err = run_cli(capsys, *cmd)
+        assert rc == 2 and "is not a run folder (no config.yaml)" in err, cmd
+
+
+def test_run_folder_locked_by_a_live_search(finished, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom evomerge.run import RunFolder\n"
+                               "RunFolder.open(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+                               str(finished)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc, _, err = run_cli(capsys, "search", "--resume", finished)
+        assert rc == 2 and "is locked by a live search (pid" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_of_a_finished_run_says_so(finished, capsys):
+    n = len((finished / "log.jsonl").read_text().splitlines())
+    rc, _, err = run_cli(capsys, "search", "--resume", finished, "--quiet")
+    assert rc == 0 and "this run is finished" in err
+    assert len((finished / "log.jsonl").read_text().splitlines()) == n
+
+
+def test_export_of_a_run_with_no_evaluations(finished, tmp_path, capsys):
+    from evomerge.run import RunFolder
+
+    RunFolder.create(tmp_path / "fresh", (finished / "config.yaml").read_text()).close()
+    rc, _, err = run_cli(capsys, "export", tmp_path / "fresh")
+    assert rc == 2 and "has no successful evaluations yet: nothing to export" in err
+
+
+def test_materialize_refuses_an_existing_folder(finished, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    rc, _, err = run_cli(capsys, "materialize", finished, "--out", tmp_path / "m")
+    assert rc == 2 and "exists; pass --force" in err
+
+
+def test_disk_full_during_materialize_leaves_nothing_partial(finished, tmp_path, capsys, monkeypatch):
+    import evomerge.merge.engine as engine
+
+    old = tmp_path / "m"
+    old.mkdir()
+    (old / "keep.txt").write_text("previous model")
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "m.partial"))
+
+    monkeypatch.setattr(engine, "_write_file", full_disk)
+    rc, _, err = run_cli(capsys, "materialize", finished, "--out", old, "--force", "--no-test")
+    assert rc == 1 and "No space left on device" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no staging or partial folder left behind"
+    assert (old / "keep.txt").read_text() == "previous model"
