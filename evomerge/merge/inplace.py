@@ -236,19 +236,20 @@ class _Workspace:
     w: torch.Tensor  # [n, C] weighted, sparsified deltas
     prod: torch.Tensor  # [n, C]
     sgn: torch.Tensor  # [n, C]
-    mask: torch.Tensor  # [n, C] bool
-    agree: torch.Tensor  # [n, C] bool
+    agree: torch.Tensor  # [n, C] 1.0 where a delta agrees with the elected sign
     a: torch.Tensor  # [C] |delta|
+    mask: torch.Tensor  # [C] 1.0 / 0.0 in the dtype (magnitude sparsifiers)
+    mask_work: torch.Tensor  # [C] 1.0 / 0.0 in the work dtype (random sparsifiers)
     work: torch.Tensor  # [C] work dtype (float16 deltas masked in float32)
     sums: torch.Tensor  # [C]
     maj: torch.Tensor  # [C]
     div: torch.Tensor  # [C]
-    pos: torch.Tensor  # [C] bool
-    tmp: torch.Tensor  # [C] bool
+    tmp: torch.Tensor  # [C]
     acc: torch.Tensor  # [C] linear's float32 (float64) accumulator
     probs: torch.Tensor  # [C] float64 della keep probabilities
-    full_work: torch.Tensor | None = None  # [M] for whole-tensor L1 norms
-    full_mask: torch.Tensor | None = None  # [n, M] bool masks kept between the two L1 passes
+    # by dtype: ([M] |masked delta| for whole-tensor L1 norms, [n, M] masked deltas kept from
+    # the L1 pass), allocated when a recipe first asks for an L1 rescale
+    full: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class InPlaceMerger:
@@ -317,6 +318,7 @@ class InPlaceMerger:
         self._chunk = largest if cuda else min(largest, chunk or CPU_CHUNK)
         self._largest = largest
         self._ws = self._workspace(rows, self._chunk)
+        self._sequential_sum = not cuda and _sequential_sum_is_exact(rows, self.dtype)
         self._staging: dict[str, torch.Tensor] = {}
         if placement == "stream":
             self._staging = self._make_staging(rows, largest)
@@ -389,12 +391,13 @@ class InPlaceMerger:
         def empty(*shape: int, dtype: torch.dtype = dt) -> torch.Tensor:
             return torch.empty(shape, dtype=dtype, device=dev)
 
+        # Masks are float 1.0 / 0.0 like the engine's `.to(dtype)` masks: comparisons that
+        # write floats and float multiplications vectorize, bool tensors do not.
         return _Workspace(
-            w=empty(n, c), prod=empty(n, c), sgn=empty(n, c),
-            mask=empty(n, c, dtype=torch.bool), agree=empty(n, c, dtype=torch.bool),
-            a=empty(c), work=empty(c, dtype=_work_dtype(dt)), sums=empty(c), maj=empty(c),
-            div=empty(c), pos=empty(c, dtype=torch.bool), tmp=empty(c, dtype=torch.bool),
-            acc=empty(c, dtype=acc), probs=empty(c, dtype=torch.float64),
+            w=empty(n, c), prod=empty(n, c), sgn=empty(n, c), agree=empty(n, c), a=empty(c),
+            mask=empty(c), mask_work=empty(c, dtype=_work_dtype(dt)),
+            work=empty(c, dtype=_work_dtype(dt)), sums=empty(c), maj=empty(c), div=empty(c),
+            tmp=empty(c), acc=empty(c, dtype=acc), probs=empty(c, dtype=torch.float64),
         )
 
     def _make_staging(self, n: int, m: int) -> dict[str, torch.Tensor]:
@@ -485,6 +488,16 @@ class InPlaceMerger:
     def _chunks(self, numel: int) -> range:
         return range(0, numel, self._chunk)
 
+    def _sum_rows(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """torch.sum(x, dim=0, out=out); on CPU as row additions when those give the same bits
+        (checked at construction): they are cheaper than the strided reduction."""
+        if not self._sequential_sum or x.shape[0] < 2:
+            torch.sum(x, dim=0, out=out)
+            return
+        torch.add(x[0], x[1], out=out)
+        for row in range(2, x.shape[0]):
+            out.add_(x[row])
+
     def _stage(self, e: _Entry) -> tuple[torch.Tensor, torch.Tensor | None,
                                          torch.Tensor | None, torch.Tensor | None]:
         """(inputs, base, uniforms, ranks) on the device; "stream" copies them there first."""
@@ -537,7 +550,7 @@ class InPlaceMerger:
         rows = [self._row_plan(e, row, job.per_source[k], rescale, inputs, uniforms_, ranks)
                 for row, k in enumerate(e.keys)]
         if rescale is RescaleMode.L1 and any(r.needs_l1 for r in rows):
-            self._l1_pass(e, rows, inputs)
+            self._l1_pass(e, rows)
         weights = torch.tensor([job.per_source[k]["weight"] for k in e.keys], dtype=self.dtype,
                                device=self.device).reshape(n, 1)
         consensus = method.consensus is Consensus.SUM
@@ -559,24 +572,23 @@ class InPlaceMerger:
                 w.mul_(weights)
             mixed = ws.sums[:c]
             if consensus:
-                torch.sum(w, dim=0, out=mixed)
-                pos = ws.pos[:c]
-                torch.ge(mixed, 0, out=pos)
+                self._sum_rows(w, mixed)
                 maj = ws.maj[:c]
-                maj.copy_(pos)
+                torch.ge(mixed, 0, out=maj)
                 maj.mul_(2).sub_(1)  # (sum >= 0).to(dtype) * 2 - 1
                 sgn, agree, prod = ws.sgn[:n, :c], ws.agree[:n, :c], ws.prod[:n, :c]
                 torch.sign(w, out=sgn)
                 torch.eq(sgn, maj, out=agree)  # pruned zeros have sign 0: never counted
                 torch.mul(w, agree, out=prod)
-                torch.sum(prod, dim=0, out=mixed)
+                self._sum_rows(prod, mixed)
                 div = ws.div[:c]
                 torch.mul(weights, agree, out=prod)
-                torch.sum(prod, dim=0, out=div)
-                torch.eq(div, 0, out=pos)
-                div.masked_fill_(pos, 1)
+                self._sum_rows(prod, div)
+                zero = ws.tmp[:c]
+                torch.eq(div, 0, out=zero)
+                div.add_(zero)  # divisor[divisor == 0] = 1, exactly: 0 + 1 and x + 0
             else:
-                torch.sum(w, dim=0, out=mixed)
+                self._sum_rows(w, mixed)
                 div = divisor
             if normalize:
                 mixed.div_(div)
@@ -664,13 +676,13 @@ class InPlaceMerger:
             a = self._ws.a[: hi - lo]
             torch.abs(delta[lo:hi], out=a)
             if lower is None:
-                out.fill_(True)
+                out.fill_(1)
             else:
                 _split_compare(a, out, lower[0] - lo, torch.gt, torch.ge, lower[1])
             if upper is not None:
                 tmp = self._ws.tmp[: hi - lo]
                 _split_compare(a, tmp, upper[0] + 1 - lo, torch.le, torch.lt, upper[1])
-                out.logical_and_(tmp)
+                out.mul_(tmp)
         return mask_fn
 
     def _della_mask(self, e: _Entry, u: torch.Tensor, ranks: torch.Tensor, density: float,
@@ -693,24 +705,25 @@ class InPlaceMerger:
             return e.inputs[row]
         return self._staging["inputs"][row, : e.numel]
 
-    def _l1_pass(self, e: _Entry, rows: list[_Row], inputs: torch.Tensor) -> None:
-        """Whole-tensor masks and masked L1 norms: `masked.abs().sum()` needs the full tensor."""
+    def _l1_pass(self, e: _Entry, rows: list[_Row]) -> None:
+        """`masked.abs().sum()` needs the whole masked tensor: write it once, then sum it."""
         ws = self._ws
-        if ws.full_work is None or ws.full_mask is None:
-            ws.full_work = torch.empty(self._largest, dtype=_work_dtype(self.dtype),
-                                       device=self.device)
-            ws.full_mask = torch.empty((len(e.keys), self._largest), dtype=torch.bool,
-                                       device=self.device)
         for row, r in enumerate(rows):
             if not r.needs_l1:
                 continue
-            masks = ws.full_mask[row, : e.numel]
-            full = ws.full_work[: e.numel]
+            # the random sparsifiers norm float16 in float32, the magnitude ones in the dtype
+            dtype = _work_dtype(self.dtype) if r.work else self.dtype
+            if dtype not in ws.full:
+                ws.full[dtype] = (
+                    torch.empty(self._largest, dtype=dtype, device=self.device),
+                    torch.empty((len(e.keys), self._largest), dtype=dtype, device=self.device))
+            full = ws.full[dtype][0][: e.numel]
+            kept = ws.full[dtype][1][row, : e.numel]
             for lo in self._chunks(e.numel):
                 hi = min(lo + self._chunk, e.numel)
-                r.mask_fn(masks[lo:hi], lo, hi)
-                torch.mul(r.work_chunk(lo, hi), masks[lo:hi], out=full[lo:hi])
-            full.abs_()
+                masked = r.masked(lo, hi, kept[lo:hi])
+                torch.abs(masked, out=full[lo:hi])
+            r.kept = kept
             after = full.view(e.shape).sum()
             before = r.before
             assert before is not None
@@ -718,7 +731,6 @@ class InPlaceMerger:
                 r.ratio = None
             else:
                 r.ratio = before / after
-            r.stored_mask = masks
 
 
 _MaskFn = Callable[[torch.Tensor, int, int], None]
@@ -740,7 +752,7 @@ class _Row:
         self.work = work  # float16: mask and rescale in float32, as sparsify.random does
         self.before = before
         self.ratio: torch.Tensor | None = None
-        self.stored_mask: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None  # the whole masked delta, from the L1 pass
 
     @property
     def needs_l1(self) -> bool:
@@ -753,6 +765,20 @@ class _Row:
         buf.copy_(self.delta[lo:hi])
         return buf
 
+    def masked(self, lo: int, hi: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """delta[lo:hi] * mask in the work dtype, as _apply_mask starts (into `out` if the
+        work dtype is the dtype, else into a workspace view)."""
+        assert self.mask_fn is not None
+        ws = self.merger._ws
+        if self.kept is not None:  # computed by the L1 pass
+            return self.kept[lo:hi]
+        mask = (ws.mask_work if self.work else ws.mask)[: hi - lo]
+        self.mask_fn(mask, lo, hi)
+        if out is None or (self.work and out.dtype != mask.dtype):
+            out = ws.work[: hi - lo] if self.work else ws.tmp[: hi - lo]
+        torch.mul(self.work_chunk(lo, hi), mask, out=out)
+        return out
+
     def fill(self, out: torch.Tensor, lo: int, hi: int) -> None:
         """out = sparsify(delta)[lo:hi] in the delta's dtype (before the weight is applied)."""
         if self.kind == "dense":
@@ -761,25 +787,31 @@ class _Row:
         if self.kind == "zero":
             out.zero_()
             return
-        assert self.mask_fn is not None
-        if self.stored_mask is not None:
-            mask = self.stored_mask[lo:hi]
-        else:
-            mask = self.merger._ws.mask[0, : hi - lo]
-            self.mask_fn(mask, lo, hi)
+        masked = self.masked(lo, hi, out)
         # sparsify._apply_mask: tensor * mask, then / density or * (before / after)
-        if self.work:
-            masked = self.merger._ws.work[: hi - lo]
-            torch.mul(self.work_chunk(lo, hi), mask, out=masked)
-        else:
-            masked = out
-            torch.mul(self.delta[lo:hi], mask, out=masked)
         if self.rescale is RescaleMode.INVERSE_DENSITY:
             masked.div_(self.density)
         elif self.rescale is RescaleMode.L1 and self.ratio is not None:
+            if masked.dtype == out.dtype:
+                torch.mul(masked, self.ratio, out=out)
+                return
             masked.mul_(self.ratio)
         if masked is not out:
             out.copy_(masked)
+
+
+def _sequential_sum_is_exact(rows: int, dtype: torch.dtype) -> bool:
+    """Whether (x0 + x1) + x2 ... equals torch.sum(x, dim=0) bit for bit here (float32 and
+    float64 on CPU: yes; bfloat16/float16 accumulate in float32 inside the reduction: no)."""
+    if rows < 2 or dtype not in (torch.float32, torch.float64):
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(rows, 4099, generator=g, dtype=torch.float64)
+         * torch.logspace(-3, 3, rows, dtype=torch.float64)[:, None]).to(dtype)
+    seq = x[0] + x[1]
+    for row in range(2, rows):
+        seq += x[row]
+    return torch.equal(seq, x.sum(dim=0))
 
 
 def _sort_key(delta: torch.Tensor) -> torch.Tensor:
