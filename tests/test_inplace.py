@@ -112,6 +112,22 @@ def test_equal_with_extreme_densities(family):
     assert_equal_to_engine(merger, recipe)
 
 
+@pytest.mark.parametrize("arch,tied", [("gpt2", True), ("qwen2", True), ("mistral", False)])
+def test_equal_to_engine_for_other_architectures(tmp_path, arch, tied):
+    fam = [str(p) for p in model_family(tmp_path, arch, n=2, tied=tied)]
+    for method in ("ties", "linear"):
+        merger = InPlaceMerger(fam[1:], fam[0], method, chunk=50)
+        models = [{"model": m, "parameters": {"weight": [0.5, 1.0], "density": 0.4}}
+                  for m in fam[1:]]
+        if method == "linear":
+            models = [{"model": m["model"], "parameters": {"weight": [0.5, 1.0]}}
+                      for m in models]
+        recipe = Recipe.from_dict({"merge_method": method, "base_model": fam[0],
+                                   "models": models, "parameters": {"weight": 0.3}
+                                   if method == "linear" else {}})
+        assert_equal_to_engine(merger, recipe)
+
+
 def test_stream_placement_on_cpu_equals_resident(family):
     merger = InPlaceMerger(family[1:], family[0], "della", placement="stream", chunk=100)
     assert_equal_to_engine(merger, slices_recipe("della", family, "float32", mask_seed=2))
