@@ -335,14 +335,7 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu",
     out_dtype = plan.recipe.out_dtype
     with ExitStack() as stack:
         for job in plan.jobs:
-            tensors: dict[int, torch.Tensor] = {}
-            for k, (model, name) in enumerate(zip(job.models, job.inputs, strict=True)):
-                t = plan_source(plan, model).read(name, stack).to(device)
-                if compute and t.is_floating_point():
-                    t = t.to(DTYPES[compute])
-                tensors[k] = t
-            if plan.vocab is not None and is_vocab_tensor(job.name):
-                tensors = _permute_vocab(tensors, job.models, job.base, plan.vocab)
+            tensors = load_inputs(plan, job, stack, device=device, dtype=compute)
             group = TensorGroup(name=job.name, tensors=tensors, base=job.base)
             try:
                 out = merge_group(plan.method, group, job.shared, job.per_source,
@@ -352,6 +345,37 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu",
             if out_dtype and out.is_floating_point():
                 out = out.to(DTYPES[out_dtype])
             yield job.name, out
+
+
+def load_inputs(plan: MergePlan, job: TensorJob, stack: ExitStack, *,
+                device: str | torch.device = "cpu",
+                dtype: torch.dtype | str | None = None) -> dict[int, torch.Tensor]:
+    """The input tensors of one job (group key -> tensor on `device`), as the merge sees them.
+
+    Floating-point tensors are cast to `dtype` if given; token rows are re-indexed to the output
+    tokenizer when the recipe names a tokenizer_source.
+    """
+    compute = _dtype_name(dtype)
+    tensors: dict[int, torch.Tensor] = {}
+    for k, (model, name) in enumerate(zip(job.models, job.inputs, strict=True)):
+        t = plan_source(plan, model).read(name, stack).to(device)
+        if compute and t.is_floating_point():
+            t = t.to(DTYPES[compute])
+        tensors[k] = t
+    if plan.vocab is not None and is_vocab_tensor(job.name):
+        tensors = _permute_vocab(tensors, job.models, job.base, plan.vocab)
+    return tensors
+
+
+def plan_jobs(recipe: Recipe, plan: MergePlan) -> list[TensorJob]:
+    """Resolve every tensor's parameters for `recipe` over the already checked sources of `plan`.
+
+    For callers that merge many recipes over the same sources (the in-place merger): the sources
+    are not indexed or checked again, only the recipe's slices and parameters.
+    """
+    method = get_method(recipe.merge_method)
+    slices = recipe.output_slices(plan.donor.layout.num_layers)
+    return _plan_jobs(recipe, method, slices, lambda name: plan_source(plan, name), plan.donor)
 
 
 def plan_source(plan: MergePlan, model: str) -> SourceModel:

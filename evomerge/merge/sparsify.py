@@ -151,21 +151,30 @@ def random(delta: torch.Tensor, density: float, *, mask_seed: int, mask_key: str
     return _apply_mask(delta.to(work), mask, density, rescale).to(delta.dtype)
 
 
+def check_della_density(density: float, epsilon: float) -> None:
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della: density +/- epsilon must lie inside (0, 1); got density={density}, "
+            f"epsilon={epsilon}"
+        )
+
+
+def della_ranks(delta: torch.Tensor) -> torch.Tensor:
+    """int64 ranks 0..cols-1 of |delta| along dim 1 (stable), as [rows, cols]; 1-D is one row."""
+    x = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    order = torch.argsort(x.abs().to(torch.float64), dim=1, stable=True)
+    return order.argsort(dim=1, stable=True)
+
+
 def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Keep probabilities (float64): (d - eps) + 2*eps*rank_norm, ranks of |delta| along dim 1.
 
     1-D tensors are one row. A row of one element gets rank_norm 0.5, i.e. probability d
     (mergekit divides 0 by 0 there).
     """
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"della: density +/- epsilon must lie inside (0, 1); got density={density}, "
-            f"epsilon={epsilon}"
-        )
-    x = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    order = torch.argsort(x.abs().to(torch.float64), dim=1, stable=True)
-    ranks = order.argsort(dim=1, stable=True).to(torch.float64)  # 0 .. cols-1
-    cols = x.shape[1]
+    check_della_density(density, epsilon)
+    ranks = della_ranks(delta).to(torch.float64)
+    cols = ranks.shape[1]
     rank_norm = ranks / (cols - 1) if cols > 1 else torch.full_like(ranks, 0.5)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)
     return probs.reshape(delta.shape)
