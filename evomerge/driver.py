@@ -64,9 +64,10 @@ def default_run_dir(config_path: str | Path | None) -> Path:
 
 
 def default_builder(cfg: SearchConfig) -> CandidateBuilder:
-    from evomerge.trial import EngineBuilder
+    """The in-place merger: sources loaded once, each candidate written into one resident model."""
+    from evomerge.merge.inplace import InPlaceMerger
 
-    return EngineBuilder(cfg.models, cfg.base_model, device=cfg.device, dtype=cfg.dtype,
+    return InPlaceMerger(cfg.models, cfg.base_model, cfg.space.method, device=cfg.device, dtype=cfg.dtype,
                          allow_pickle=cfg.allow_pickle)
 
 

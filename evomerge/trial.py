@@ -61,23 +61,3 @@ def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunctio
                            merge_s, eval_s)
     return TrialResult(h, score.fitness, "ok", None, score.metrics, score.items, merge_s, eval_s)
 
-
-class EngineBuilder:
-    """Builds each candidate with the reference merge engine and loads it into one model.
-
-    Correct but slower than the in-place merger (it re-reads the sources per candidate)."""
-
-    def __init__(self, models: list[str], base_model: str | None, *, device: str = "cpu",
-                 dtype: str = "float32", allow_pickle: bool = False):
-        from evomerge.models import load_causal_lm
-
-        self.device, self.dtype, self.allow_pickle = device, dtype, allow_pickle
-        self.model = load_causal_lm(base_model or models[0], device=device, dtype=dtype, allow_pickle=allow_pickle)
-
-    @torch.no_grad()
-    def build(self, recipe: Recipe) -> torch.nn.Module:
-        from evomerge.merge.engine import merge_state_dict
-
-        state = merge_state_dict(recipe, device=self.device, allow_pickle=self.allow_pickle)
-        self.model.load_state_dict(state, strict=True)
-        return self.model

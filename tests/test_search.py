@@ -176,8 +176,8 @@ def test_search_improves_on_its_start(reference_run):
 def test_a_repeated_recipe_comes_from_the_cache(zoo_dir, tmp_path, monkeypatch):
     """Genomes that decode to one recipe (here: duplicates in a generation) are scored once."""
     import evomerge.driver as driver
+    from evomerge.merge.inplace import InPlaceMerger
     from evomerge.optim.random_search import RandomSearch
-    from evomerge.trial import EngineBuilder
 
     class Duplicating(RandomSearch):
         def ask(self):
@@ -188,19 +188,20 @@ def test_a_repeated_recipe_comes_from_the_cache(zoo_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "make_optimizer", lambda name, x0, s, p, seed, **kw: Duplicating(x0, s, p, seed))
     builds = []
 
-    class CountingBuilder(EngineBuilder):
+    class CountingBuilder(InPlaceMerger):
         def build(self, recipe):
             builds.append(recipe.hash())
             return super().build(recipe)
 
     cfg = SearchConfig.from_dict(small_config(zoo_dir, budget={"generations": 2}, rescore_top_k=1,
                                               run_dir=str(tmp_path / "run")))
-    run_search(cfg, quiet=True, builder_factory=lambda c: CountingBuilder(c.models, c.base_model))
+    run_search(cfg, quiet=True, builder_factory=lambda c: CountingBuilder(c.models, c.base_model, c.space.method))
     recs = [r for r in RunFolder.open(tmp_path / "run").records() if r["type"] == "candidate"]
     assert len(recs) == 8
     for r in recs:
         first = next(c for c in recs if c["generation"] == r["generation"] and c["index"] == 0)
         assert r["recipe_hash"] == first["recipe_hash"] and r["fitness"] == first["fitness"]
         assert r["cached_from"] == (None if r["index"] == 0 else [r["generation"], 0])
-    # the reference, one build per generation, and the rescore (its full-dev key is new)
-    assert len(builds) == 1 + 2 + 1
+    # the reference, one build per generation, the rescore (its full-dev key is new), and the
+    # winner once more for its test-split scores
+    assert len(builds) == 1 + 2 + 1 + 1
