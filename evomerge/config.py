@@ -10,7 +10,6 @@ Validation happens in three steps, all before any model weights are read:
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,16 +200,12 @@ def format_errors(err: ValidationError, model: type[BaseModel]) -> str:
 
 # ------------------------------------------------------------------ checks beyond the schema
 def _read_config_json(name: str, field: str) -> dict:
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"{field}: model folder {name!r} does not exist")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise ConfigError(f"{field}: {name!r} has no config.json (not a Hugging Face model folder)")
+    from evomerge.models import ModelFolderError, read_model_config
+
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{field}: {cfg} is not valid JSON: {e}") from None
+        return read_model_config(name)
+    except ModelFolderError as e:
+        raise ConfigError(f"{field}: {e}") from None
 
 
 def _num_layers(config: dict) -> int | None:

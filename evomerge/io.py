@@ -19,6 +19,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_durable(path: str | os.PathLike, data: bytes) -> None:
+    """Writes and fsyncs a file in place (for files inside a staging folder that is renamed later)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,9 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
-def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
-    """Validates a model folder without loading weights; returns its config.json as a dict."""
-    path = Path(path)
+def read_model_config(path: str | Path) -> dict:
+    """A model folder's config.json, with a clear error for a missing folder or file."""
+    path = Path(path).expanduser()
     if not path.exists():
         raise ModelFolderError(f"model folder {str(path)!r} does not exist")
     if not path.is_dir():
@@ -36,9 +36,15 @@ def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remot
     if not cfg_path.is_file():
         raise ModelFolderError(f"{str(path)!r} is not a Hugging Face model folder: it has no config.json")
     try:
-        config = json.loads(cfg_path.read_text())
+        return json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ModelFolderError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+    """Validates a model folder without loading weights; returns its config.json as a dict."""
+    config = read_model_config(path)
+    path = Path(path)
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

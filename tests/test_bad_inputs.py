@@ -237,7 +237,7 @@ def test_disk_full_during_materialize_leaves_nothing_partial(finished, tmp_path,
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "m.partial"))
 
-    monkeypatch.setattr(engine, "_write_file", full_disk)
+    monkeypatch.setattr(engine, "write_durable", full_disk)
     rc, _, err = run_cli(capsys, "materialize", finished, "--out", old, "--force", "--no-test")
     assert rc == 1 and "No space left on device" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no staging or partial folder left behind"

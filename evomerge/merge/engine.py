@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from evomerge.io import fsync_dir, write_durable
 from evomerge.merge.methods import (
     MergeMethod,
     ParamScope,
@@ -397,21 +398,6 @@ _TOKENIZER_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.txt", "chat_template.jinja", "chat_template.json")
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
@@ -451,7 +437,7 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
             nonlocal pending, pending_bytes
             if pending:
                 data = save_safetensors(pending, metadata={"format": "pt"})
-                _write_file(tmp / f"part-{len(shards)}.safetensors", data)
+                write_durable(tmp / f"part-{len(shards)}.safetensors", data)
                 shards[-1] = sorted(pending)
                 shards.append([])
                 pending, pending_bytes = {}, 0
@@ -475,12 +461,12 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
                 weight_map.update({n: final for n in names})
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(
                 weight_map.items()))}
-            _write_file(tmp / "model.safetensors.index.json", _json_bytes(index))
+            write_durable(tmp / "model.safetensors.index.json", _json_bytes(index))
 
-        _write_file(tmp / "config.json", _json_bytes(plan.out_config))
+        write_durable(tmp / "config.json", _json_bytes(plan.out_config))
         _copy_extras(plan, tmp)
-        _write_file(tmp / "README.md", model_card(plan).encode("utf-8"))
-        _fsync_dir(tmp)
+        write_durable(tmp / "README.md", model_card(plan).encode("utf-8"))
+        fsync_dir(tmp)
         _swap_into_place(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -493,23 +479,23 @@ def _copy_extras(plan: MergePlan, tmp: Path) -> None:
     tok_src = plan.tokenizer_donor or plan.donor
     for name in _TOKENIZER_COPY:
         if (tok_src.path / name).is_file():
-            _write_file(tmp / name, (tok_src.path / name).read_bytes())
+            write_durable(tmp / name, (tok_src.path / name).read_bytes())
     gen_src = next((s for s in (plan.donor, *plan.sources.values())
                     if (s.path / "generation_config.json").is_file()), None)
     if gen_src is not None:
-        _write_file(tmp / "generation_config.json",
+        write_durable(tmp / "generation_config.json",
                     (gen_src.path / "generation_config.json").read_bytes())
     template = plan.recipe.chat_template
     if template == "auto":
         template = _most_common_template(plan)
     if template:
-        _write_file(tmp / "chat_template.jinja", template.encode("utf-8"))
+        write_durable(tmp / "chat_template.jinja", template.encode("utf-8"))
         (tmp / "chat_template.json").unlink(missing_ok=True)
         config_file = tmp / "tokenizer_config.json"
         if config_file.is_file():  # a template in tokenizer_config.json would compete with it
             tok_config = json.loads(config_file.read_text(encoding="utf-8"))
             if tok_config.pop("chat_template", None) is not None:
-                _write_file(config_file, _json_bytes(tok_config))
+                write_durable(config_file, _json_bytes(tok_config))
 
 
 def _most_common_template(plan: MergePlan) -> str | None:
@@ -531,7 +517,7 @@ def _most_common_template(plan: MergePlan) -> str | None:
 def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
     if not out.exists():
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return
     if not force:
         raise MergeError(f"{out} exists; pass --force (force=True) to replace it")
@@ -543,7 +529,7 @@ def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
     except BaseException:
         os.replace(old, out)  # put the previous folder back
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old)
     else:
