@@ -185,12 +185,14 @@ class Codec:
                 for i, g in enumerate(self.genes)]
 
 
-def make_codec(cfg) -> Codec:
+def make_codec(cfg, load_source=None) -> Codec:
     """The codec of a search config's space kind: parameter space (``Codec``) or data flow
-    (``dataflow.codec.PathCodec``). Reads config.json / tensor names only."""
+    (``dataflow.codec.PathCodec``). Reads config.json / tensor names only (``load_source``: the
+    source indexer, ``merge.sources.load_source`` by default)."""
     from evomerge.dataflow.space import DfsSpace
-    from evomerge.merge.sources import load_source
 
+    if load_source is None:
+        from evomerge.merge.sources import load_source
     space = cfg.space
     if isinstance(space, DfsSpace):
         from evomerge.config import check_dfs_sources

@@ -22,6 +22,7 @@ from evomerge.config import ConfigError, SearchConfig, check_sources, check_task
 from evomerge.dataflow.recipe import AnyRecipe, load_recipe
 from evomerge.export import mergekit_yaml
 from evomerge.fitness import FitnessFunction
+from evomerge.merge.sources import load_source
 from evomerge.models import load_tokenizer
 from evomerge.optim import make_optimizer
 from evomerge.progress import Display
@@ -80,7 +81,7 @@ class Search:
     def _setup(self, evaluators) -> None:
         cfg = self.cfg
         space = cfg.space
-        self.codec = make_codec(cfg)  # the space's kind picks it: parameter space or data flow
+        self.codec = make_codec(cfg, load_source)  # the space's kind picks it: parameter space or data flow
         o = cfg.optimizer
         self.optimizer = make_optimizer(o.name, self.codec.x0, o.sigma0 or space.sigma0, o.popsize, cfg.seed,
                                         sampler=o.sampler, sampler_args=o.sampler_args)

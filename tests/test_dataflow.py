@@ -130,7 +130,7 @@ def test_the_path_shares_weights_and_remaps_layer_idx(families, loaded):
     assert model.config.num_hidden_layers == 4 and len(model.config.layer_types) == 4
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_generation_with_cache_equals_without(arch, families, loaded):
     names = families[arch]
     steps = [{"model": names[0], "layer": 0}] + [
@@ -270,6 +270,8 @@ def test_space_errors():
         PathCodec(space(max_path_length=100), ["A", "B"], [4, 4])
     with pytest.raises(ValueError, match="init.model_a"):
         space(init={"model_a": 0.4})
+    with pytest.raises(ValueError, match="less than or equal to 10000"):
+        space(max_scale_product=1e5)  # beyond what the fold accepts
 
 
 def test_dfs_config_errors_come_before_any_model_loads(families, tmp_path, monkeypatch):

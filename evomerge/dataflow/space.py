@@ -62,8 +62,9 @@ class DfsSpace(_Strict):
     fix_ends: bool = Field(True, description="model A's first and last layers start and end every path")
     max_path_length: int | None = Field(None, ge=1, description="longer paths keep their first steps "
                                         "(and the fixed end); default: no bound beyond the slots")
-    max_scale_product: float = Field(100.0, gt=1, description="every prefix product of the scales "
-                                     "stays in [1/B, B]; a step that would leave it is clipped")
+    # At most the fold's bound (fold.MAX_SCALE_PRODUCT): every searched path must be exportable.
+    max_scale_product: float = Field(100.0, gt=1, le=1e4, description="every prefix product of the "
+                                     "scales stays in [1/B, B]; a step that would leave it is clipped")
     scale: ScaleSpace = Field(default_factory=ScaleSpace)
     init: IndicatorInit = Field(default_factory=IndicatorInit)
     sigma0: float = Field(0.15, gt=0, le=1, description="initial step, in units of each gene's range")
