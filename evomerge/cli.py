@@ -109,10 +109,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     _quiet_libraries()
     if args.config is None and args.resume is None:
         raise ValueError("give a CONFIG.yml to start a search, or --resume RUN_DIR")
-    cfg = SearchConfig.load(args.config) if args.config else None
+    from evomerge.dataflow.stages import StagedConfig, run_staged, staged_file
+
+    # A config with `stages:` (PS+DFS) runs stage by stage; its run folder says so on resume.
+    staged = staged_file(args.config) if args.config else staged_file(Path(args.resume) / "config.yaml")
+    if staged:
+        cfg = StagedConfig.load(args.config) if args.config else None
+        search = run_staged
+    else:
+        cfg = SearchConfig.load(args.config) if args.config else None
+        search = run_search
     try:
-        out = run_search(cfg, run_dir=args.resume or args.run_dir, resume=args.resume is not None,
-                         quiet=args.quiet, config_path=args.config)
+        out = search(cfg, run_dir=args.resume or args.run_dir, resume=args.resume is not None,
+                     quiet=args.quiet, config_path=args.config)
     except SearchStopped:
         where = args.resume or args.run_dir or "the run folder"
         print(f"stopped; every finished candidate is saved. Resume with: evomerge search --resume {where}",

@@ -183,3 +183,22 @@ class Codec:
     def describe(self) -> list[str]:
         return [f"{i:3d} {g.model or '(global)'} {g.param} [{g.group}] in [{g.low}, {g.high}]"
                 for i, g in enumerate(self.genes)]
+
+
+def make_codec(cfg, load_source=None) -> Codec:
+    """The codec of a search config's space kind: parameter space (``Codec``) or data flow
+    (``dataflow.codec.PathCodec``). Reads config.json / tensor names only (``load_source``: the
+    source indexer, ``merge.sources.load_source`` by default)."""
+    from evomerge.dataflow.space import DfsSpace
+
+    if load_source is None:
+        from evomerge.merge.sources import load_source
+    space = cfg.space
+    if isinstance(space, DfsSpace):
+        from evomerge.config import check_dfs_sources
+        from evomerge.dataflow.codec import PathCodec
+
+        return PathCodec(space, cfg.models, check_dfs_sources(cfg), dtype=cfg.dtype)  # type: ignore[return-value]
+    layout = load_source(cfg.base_model or cfg.models[0], allow_pickle=cfg.allow_pickle).layout
+    return Codec(space, cfg.models, cfg.base_model, layout,
+                 RecipeSettings(dtype=cfg.dtype, mask_seed=cfg.mask_seed))

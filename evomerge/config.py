@@ -11,15 +11,37 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from evomerge.dataflow.space import DfsSpace
 from evomerge.optim import OPTIMIZERS
 from evomerge.space import SearchSpace
 
 REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+def _space_kind(v: Any) -> str:
+    if isinstance(v, dict):
+        return "DfsSpace" if v.get("kind") == "dfs" else "SearchSpace"
+    return type(v).__name__
+
+
+# A parameter-space (PS) space, or a data-flow space (``kind: dfs``): the kind picks the codec and
+# the candidate builder (codec.make_codec, trial.make_builder).
+AnySpace = Annotated[Annotated[SearchSpace, Tag("SearchSpace")] | Annotated[DfsSpace, Tag("DfsSpace")],
+                     Discriminator(_space_kind)]
 
 
 class ConfigError(ValueError):
@@ -83,7 +105,7 @@ class BudgetConfig(_Strict):
 class SearchConfig(_Strict):
     models: list[str] = Field(min_length=1, description="source model folders, as you name them")
     base_model: str | None = Field(None, description="base model folder (task-arithmetic methods)")
-    search_space: str | SearchSpace = Field(description="a file in search_spaces/ (name or path) or inline")
+    search_space: str | AnySpace = Field(description="a file in search_spaces/ (name or path) or inline")
     tasks: list[TaskConfig] = Field(min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
@@ -109,10 +131,14 @@ class SearchConfig(_Strict):
         return v
 
     @property
-    def space(self) -> SearchSpace:
-        if isinstance(self.search_space, SearchSpace):
+    def space(self) -> SearchSpace | DfsSpace:
+        if isinstance(self.search_space, SearchSpace | DfsSpace):
             return self.search_space
         return load_space(self.search_space)
+
+    @property
+    def is_dfs(self) -> bool:
+        return isinstance(self.space, DfsSpace)
 
     def search_key(self) -> dict:
         """The fields that define a search: a resume must not change them (budget may grow)."""
@@ -148,15 +174,17 @@ class SearchConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_space(ref: str) -> SearchSpace:
+def load_space(ref: str) -> SearchSpace | DfsSpace:
     """A search space by path, or by name in the repository's search_spaces/ folder."""
     candidates = [Path(ref), REPO_SPACES / ref, REPO_SPACES / f"{ref}.yaml"]
     for p in candidates:
         if p.is_file():
+            data = yaml.safe_load(p.read_text())
+            kind = DfsSpace if isinstance(data, dict) and data.get("kind") == "dfs" else SearchSpace
             try:
-                return SearchSpace.load(p)
+                return kind.load(p)
             except ValidationError as e:
-                raise ValueError(f"{p}: {format_errors(e, SearchSpace)}") from None
+                raise ValueError(f"{p}: {format_errors(e, kind)}") from None
     known = sorted(p.stem for p in REPO_SPACES.glob("*.yaml"))
     raise FileNotFoundError(f"search space {ref!r} not found (as a path, or a name among {', '.join(known)})")
 
@@ -183,8 +211,8 @@ def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
 def format_errors(err: ValidationError, model: type[BaseModel]) -> str:
     msgs = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in
-                                                                         ("str", "SearchSpace"))))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (
+            p.startswith(("function-", "tagged-union")) or p in ("str", "SearchSpace", "DfsSpace"))))
         where = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _fields_of(model, loc), n=1)
@@ -220,6 +248,8 @@ def check_sources(cfg: SearchConfig) -> int:
     from evomerge.merge.methods import get_method
 
     space = cfg.space
+    if isinstance(space, DfsSpace):
+        return max(check_dfs_sources(cfg))
     method = get_method(space.method)
     if method.requires_base and not cfg.base_model:
         raise ConfigError(f"base_model: method {space.method!r} (search_space) needs a base model")
@@ -243,6 +273,35 @@ def check_sources(cfg: SearchConfig) -> int:
         raise ConfigError(f"search_space.granularity.layers_per_group: {k} does not divide the "
                           f"{n_layers} layers of the models")
     return n_layers or 0
+
+
+def check_dfs_sources(cfg: SearchConfig) -> list[int]:
+    """A DFS search's models: on the data-flow allow-list, one model type and width; their
+    layer counts (which may differ)."""
+    from evomerge.dataflow.arch import arch_spec, num_layers
+
+    if cfg.base_model:
+        raise ConfigError("base_model: a data-flow (kind: dfs) search has no base model; model A is "
+                          "the first of models")
+    configs = [(f"models.{i}", m, _read_config_json(m, f"models.{i}")) for i, m in enumerate(cfg.models)]
+    ref_field, ref_name, ref = configs[0]
+    for field, name, c in configs:
+        try:
+            arch_spec(c, name)
+        except ValueError as e:
+            raise ConfigError(f"{field}: {e}") from None
+        for key in ("model_type", "hidden_size", "n_embd", "vocab_size"):
+            if c.get(key) != ref.get(key):
+                raise ConfigError(f"{field}: {name!r} has {key}={c.get(key)!r} but {ref_field} "
+                                  f"{ref_name!r} has {ref.get(key)!r}")
+    counts = [num_layers(c) for _, _, c in configs]
+    from evomerge.dataflow.codec import PathCodec
+
+    try:  # the space against the layer counts (max_path_length, fixed ends)
+        PathCodec(cfg.space, cfg.models, counts)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise ConfigError(f"search_space: {e}") from None
+    return counts
 
 
 def check_tasks(cfg: SearchConfig):

@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evomerge.codec import Codec, RecipeSettings
+from evomerge.codec import make_codec
 from evomerge.config import ConfigError, SearchConfig, check_sources, check_tasks
+from evomerge.dataflow.recipe import AnyRecipe, load_recipe
 from evomerge.export import mergekit_yaml
 from evomerge.fitness import FitnessFunction
 from evomerge.merge.sources import load_source
 from evomerge.models import load_tokenizer
 from evomerge.optim import make_optimizer
 from evomerge.progress import Display
-from evomerge.recipe import Recipe
 from evomerge.run import BEST, BEST_MK, OPTIMIZER, RunFolder, RunFolderError
 from evomerge.trial import CandidateBuilder, TrialResult, run_trial
 
@@ -40,7 +40,7 @@ class SearchOutcome:
     generations: int
     evaluations: int
     best_fitness: float | None
-    best_recipe: Recipe | None
+    best_recipe: AnyRecipe | None
     finished: bool
     reference_fitness: float | None
 
@@ -64,18 +64,9 @@ def default_run_dir(config_path: str | Path | None) -> Path:
 
 
 def default_builder(cfg: SearchConfig) -> CandidateBuilder:
-    """The in-place merger: sources loaded once, each candidate written into one resident model."""
-    from evomerge.merge.inplace import InPlaceMerger
+    from evomerge.trial import make_builder
 
-    return InPlaceMerger(cfg.models, cfg.base_model, cfg.space.method, device=cfg.device, dtype=cfg.dtype,
-                         allow_pickle=cfg.allow_pickle)
-
-
-def make_codec(cfg: SearchConfig) -> Codec:
-    """The search's codec: reads the sources' layout (safetensors headers), no weights."""
-    layout = load_source(cfg.base_model or cfg.models[0], allow_pickle=cfg.allow_pickle).layout
-    return Codec(cfg.space, cfg.models, cfg.base_model, layout,
-                 RecipeSettings(dtype=cfg.dtype, mask_seed=cfg.mask_seed))
+    return make_builder(cfg)
 
 
 class Search:
@@ -90,7 +81,7 @@ class Search:
     def _setup(self, evaluators) -> None:
         cfg = self.cfg
         space = cfg.space
-        self.codec = make_codec(cfg)
+        self.codec = make_codec(cfg, load_source)  # the space's kind picks it: parameter space or data flow
         o = cfg.optimizer
         self.optimizer = make_optimizer(o.name, self.codec.x0, o.sigma0 or space.sigma0, o.popsize, cfg.seed,
                                         sampler=o.sampler, sampler_args=o.sampler_args)
@@ -254,7 +245,7 @@ class Search:
         ref = next((r for r in records if r["type"] == "reference"), None)
         gens = sum(1 for r in records if r["type"] == "generation")
         evals = sum(1 for r in records if r["type"] == "candidate")
-        recipe = Recipe.load(self.run.path / BEST) if final else None
+        recipe = load_recipe(self.run.path / BEST) if final else None
         return SearchOutcome(self.run.path, gens, evals, final["fitness"] if final else None, recipe, finished,
                              ref["fitness"] if ref else None)
 

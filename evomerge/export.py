@@ -7,19 +7,28 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from evomerge.dataflow.recipe import PathRecipe
 from evomerge.merge.methods import get_method, uses_random_masks
 from evomerge.recipe import Recipe
 
 EVOMERGE_ONLY_KEYS = ("mask_seed",)
 
 
-def mergekit_yaml(recipe: Recipe, note: str | None = None) -> str:
+def mergekit_yaml(recipe: Recipe | PathRecipe, note: str | None = None) -> str:
     """The recipe as mergekit-yaml reads it, models named as the user gave them.
+
+    A layer-order recipe is exported folded: a ``passthrough`` over one-layer slices with its step
+    scales on the output projections (evomerge/dataflow/fold.py).
 
     For DARE/DELLA methods mergekit draws its own masks from torch's global generator, so it
     rebuilds the evaluated model only in distribution; ``evomerge merge`` on the evomerge recipe
     (which keeps ``mask_seed``) rebuilds it exactly. The header says so.
     """
+    if isinstance(recipe, PathRecipe):
+        from evomerge.dataflow.fold import passthrough_recipe
+
+        recipe = passthrough_recipe(recipe)
+        note = (f"{note}; " if note else "") + "a layer path folded into passthrough slices"
     data = yaml.safe_load(recipe.to_yaml())
     for key in EVOMERGE_ONLY_KEYS:
         data.pop(key, None)
@@ -50,8 +59,8 @@ def ranked_candidates(records: list[dict]) -> list[dict]:
 
 def recipe_from_run(run_dir: str | Path, rank: int = 1) -> tuple[Recipe, dict]:
     """The rank-th best recipe of a run (1 = the winner) and the log record that scored it."""
+    from evomerge.codec import make_codec
     from evomerge.config import SearchConfig
-    from evomerge.driver import make_codec
     from evomerge.run import RunFolder, RunFolderError
 
     run = RunFolder.open(run_dir)

@@ -38,7 +38,7 @@ def _card_section(run_dir: Path, rank: int, record: dict, cfg: SearchConfig, tes
 def materialize(run_dir: str | Path, out: str | Path, *, rank: int = 1, dtype: str | None = None,
                 device: str = "cpu", force: bool = False, score_test: bool = True) -> tuple[Path, dict]:
     from evomerge.evaluate import LmEvalEvaluator
-    from evomerge.merge.engine import write_merged_model
+    from evomerge.merge.multi import write_model
     from evomerge.models import load_causal_lm, load_tokenizer
 
     run_dir, out = Path(run_dir), Path(out)
@@ -46,11 +46,12 @@ def materialize(run_dir: str | Path, out: str | Path, *, rank: int = 1, dtype: s
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     recipe, record = recipe_from_run(run_dir, rank)
     cfg = SearchConfig.from_dict(RunFolder.open(run_dir).config_dict())
-    dtype = dtype or recipe.dtype or cfg.dtype
+    dtype = dtype or getattr(recipe, "dtype", None) or cfg.dtype
     staging = out.parent / f".{out.name}.materializing-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_merged_model(recipe, staging, device=device, dtype=dtype, force=True, allow_pickle=cfg.allow_pickle)
+        # a parameter-space recipe through the merge writer; a layer path folded into a plain model
+        write_model(recipe, staging, device=device, dtype=dtype, force=True, allow_pickle=cfg.allow_pickle)
         test: dict[str, dict[str, float]] = {}
         if score_test:
             model = load_causal_lm(staging, device=device, dtype=dtype)

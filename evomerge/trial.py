@@ -21,6 +21,19 @@ class CandidateBuilder(Protocol):
     def build(self, recipe: Recipe) -> torch.nn.Module: ...
 
 
+def make_builder(cfg) -> CandidateBuilder:
+    """The candidate builder of a search config's space kind (loads the source models)."""
+    if cfg.is_dfs:
+        from evomerge.dataflow.model import PathBuilder
+
+        return PathBuilder(cfg.models, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle)
+    from evomerge.merge.inplace import InPlaceMerger
+
+    # Parameter space: the sources are loaded once and each candidate is written into one model.
+    return InPlaceMerger(cfg.models, cfg.base_model, cfg.space.method, device=cfg.device, dtype=cfg.dtype,
+                         allow_pickle=cfg.allow_pickle)
+
+
 @dataclass
 class TrialResult:
     recipe_hash: str

@@ -13,6 +13,11 @@ sha256 of the source weights and the library versions).
 Methods: linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
 della, della_linear, passthrough (see docs/merge.md). DARE/DELLA masks are keyed by the recipe's
 mask_seed, so the same recipe always gives the same bytes.
+
+A layer-order recipe (a `path:` of {model, layer, scale} steps, docs/dataflow.md) is written as a
+plain model with its step scales folded into the output projections. A file of several YAML
+documents is built stage by stage, as mergekit-multi does: each named document is built first and
+later documents name it as a model.
 """
 
 _EPILOG = """\
@@ -64,19 +69,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Run `evomerge merge`; errors print one `error: ...` line to stderr and return 2."""
-    from evomerge.merge.engine import write_merged_model
-    from evomerge.recipe import Recipe
+    from evomerge.dataflow.recipe import load_stages
+    from evomerge.merge.multi import write_stages
 
     try:
-        recipe = Recipe.load(args.config)
+        stages = load_stages(args.config)
         if args.device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {args.device}: CUDA is not available here")
-        out = write_merged_model(recipe, args.out_dir, device=args.device, dtype=args.dtype,
-                                 force=args.force, allow_pickle=args.allow_pickle,
-                                 max_shard_size=args.max_shard_size)
+        out = write_stages(stages, args.out_dir, device=args.device, dtype=args.dtype,
+                           force=args.force, allow_pickle=args.allow_pickle,
+                           max_shard_size=args.max_shard_size)
     except (ValueError, OSError) as err:
         msg = " ".join(str(err).split())  # one line, whatever the message holds
         print(f"error: {msg}", file=sys.stderr)

@@ -107,7 +107,9 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
 
     donor = source(recipe.base_model) if recipe.base_model else next(iter(sources.values()))
     merged = [s for s in sources.values()]
-    _check_compatible(donor, merged, vocab_may_differ=recipe.tokenizer_source is not None)
+    # Layer stacking (passthrough) reads whole layers: the sources' depths may differ.
+    _check_compatible(donor, merged, vocab_may_differ=recipe.tokenizer_source is not None,
+                      same_depth=method.name != "passthrough")
 
     tokenizer_donor: SourceModel | None = None
     vocab: VocabMap | None = None
@@ -126,7 +128,8 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
                      vocab=vocab)
 
 
-def _check_compatible(ref: SourceModel, models: list[SourceModel], vocab_may_differ: bool) -> None:
+def _check_compatible(ref: SourceModel, models: list[SourceModel], vocab_may_differ: bool,
+                      same_depth: bool = True) -> None:
     for m in models:
         if m is ref:
             continue
@@ -139,19 +142,20 @@ def _check_compatible(ref: SourceModel, models: list[SourceModel], vocab_may_dif
                 f"{list(m.architectures)} vs {ref.config.get('model_type')} "
                 f"{list(ref.architectures)})"
             )
-        if m.layout.num_layers != ref.layout.num_layers:
+        if same_depth and m.layout.num_layers != ref.layout.num_layers:
             raise MergeError(f"different layer counts: {pair} ({m.layout.num_layers} vs "
                              f"{ref.layout.num_layers})")
         if m.hidden_size != ref.hidden_size:
             raise MergeError(f"different hidden sizes: {pair} ({m.hidden_size} vs "
                              f"{ref.hidden_size})")
-        if set(m.shapes) != set(ref.shapes):
-            diff = sorted(set(m.shapes) ^ set(ref.shapes))[:5]
+        names, ref_names = _shape_keys(m, same_depth), _shape_keys(ref, same_depth)
+        if names != ref_names:
+            diff = sorted(names ^ ref_names)[:5]
             tie = " (one ties lm_head to the embeddings, the other does not)" if any(
                 is_vocab_tensor(d) for d in diff) else ""
             raise MergeError(f"different tensors: {pair}{tie}: {diff}")
         for name, shape in ref.shapes.items():
-            if m.shapes[name] != shape:
+            if name in m.shapes and m.shapes[name] != shape:
                 if is_vocab_tensor(name) and vocab_may_differ:
                     if m.shapes[name][1:] == shape[1:]:
                         continue
@@ -159,6 +163,15 @@ def _check_compatible(ref: SourceModel, models: list[SourceModel], vocab_may_dif
                         if is_vocab_tensor(name) else "")
                 raise MergeError(f"different shapes of {name}: {pair} ({list(m.shapes[name])} "
                                  f"vs {list(shape)}){hint}")
+
+
+def _shape_keys(m: SourceModel, same_depth: bool) -> set[str]:
+    """Tensor names to compare; across depths, layer tensors by suffix (layer 0 stands for all)."""
+    if same_depth:
+        return set(m.shapes)
+    prefix = f"{m.layout.layer_prefix}."
+    return {n for n in m.shapes if not n.startswith(prefix)} | {
+        m.layout.layer_name(0, s) for s in m.layout.layer_suffixes}
 
 
 def _check_tokenizers(models: list[SourceModel]) -> None:
@@ -446,7 +459,10 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
             size = tensor.numel() * tensor.element_size()
             if pending and pending_bytes + size > max_shard_size:
                 flush()
-            pending[name] = tensor.detach().cpu().contiguous()
+            tensor = tensor.detach().cpu().contiguous()
+            if any(_shares_memory(tensor, t) for t in pending.values()):
+                tensor = tensor.clone()  # a layer stacked twice: safetensors stores each copy
+            pending[name] = tensor
             pending_bytes += size
             total += size
         flush()
@@ -472,6 +488,10 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _copy_extras(plan: MergePlan, tmp: Path) -> None:

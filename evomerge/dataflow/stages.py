@@ -1,0 +1,226 @@
+"""Staged searches: a PS search, then a DFS search over the PS winner and another model (PS+DFS).
+
+    # configs/zoo_ps_dfs.yaml
+    tasks: [...]                 # every key of a search config is a default for all stages
+    seed: 0
+    stages:
+      - name: ps
+        models: [zoo/spec_rev, zoo/spec_sub]
+        base_model: zoo/base
+        search_space: ps_task_arithmetic
+        budget: {generations: 4}
+      - name: dfs
+        models: [stage:ps, zoo/spec_sub]   # stage:NAME is the winner of an earlier stage
+        search_space: dfs
+        budget: {generations: 4}
+
+The run folder holds one ordinary run folder per stage, so each stage checkpoints and resumes as
+any search does; a stage's winner is written (once, atomically) as a model folder before a later
+stage that names it starts. A kill anywhere resumes with ``evomerge search --resume RUN_DIR``:
+finished stages are read back, not run again.
+
+    RUN_DIR/config.yaml          the staged config
+    RUN_DIR/stages/<name>/       each stage's run folder (docs/search.md)
+    RUN_DIR/models/<name>/       a stage's winner, built for the stages that name it
+    RUN_DIR/best.yaml            the final model's recipe with the stages it needs (named YAML
+                                 documents, `evomerge merge` builds them in order)
+    RUN_DIR/best.mergekit.yaml   the same for mergekit-multi
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.config import ConfigError, SearchConfig, check_sources, check_tasks
+from evomerge.dataflow.recipe import PathRecipe, load_recipe, recipe_from_dict, rename_models
+from evomerge.io import atomic_write_text
+from evomerge.run import BEST, BEST_MK, CONFIG, RunFolder
+
+STAGE_REF = "stage:"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def staged_file(path: str | Path) -> bool:
+    """Whether a config file is a staged one (has ``stages:``); unreadable files are not."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "stages" in data
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedConfig:
+    """A list of stage configs (dicts: the defaults with each stage's keys on top)."""
+
+    data: dict
+    names: list[str]
+    stage_dicts: list[dict]
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<config>") -> StagedConfig:
+        stages = data.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise ConfigError(f"{source}: stages: a non-empty list of stage configs is needed")
+        defaults = {k: v for k, v in data.items() if k != "stages"}
+        if "run_dir" in defaults:
+            defaults.pop("run_dir")
+        names: list[str] = []
+        merged: list[dict] = []
+        for i, stage in enumerate(stages):
+            where = f"{source}: stages.{i}"
+            if not isinstance(stage, dict):
+                raise ConfigError(f"{where}: a stage is a mapping with a name and search config keys")
+            name = stage.get("name")
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ConfigError(f"{where}.name: a stage needs a name of letters, digits, _ . - "
+                                  f"(got {name!r})")
+            if name in names:
+                raise ConfigError(f"{where}.name: stage {name!r} is named twice")
+            if "run_dir" in stage:
+                raise ConfigError(f"{where}.run_dir: stages live in the staged run folder; set "
+                                  "run_dir at the top level")
+            d = {**defaults, **{k: v for k, v in stage.items() if k != "name"}}
+            for j, m in enumerate(d.get("models") or []):
+                ref = stage_ref(m)
+                if ref is not None and ref not in names:
+                    raise ConfigError(f"{where}.models.{j}: {m!r} names no earlier stage "
+                                      f"(earlier: {', '.join(names) or 'none'})")
+            names.append(name)
+            merged.append(d)
+        cfg = cls(data=data, names=names, stage_dicts=merged)
+        for i in range(len(names)):  # each stage's schema, with placeholder folders for stage refs
+            cfg.stage_config(i, None, source)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> StagedConfig:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read the config: {e}") from None
+        return cls.from_dict(data, str(path))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.data, sort_keys=False)
+
+    def stage_config(self, i: int, run_dir: Path | None, source: str = "<config>") -> SearchConfig:
+        """Stage i's search config. With ``run_dir`` None (validation before anything runs) a
+        stage reference stands for the referenced stage's first model: same architecture."""
+        d = dict(self.stage_dicts[i])
+        models = []
+        for m in d.get("models") or []:
+            ref = stage_ref(m)
+            if ref is None:
+                models.append(m)
+            elif run_dir is None:
+                models.append(self._stand_in(ref))
+            else:
+                models.append(str(run_dir / "models" / ref))
+        d["models"] = models
+        if run_dir is not None:
+            d["run_dir"] = str(run_dir / "stages" / self.names[i])
+        return SearchConfig.from_dict(d, source=f"{source}: stages.{i} ({self.names[i]})")
+
+    def _stand_in(self, ref: str) -> str:
+        d = self.stage_dicts[self.names.index(ref)]
+        first = d.get("base_model") or (d.get("models") or [None])[0]
+        return self._stand_in(stage_ref(first)) if stage_ref(first) else first
+
+    def referenced(self) -> set[str]:
+        return {r for d in self.stage_dicts for m in d.get("models") or [] if (r := stage_ref(m))}
+
+
+def stage_ref(model: Any) -> str | None:
+    if isinstance(model, str) and model.startswith(STAGE_REF):
+        return model[len(STAGE_REF):]
+    return None
+
+
+def validate_stages(cfg: StagedConfig) -> None:
+    """Every check that needs no weights, for every stage, before the first stage runs."""
+    for i in range(len(cfg.names)):
+        sc = cfg.stage_config(i, None)
+        check_sources(sc)
+        check_tasks(sc)
+
+
+def run_staged(cfg: StagedConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
+               quiet: bool = False, config_path: str | None = None):
+    """``evomerge search`` on a staged config; returns the last stage's outcome (its run_dir is
+    the staged folder, where best.yaml holds every stage the final model needs)."""
+    from evomerge.driver import default_run_dir, run_search
+    from evomerge.merge.multi import write_model
+
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume needs the run folder")
+        top = RunFolder.open(run_dir)
+        frozen = StagedConfig.from_dict(yaml.safe_load(top.config_text()), str(Path(run_dir) / CONFIG))
+        top.acquire()
+        if cfg is not None:  # each stage's run_search refuses changes other than the budget
+            top.write_text(CONFIG, cfg.to_yaml())
+        cfg = cfg or frozen
+    else:
+        if cfg is None:
+            raise ConfigError("a config is needed to start a search")
+        validate_stages(cfg)  # before the run folder exists: a bad config leaves nothing behind
+        run_dir = Path(run_dir or cfg.data.get("run_dir") or default_run_dir(config_path))
+        top = RunFolder.create(run_dir, cfg.to_yaml())
+    root = Path(run_dir)
+    try:
+        outcome = None
+        for i, name in enumerate(cfg.names):
+            sc = cfg.stage_config(i, root)
+            for j, m in enumerate(cfg.stage_dicts[i].get("models") or []):
+                ref = stage_ref(m)
+                if ref is not None and not Path(sc.models[j]).is_dir():
+                    write_model(load_recipe(root / "stages" / ref / BEST), sc.models[j])
+            sub = root / "stages" / name
+            if sub.is_dir() and not (sub / CONFIG).is_file():
+                shutil.rmtree(sub)  # killed while creating it: it holds no results
+            outcome = run_search(sc, run_dir=sub, resume=sub.is_dir(), quiet=quiet)
+        _write_best(cfg, root)
+        return dataclasses.replace(outcome, run_dir=root, best_recipe=load_recipe(root / BEST))
+    finally:
+        top.close()
+
+
+def _write_best(cfg: StagedConfig, root: Path) -> None:
+    """The last stage's recipe with every stage it needs, as named documents."""
+    from evomerge.dataflow.fold import passthrough_recipe
+    from evomerge.export import mergekit_yaml
+
+    needed: list[int] = []
+
+    def need(i: int) -> None:
+        for m in cfg.stage_dicts[i].get("models") or []:
+            ref = stage_ref(m)
+            if ref is not None and cfg.names.index(ref) not in needed:
+                need(cfg.names.index(ref))
+        needed.append(i)
+
+    need(len(cfg.names) - 1)
+    folders = {str(root / "models" / n): n for n in cfg.names}
+    ours, theirs = [], []
+    for i in needed:
+        name = cfg.names[i] if i != len(cfg.names) - 1 else None
+        recipe = load_recipe(root / "stages" / cfg.names[i] / BEST)
+        folded = passthrough_recipe(recipe) if isinstance(recipe, PathRecipe) else recipe
+        ours.append((name, _renamed(recipe, folders)))
+        theirs.append((name, _renamed(folded, folders)))
+    head = "# evomerge staged recipe: `evomerge merge THIS_FILE OUT_DIR` builds the stages in order\n"
+    atomic_write_text(root / BEST, head + "---\n".join(
+        (f"name: {n}\n" if n else "") + r.to_yaml() for n, r in ours))
+    atomic_write_text(root / BEST_MK, "# mergekit-multi THIS_FILE --intermediate-dir DIR --out-path OUT\n"
+                      + "---\n".join((f"name: {n}\n" if n else "") + mergekit_yaml(r) for n, r in theirs))
+
+
+def _renamed(recipe, names: dict[str, str]):
+    return recipe_from_dict(rename_models(recipe.model_dump(mode="json", exclude_none=True), names))
