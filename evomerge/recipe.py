@@ -263,13 +263,7 @@ class Recipe(_WithParameters):
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<recipe>") -> Recipe:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{source}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
-        return cls.from_dict(data, source)
+        return cls.from_dict(recipe_yaml_dict(text, source), source)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<recipe>") -> Recipe:
@@ -280,17 +274,30 @@ class Recipe(_WithParameters):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
-        return cls.from_yaml(text, str(path))
+        return cls.from_yaml(read_recipe_file(path), str(path))
 
     def save(self, path: str | os.PathLike) -> None:
         from evomerge.io import atomic_write_text
 
         atomic_write_text(path, self.to_yaml())
+
+
+def read_recipe_file(path: str | os.PathLike) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
+
+
+def recipe_yaml_dict(text: str, source: str) -> dict:
+    """A recipe file's YAML mapping (safe_load), with errors that name the file."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{source}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    return data
 
 
 def _parameters_last(data: Any) -> Any:

@@ -22,13 +22,19 @@ import hashlib
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.recipe import DType, Recipe, RecipeError, format_validation_error
+from evomerge.recipe import (
+    DType,
+    Recipe,
+    RecipeError,
+    format_validation_error,
+    read_recipe_file,
+    recipe_yaml_dict,
+)
 
 
 class _Frozen(BaseModel):
@@ -109,12 +115,12 @@ class PathRecipe(_Frozen):
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<recipe>") -> PathRecipe:
-        data = _safe_load(text, source)
+        data = recipe_yaml_dict(text, source)
         return cls.from_dict(data, source)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PathRecipe:
-        return cls.from_yaml(_read(path), str(path))
+        return cls.from_yaml(read_recipe_file(path), str(path))
 
 
 def _same(a: str, b: str) -> bool:
@@ -152,7 +158,7 @@ def load_recipe(path: str | os.PathLike) -> AnyRecipe:
 
 def load_stages(path: str | os.PathLike) -> list[tuple[str | None, AnyRecipe]]:
     """The documents of a recipe file: (name, recipe); only the last may be unnamed."""
-    return stages_from_yaml(_read(path), str(path))
+    return stages_from_yaml(read_recipe_file(path), str(path))
 
 
 def stages_from_yaml(text: str, source: str = "<recipe>") -> list[tuple[str | None, AnyRecipe]]:
@@ -186,21 +192,6 @@ def stages_to_yaml(stages: list[tuple[str | None, AnyRecipe]], header: str = "")
     return header + "---\n".join(parts)
 
 
-def _read(path: str | os.PathLike) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise RecipeError(f"cannot read recipe {path}: {err.strerror or err}") from None
-
-
-def _safe_load(text: str, source: str) -> dict:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{source}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
-    return data
 
 
 def rename_models(data: Any, names: dict[str, str]) -> Any:
