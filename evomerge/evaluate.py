@@ -13,6 +13,7 @@ the global random generators (``lm_eval.evaluator.evaluate`` is called directly,
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,15 +63,22 @@ class UnknownTaskError(ValueError):
     pass
 
 
-def _task_manager(names: Sequence[str], include_paths: Sequence[Path]):
+@functools.lru_cache(maxsize=8)
+def _indexed_tasks(paths: tuple[str, ...], include_defaults: bool):
+    """lm-eval's task index (no task is built); indexing the built-in tasks takes about 9 s, so
+    the index is made once per process and folder list."""
     from lm_eval.tasks import TaskManager
 
-    paths = [str(p) for p in include_paths]
-    # Skipping lm-eval's built-in tasks saves a 9 s scan when only local tasks are named.
-    tm = TaskManager(include_path=paths or None, include_defaults=False)
+    return TaskManager(include_path=list(paths) or None, include_defaults=include_defaults)
+
+
+def _task_manager(names: Sequence[str], include_paths: Sequence[Path]):
+    paths = tuple(str(p) for p in include_paths)
+    # Skipping lm-eval's built-in tasks saves that scan when only local tasks are named.
+    tm = _indexed_tasks(paths, False)
     if all(tm._entry(n) for n in names):
         return tm
-    tm = TaskManager(include_path=paths or None, include_defaults=True)
+    tm = _indexed_tasks(paths, True)
     missing = [n for n in names if not tm._entry(n)]
     if missing:
         known = list(tm.all_tasks)
