@@ -20,6 +20,7 @@ import torch
 from evomerge.codec import make_codec
 from evomerge.config import ConfigError, SearchConfig, check_sources, check_tasks
 from evomerge.dataflow.recipe import AnyRecipe, load_recipe
+from evomerge.executor import EvalJob, Executor, LocalExecutor
 from evomerge.export import mergekit_yaml
 from evomerge.fitness import FitnessFunction
 from evomerge.merge.sources import load_source
@@ -27,7 +28,7 @@ from evomerge.models import load_tokenizer
 from evomerge.optim import make_optimizer
 from evomerge.progress import Display
 from evomerge.run import BEST, BEST_MK, OPTIMIZER, RunFolder, RunFolderError
-from evomerge.trial import CandidateBuilder, TrialResult, run_trial
+from evomerge.trial import CandidateBuilder, TrialResult
 
 
 class SearchStopped(Exception):
@@ -69,12 +70,20 @@ def default_builder(cfg: SearchConfig) -> CandidateBuilder:
     return make_builder(cfg)
 
 
+def local_executor(builder_factory=default_builder):
+    """An executor factory: builds and scores in this process."""
+    def factory(cfg: SearchConfig, fitness: FitnessFunction, tokenizer) -> Executor:
+        return LocalExecutor(builder_factory(cfg), fitness, tokenizer, penalty=cfg.penalty_fitness,
+                             batch_size=cfg.batch_size)
+    return factory
+
+
 class Search:
     """One search in one run folder. ``run()`` returns when the budget is spent."""
 
-    def __init__(self, cfg: SearchConfig, run: RunFolder, display: Display, builder_factory=default_builder):
+    def __init__(self, cfg: SearchConfig, run: RunFolder, display: Display, executor_factory=None):
         self.cfg, self.run, self.display = cfg, run, display
-        self.builder_factory = builder_factory
+        self.executor_factory = executor_factory or local_executor()
         self.stop_requested = False
 
     # ------------------------------------------------------------------ set-up
@@ -113,66 +122,88 @@ class Search:
 
         tok = load_tokenizer(self.cfg.base_model or self.cfg.models[0], trust_remote_code=self.cfg.trust_remote_code)
         self.display.message("loading models...")
-        builder = self.builder_factory(self.cfg)
+        self.executor = self.executor_factory(self.cfg, self.fitness, tok)
         self.display.start(self.max_generations, self.optimizer.popsize, records)
-        self._builder, self._tok = builder, tok
         # (recipe hash, settings key) -> the record that scored it: a repeated recipe is not re-evaluated
         self.cache = {(r["recipe_hash"], r.get("eval_key")): r for r in records
                       if r["type"] in ("reference", "candidate", "rescore") and r["status"] == "ok"}
-        if reference is None:
-            reference = self._evaluate("reference", -1, 0, self.codec.x0, None)
-        self.display.reference(reference)
+        try:
+            if reference is None:
+                reference = self._evaluate([self._job("reference", -1, 0, self.codec.x0, None)])[(-1, 0)]
+            self.display.reference(reference)
 
-        g = 0
-        while self._budget_left(g):
-            genomes = self.optimizer.ask()
-            fitness = np.empty(len(genomes))
-            for i, x in enumerate(genomes):
-                logged = candidates.get((g, i))
-                if logged is not None:
-                    if _genome_list(x) != logged["genome"]:
+            g = 0
+            while self._budget_left(g):
+                genomes = self.optimizer.ask()
+                todo = []
+                for i, x in enumerate(genomes):
+                    logged = candidates.get((g, i))
+                    if logged is None:
+                        todo.append(self._job("candidate", g, i, x, g))
+                    elif _genome_list(x) != logged["genome"]:
                         raise RunFolderError(
                             f"resume: the optimizer does not reproduce the logged genome of generation {g}, "
                             f"candidate {i}; the code, the config or the platform changed, so this run "
                             "cannot continue exactly")
-                    fitness[i] = logged["fitness"]
-                    continue
-                rec = self._evaluate("candidate", g, i, x, g)
-                candidates[(g, i)] = rec
-                fitness[i] = rec["fitness"]
-                if self.stop_requested:
-                    raise SearchStopped()
-            self.optimizer.tell(genomes, fitness)
-            if g not in done_gens:
-                self._end_generation(g, [candidates[(g, i)] for i in range(len(genomes))], candidates)
-            g += 1
+                candidates.update(self._evaluate(todo))
+                fitness = np.array([candidates[(g, i)]["fitness"] for i in range(len(genomes))])
+                self.optimizer.tell(genomes, fitness)
+                if g not in done_gens:
+                    self._end_generation(g, [candidates[(g, i)] for i in range(len(genomes))], candidates)
+                g += 1
 
-        self._rescore(candidates, g)
+            self._rescore(candidates, g)
+        finally:
+            self.executor.close()
         return self._outcome(self.run.records(), finished=True)
 
-    def _evaluate(self, kind: str, generation: int, index: int, genome: np.ndarray,
-                  subset_generation: int | None) -> dict:
-        """Scores one genome (or serves it from the cache) and appends its record to the log."""
+    def _job(self, kind: str, generation: int, index: int, genome: np.ndarray,
+             subset_generation: int | None) -> EvalJob:
         cfg = self.cfg
-        key = self.fitness.settings_key(subset_generation, {"dtype": cfg.dtype, "batch_size": cfg.batch_size,
-                                                             "device": cfg.device})
-        recipe = self.codec.to_recipe(genome)
-        recipe_hash = recipe.hash()
-        hit = self.cache.get((recipe_hash, key))
-        if hit is not None:
-            res = TrialResult(recipe_hash, hit["fitness"], hit["status"], hit["reason"], hit["metrics"], hit["items"])
-            cached_from = [hit["generation"], hit["index"]]
-        else:
-            res = run_trial(recipe, self._builder, self.fitness, self._tok, subset_generation, cfg.penalty_fitness)
-            cached_from = None
-        rec = {"type": kind, "generation": generation, "index": index, "genome": _genome_list(genome),
-               "recipe_hash": res.recipe_hash, "eval_key": key, "fitness": res.fitness, "status": res.status,
-               "reason": res.reason, "metrics": res.metrics, "items": res.items, "cached_from": cached_from,
+        samples = self.fitness.samples(subset_generation)
+        key = self.fitness.settings_key(samples, {"dtype": cfg.dtype, "batch_size": cfg.batch_size,
+                                                  "device": cfg.device})
+        return EvalJob(kind, generation, index, tuple(_genome_list(genome)), self.codec.to_recipe(genome),
+                       samples, key)
+
+    def _evaluate(self, jobs: list[EvalJob]) -> dict[tuple[int, int], dict]:
+        """Scores a batch of jobs (a recipe already scored with the same settings is served from the
+        cache, also within the batch) and appends each record to the log as its result arrives."""
+        out, todo, repeats = {}, {}, []
+        for job in jobs:
+            ck = (job.recipe.hash(), job.eval_key)
+            hit = self.cache.get(ck)
+            if hit is not None:
+                out[(job.generation, job.index)] = self._record(job, self._cached(hit), hit)
+            elif ck in todo:
+                repeats.append(job)
+            else:
+                todo[ck] = job
+        for job, res in self.executor.run(list(todo.values())):
+            out[(job.generation, job.index)] = self._record(job, res, None)
+            if self.stop_requested:
+                raise SearchStopped()
+        for job in repeats:  # the same recipe twice in one batch: the second is served from the first
+            hit = self.cache.get((job.recipe.hash(), job.eval_key))
+            res = self._cached(hit) if hit is not None else next(self.executor.run([job]))[1]
+            out[(job.generation, job.index)] = self._record(job, res, hit)
+        return out
+
+    @staticmethod
+    def _cached(hit: dict) -> TrialResult:
+        return TrialResult(hit["recipe_hash"], hit["fitness"], hit["status"], hit["reason"], hit["metrics"],
+                           hit["items"])
+
+    def _record(self, job: EvalJob, res: TrialResult, hit: dict | None) -> dict:
+        rec = {"type": job.kind, "generation": job.generation, "index": job.index, "genome": list(job.genome),
+               "recipe_hash": res.recipe_hash, "eval_key": job.eval_key, "fitness": res.fitness,
+               "status": res.status, "reason": res.reason, "metrics": res.metrics, "items": res.items,
+               "cached_from": [hit["generation"], hit["index"]] if hit is not None else None,
                "timings": {"merge_s": round(res.merge_s, 4), "eval_s": round(res.eval_s, 4)},
-               "worker": "local", "time": time.time()}
+               "worker": res.worker, "time": time.time()}
         self.run.append(rec)
         if res.status == "ok" and hit is None:
-            self.cache[(recipe_hash, key)] = rec
+            self.cache[(res.recipe_hash, job.eval_key)] = rec
         self.display.candidate(rec)
         return rec
 
@@ -209,12 +240,11 @@ class Search:
         if not top:
             raise RunFolderError("every candidate failed; see the reasons in the log (evomerge status)")
         self.display.message(f"re-scoring the top {len(top)} candidates on the full dev split...")
-        results = []
-        for r in top:
-            if r["recipe_hash"] not in rescored:
-                rescored[r["recipe_hash"]] = self._evaluate("rescore", r["generation"], r["index"],
-                                                            np.array(r["genome"]), None)
-            results.append(rescored[r["recipe_hash"]])
+        jobs = [self._job("rescore", r["generation"], r["index"], np.array(r["genome"]), None)
+                for r in top if r["recipe_hash"] not in rescored]
+        for rec in self._evaluate(jobs).values():
+            rescored[rec["recipe_hash"]] = rec
+        results = [rescored[r["recipe_hash"]] for r in top]
         win = max(results, key=lambda r: (r["fitness"], -r["generation"], -r["index"]))
         self._write_best(np.array(win["genome"]), f"winner: generation {win['generation']}, candidate "
                          f"{win['index']}, full-dev fitness {win['fitness']:.4f}")
@@ -228,17 +258,7 @@ class Search:
     def _test_metrics(self, genome: np.ndarray) -> dict[str, dict[str, float]]:
         """The winner's scores on each task's held-out ``test`` split, where the task has one.
         For reports only: test scores never enter the search's decisions."""
-        from evomerge.evaluate import LmEvalEvaluator
-
-        model = self._builder.build(self.codec.to_recipe(genome))
-        out = {}
-        for t in self.cfg.tasks:
-            try:
-                ev = LmEvalEvaluator([t.name], split="test", batch_size=self.cfg.batch_size, num_fewshot=t.num_fewshot)
-            except ValueError:  # no test split
-                continue
-            out[t.name] = ev.evaluate(model, self._tok)[t.name].metrics
-        return out
+        return self.executor.test_metrics(self.codec.to_recipe(genome))
 
     def _outcome(self, records: list[dict], finished: bool) -> SearchOutcome:
         final = next((r for r in reversed(records) if r["type"] == "final"), None)
@@ -285,7 +305,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     display = Display(quiet=quiet, tasks=[t.name for t in cfg.tasks])
-    search = Search(cfg, run, display, builder_factory)
+    search = Search(cfg, run, display, local_executor(builder_factory))
 
     def _on_signal(signum, frame):
         search.stop_requested = True

@@ -4,6 +4,9 @@ During the search each generation scores every candidate on the same subset of e
 split (``limit`` items chosen by a seed that depends on the search seed, the generation and the
 task), so candidates of one generation are compared on equal terms and different generations
 see different items. ``generation=None`` scores the whole split (the final re-scoring).
+
+The item choice is made here, once, as ``Samples`` (task -> item indices, None for the whole
+split); whoever scores a candidate (the in-process executor or a worker) is given the samples.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch
 
 from evomerge.config import TaskConfig
 from evomerge.evaluate import Evaluator
+
+Samples = dict[str, list[int] | None]  # task -> item indices of its split (None: every item)
 
 
 @dataclass(frozen=True)
@@ -40,18 +45,22 @@ class FitnessFunction:
         rng = np.random.default_rng([self.seed, generation, task_index])
         return sorted(int(i) for i in rng.choice(n, size=task.limit, replace=False))
 
-    def settings_key(self, generation: int | None, extra: dict | None = None) -> str:
+    def samples(self, generation: int | None) -> Samples:
+        """The items every candidate of ``generation`` is scored on (None: the whole splits)."""
+        return {t.name: self.subset(i, generation) for i, t in enumerate(self.tasks)}
+
+    def settings_key(self, samples: Samples, extra: dict | None = None) -> str:
         """Hash of everything besides the recipe that decides a score: the tasks' settings and the
-        item subsets of this generation (plus ``extra``: dtype, batch size, device). Two
-        evaluations with the same recipe hash and settings key give the same score."""
+        items scored (plus ``extra``: dtype, batch size, device). Two evaluations with the same
+        recipe hash and settings key give the same score."""
         data = {"tasks": [t.model_dump(mode="json") for t in self.tasks],
-                "subsets": [self.subset(i, generation) for i in range(len(self.tasks))], "extra": extra or {}}
+                "subsets": [samples.get(t.name) for t in self.tasks], "extra": extra or {}}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
-    def score(self, model: torch.nn.Module, tokenizer, generation: int | None) -> Score:
+    def score(self, model: torch.nn.Module, tokenizer, samples: Samples) -> Score:
         metrics, items, total = {}, {}, 0.0
-        for i, task in enumerate(self.tasks):
-            idx = self.subset(i, generation)
+        for task in self.tasks:
+            idx = samples.get(task.name)
             res = self.evaluators[task.name].evaluate(
                 model, tokenizer, samples={task.name: idx} if idx is not None else None)[task.name]
             metrics[task.name] = res.metrics

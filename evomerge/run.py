@@ -46,9 +46,30 @@ def read_records(data: bytes) -> tuple[list[dict], int]:
     return records, end
 
 
+# Records written at fixed points of the loop; between two of them, evaluation records may arrive in
+# any order (parallel workers, a resume that serves a repeated recipe from the cache earlier).
+BARRIER_TYPES = ("generation", "final")
+
+
 def history(records: list[dict]) -> list[dict]:
-    """Records without their volatile fields: equal for runs with the same history."""
-    return [{k: v for k, v in r.items() if k not in VOLATILE_FIELDS} for r in records]
+    """Records without their volatile fields, evaluation records in a canonical order between the
+    barriers: equal for runs with the same history."""
+    out, block = [], []
+
+    def flush():
+        block.sort(key=lambda r: (r["type"], r.get("generation", 0), r.get("index", 0), r.get("stage", 0)))
+        out.extend(block)
+        block.clear()
+
+    for r in records:
+        r = {k: v for k, v in r.items() if k not in VOLATILE_FIELDS}
+        if r["type"] in BARRIER_TYPES:
+            flush()
+            out.append(r)
+        else:
+            block.append(r)
+    flush()
+    return out
 
 
 class RunFolder:

@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from evomerge.fitness import FitnessFunction
+from evomerge.fitness import FitnessFunction, Samples
 from evomerge.recipe import Recipe
 
 
@@ -44,6 +44,7 @@ class TrialResult:
     items: dict[str, int] = field(default_factory=dict)
     merge_s: float = 0.0
     eval_s: float = 0.0
+    worker: str = "local"  # who scored it ("local", or a worker's name)
 
 
 def non_finite_tensor(model: torch.nn.Module) -> str | None:
@@ -54,8 +55,8 @@ def non_finite_tensor(model: torch.nn.Module) -> str | None:
 
 
 def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunction, tokenizer,
-              generation: int | None, penalty: float) -> TrialResult:
-    """Builds ``recipe`` in place and scores it on ``generation``'s subsets (None: full splits)."""
+              samples: Samples, penalty: float) -> TrialResult:
+    """Builds ``recipe`` in place and scores it on ``samples`` (task -> items; None: full split)."""
     h = recipe.hash()
     t0 = time.perf_counter()
     try:
@@ -65,7 +66,7 @@ def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunctio
         if bad is not None:
             return TrialResult(h, penalty, "failed", f"non-finite merged weights in {bad}", merge_s=merge_s)
         t1 = time.perf_counter()
-        score = fitness.score(model, tokenizer, generation)
+        score = fitness.score(model, tokenizer, samples)
         eval_s = time.perf_counter() - t1
     except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:  # a bad candidate, not a bad search
         return TrialResult(h, penalty, "failed", f"{type(e).__name__}: {e}", merge_s=time.perf_counter() - t0)
@@ -74,3 +75,19 @@ def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunctio
                            merge_s, eval_s)
     return TrialResult(h, score.fitness, "ok", None, score.metrics, score.items, merge_s, eval_s)
 
+
+
+def test_metrics(recipe: Recipe, builder: CandidateBuilder, tasks, tokenizer, batch_size: int) -> dict[str, dict[str, float]]:
+    """A recipe's scores on each task's held-out ``test`` split, where the task has one.
+    For reports only: test scores never enter the search's decisions."""
+    from evomerge.evaluate import LmEvalEvaluator
+
+    model = builder.build(recipe)
+    out = {}
+    for t in tasks:
+        try:
+            ev = LmEvalEvaluator([t.name], split="test", batch_size=batch_size, num_fewshot=t.num_fewshot)
+        except ValueError:  # no test split
+            continue
+        out[t.name] = ev.evaluate(model, tokenizer)[t.name].metrics
+    return out

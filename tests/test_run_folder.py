@@ -55,6 +55,19 @@ def test_history_drops_volatile_fields():
     assert history(a) == history(b) and a != b
 
 
+def test_history_orders_evaluations_between_barriers():
+    def cand(g, i):
+        return {"type": "candidate", "generation": g, "index": i, "fitness": i}
+
+    gen0 = {"type": "generation", "generation": 0}
+    a = [cand(0, 0), cand(0, 1), cand(0, 2), gen0, cand(1, 0), cand(1, 1)]
+    b = [cand(0, 2), cand(0, 0), cand(0, 1), gen0, cand(1, 1), cand(1, 0)]
+    assert history(a) == history(b)
+    # a record that crosses a barrier is a different history
+    c = [cand(0, 0), cand(0, 1), gen0, cand(0, 2), cand(1, 0), cand(1, 1)]
+    assert history(c) != history(a)
+
+
 def test_a_live_search_holds_the_lock(tmp_path):
     run = RunFolder.create(tmp_path / "run", "x: 1\n")
     code = ("import sys; from evomerge.run import RunFolder\n"
