@@ -81,13 +81,40 @@ class OptimizerConfig(_Strict):
 
     @model_validator(mode="after")
     def _sampler(self) -> OptimizerConfig:
-        if self.name == "optuna":
+        if self.name == "nsga2":
+            if self.sampler != "CmaEsSampler":
+                raise ValueError("nsga2 is Optuna's NSGAIISampler; sampler does not apply (sampler_args do)")
+        elif self.name == "optuna":
             from evomerge.optim.optuna import sampler_class
 
             sampler_class(self.sampler)
         elif self.sampler != "CmaEsSampler" or self.sampler_args:
             raise ValueError(f"sampler and sampler_args apply to name: optuna, not {self.name!r}")
         return self
+
+
+class RacingConfig(_Strict):
+    """Successive halving within each generation (docs/search.md, "Racing")."""
+
+    stages: list[int | None] = Field(description="items per task at each stage, increasing; every candidate "
+                                     "is scored on the first stage, the better `keep` fraction goes on to the "
+                                     "next; null (last only) means the whole split")
+    keep: float = Field(0.25, gt=0, lt=1, description="fraction of a stage's candidates promoted to the next "
+                        "(rounded up, at least one)")
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing(cls, v: list[int | None]) -> list[int | None]:
+        if len(v) < 2:
+            raise ValueError("racing needs at least two stages")
+        if any(n is None for n in v[:-1]):
+            raise ValueError("only the last stage may be null (the whole split)")
+        sizes = [n for n in v if n is not None]
+        if any(n < 1 for n in sizes):
+            raise ValueError(f"stage sizes must be >= 1 (got {v})")
+        if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ValueError(f"stage sizes must increase strictly (got {v})")
+        return v
 
 
 class BudgetConfig(_Strict):
@@ -115,6 +142,8 @@ class SearchConfig(_Strict):
     budget: BudgetConfig
     seed: int = Field(0, description="seeds the optimizer and the evaluation subsets")
     mask_seed: int = Field(0, description="DARE/DELLA mask seed, the same for every candidate")
+    racing: RacingConfig | None = Field(None, description="score candidates on growing nested subsets, "
+                                        "promoting the better fraction (off: every candidate gets `limit` items)")
     rescore_top_k: int = Field(3, ge=1, description="candidates re-scored on the full dev split at the end")
     penalty_fitness: float = Field(-1.0, description="fitness of a failed or non-finite candidate")
     run_dir: str | None = Field(None, description="run folder (default: runs/<config name>)")
@@ -129,6 +158,20 @@ class SearchConfig(_Strict):
         if dup:
             raise ValueError(f"task(s) listed twice: {', '.join(sorted(dup))}")
         return v
+
+    @model_validator(mode="after")
+    def _racing(self) -> SearchConfig:
+        if self.racing is not None:
+            limited = [i for i, t in enumerate(self.tasks) if t.limit is not None]
+            if limited:
+                raise ValueError(f"tasks.{limited[0]}.limit: with racing the stages decide how many items a "
+                                 "candidate is scored on; remove limit")
+            if self.optimizer.name == "nsga2":
+                raise ValueError("racing: needs a single fitness to promote by; it does not combine with "
+                                 "optimizer nsga2 (one objective per task)")
+        if self.optimizer.name == "nsga2" and len(self.tasks) < 2:
+            raise ValueError("optimizer.name: nsga2 keeps one objective per task and needs at least two tasks")
+        return self
 
     @property
     def space(self) -> SearchSpace | DfsSpace:
@@ -311,7 +354,9 @@ def check_tasks(cfg: SearchConfig):
     evaluators = {}
     for i, t in enumerate(cfg.tasks):
         try:
-            ev = LmEvalEvaluator([t.name], split=t.split, batch_size=cfg.batch_size, num_fewshot=t.num_fewshot)
+            # log_samples: per-item scores, kept so a larger subset reuses the items already scored
+            ev = LmEvalEvaluator([t.name], split=t.split, batch_size=cfg.batch_size, num_fewshot=t.num_fewshot,
+                                 log_samples=True)
         except UnknownTaskError as e:
             raise ConfigError(f"tasks.{i}.name: {e}") from None
         except ValueError as e:

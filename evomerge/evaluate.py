@@ -156,6 +156,13 @@ class LmEvalEvaluator:
         t = self._task_dict["tasks"][task]
         return list(t.aggregation())
 
+    def mean_metrics(self, task: str) -> list[str]:
+        """The task's metrics that lm-eval aggregates by the plain mean over items (these combine
+        exactly across item subsets; others are re-scored on the whole subset)."""
+        from lm_eval.api.metrics import mean
+
+        return [m for m, fn in self._task_dict["tasks"][task].aggregation().items() if fn is mean]
+
     def n_docs(self, task: str) -> int:
         return len(self._task_dict["tasks"][task].eval_docs)
 

@@ -26,6 +26,7 @@ class EvalJob:
     recipe: AnyRecipe
     samples: Samples  # task -> item indices (None: the whole split)
     eval_key: str  # FitnessFunction.settings_key of the samples and the evaluation settings
+    stage: int | None = None  # racing stage (None: no racing)
 
 
 class Executor(Protocol):

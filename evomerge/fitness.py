@@ -7,6 +7,13 @@ see different items. ``generation=None`` scores the whole split (the final re-sc
 
 The item choice is made here, once, as ``Samples`` (task -> item indices, None for the whole
 split); whoever scores a candidate (the in-process executor or a worker) is given the samples.
+
+Racing (evomerge/racing.py) draws, per (seed, generation, task), one seeded permutation of the
+split; stage k scores its first ``n_k`` items, so each stage's items contain the previous stage's.
+
+``score`` also returns each item's per-metric values (``ItemScores``, from lm-eval's per-sample
+log) where the evaluators log samples, so that scores on a larger subset can reuse the items
+already scored (evomerge/items.py). An empty item list for a task skips that task.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from evomerge.config import TaskConfig
 from evomerge.evaluate import Evaluator
 
 Samples = dict[str, list[int] | None]  # task -> item indices of its split (None: every item)
+# task -> {"doc": [item index, ...], metric: [value per item, ...]} (lm-eval's "none" filter)
+ItemScores = dict[str, dict[str, list]]
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,7 @@ class Score:
     fitness: float
     metrics: dict[str, dict[str, float]]  # task -> metric -> value
     items: dict[str, int]  # task -> items scored
+    item_scores: ItemScores | None = None  # per-item values, where the evaluators log samples
 
 
 class FitnessFunction:
@@ -45,6 +55,22 @@ class FitnessFunction:
         rng = np.random.default_rng([self.seed, generation, task_index])
         return sorted(int(i) for i in rng.choice(n, size=task.limit, replace=False))
 
+    def racing_subset(self, task_index: int, generation: int, n: int | None) -> list[int] | None:
+        """The first ``n`` items of a seeded permutation of the split (None: the whole split).
+        The permutation depends on (seed, generation, task) only: stages are nested."""
+        total = self.evaluators[self.tasks[task_index].name].n_docs(self.tasks[task_index].name)
+        if n is None or n >= total:
+            return None
+        perm = np.random.default_rng([self.seed, generation, task_index, 7]).permutation(total)
+        return sorted(int(i) for i in perm[:n])
+
+    def stage_samples(self, generation: int, n: int | None) -> Samples:
+        """The items of one racing stage (``n`` per task) in ``generation``."""
+        return {t.name: self.racing_subset(i, generation, n) for i, t in enumerate(self.tasks)}
+
+    def n_docs(self, task: str) -> int:
+        return self.evaluators[task].n_docs(task)
+
     def samples(self, generation: int | None) -> Samples:
         """The items every candidate of ``generation`` is scored on (None: the whole splits)."""
         return {t.name: self.subset(i, generation) for i, t in enumerate(self.tasks)}
@@ -58,12 +84,27 @@ class FitnessFunction:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def score(self, model: torch.nn.Module, tokenizer, samples: Samples) -> Score:
-        metrics, items, total = {}, {}, 0.0
+        metrics, items, total, per_item = {}, {}, 0.0, {}
         for task in self.tasks:
             idx = samples.get(task.name)
+            if idx is not None and len(idx) == 0:  # nothing to score for this task (items reused)
+                continue
             res = self.evaluators[task.name].evaluate(
                 model, tokenizer, samples={task.name: idx} if idx is not None else None)[task.name]
             metrics[task.name] = res.metrics
             items[task.name] = res.n_items
             total += task.weight * res.metrics[task.metric]
-        return Score(float(total), metrics, items)
+            if res.samples:
+                per_item[task.name] = item_values(res.samples)
+        return Score(float(total), metrics, items, per_item or None)
+
+
+def item_values(samples: list[dict]) -> dict[str, list]:
+    """lm-eval's logged samples (``log_samples=True``) as per-item metric values of the ``none``
+    filter, sorted by item index: {"doc": [...], metric: [...]}."""
+    rows = sorted((s for s in samples if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
+    metrics = rows[0]["metrics"] if rows else []
+    out: dict[str, list] = {"doc": [int(s["doc_id"]) for s in rows]}
+    for m in metrics:
+        out[m] = [float(s[m]) for s in rows]
+    return out

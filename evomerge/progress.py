@@ -29,8 +29,9 @@ class Display:
     def start(self, max_generations, popsize: int, records: list[dict]) -> None:
         self.max_generations, self.popsize = max_generations, popsize
         cands = [r for r in records if r["type"] == "candidate"]
-        self.evaluations = len(cands)
-        self.best = max(cands, key=lambda r: r["fitness"]) if cands else None
+        self.evaluations = sum(1 for r in cands if not r.get("stage"))
+        last = [r for r in cands if _last_stage(r)]
+        self.best = max(last, key=lambda r: r["fitness"]) if last else None
         self.gens_done = sum(1 for r in records if r["type"] == "generation")
         if self.evaluations:
             self.message(f"resuming: {self.evaluations} evaluations and {self.gens_done} generations in the log")
@@ -45,9 +46,10 @@ class Display:
     def candidate(self, rec: dict) -> None:
         if rec["type"] != "candidate":
             return
-        self.evaluations += 1
-        self.n_new += 1
-        if self.best is None or rec["fitness"] > self.best["fitness"]:
+        if not rec.get("stage"):  # racing: a candidate counts once, at its first stage
+            self.evaluations += 1
+            self.n_new += 1
+        if _last_stage(rec) and (self.best is None or rec["fitness"] > self.best["fitness"]):
             self.best = rec
         if rec["status"] != "ok":
             self.message(f"candidate g{rec['generation']}/{rec['index']} failed: {rec['reason']}")
@@ -95,3 +97,8 @@ class Display:
         if self.live:
             self.live.stop()
             self.live = None
+
+
+def _last_stage(rec: dict) -> bool:
+    """An evaluation on a candidate's full search subset (racing: the last stage's)."""
+    return rec.get("stage") is None or rec["stage"] == (rec.get("stages") or 1) - 1

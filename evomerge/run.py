@@ -8,6 +8,8 @@
       best.yaml            the best recipe so far (evomerge format, with mask_seed)
       best.mergekit.yaml   the same recipe for mergekit-yaml
       sessions.jsonl       when each (re)start happened, on which host (not part of the history)
+      items/               per-item scores of evaluated recipes (evomerge/items.py)
+      pareto.json          multi-objective runs (nsga2): the non-dominated candidates so far
 
 Only complete lines (ending in a newline) of the log count: a record torn by a kill is dropped
 when the log is read, and cut off before the next append.
@@ -26,14 +28,33 @@ import yaml
 
 from evomerge.io import atomic_write_text
 
-CONFIG, LOG, OPTIMIZER, BEST, BEST_MK, LOCK, SESSIONS = (
-    "config.yaml", "log.jsonl", "optimizer.json", "best.yaml", "best.mergekit.yaml", "lock", "sessions.jsonl")
+CONFIG, LOG, OPTIMIZER, BEST, BEST_MK, LOCK, SESSIONS, PARETO = (
+    "config.yaml", "log.jsonl", "optimizer.json", "best.yaml", "best.mergekit.yaml", "lock", "sessions.jsonl",
+    "pareto.json")
 # Fields that differ between runs with the same history (see conventions: "same history").
 VOLATILE_FIELDS = ("time", "worker", "host", "timings")
 
 
 class RunFolderError(ValueError):
     pass
+
+
+def dominates(a: list[float], b: list[float]) -> bool:
+    """``a`` is at least as good as ``b`` in every objective and better in one (maximized)."""
+    return all(x >= y for x, y in zip(a, b, strict=True)) and any(x > y for x, y in zip(a, b, strict=True))
+
+
+def pareto_front(members: list[dict]) -> list[dict]:
+    """The members (each with ``objectives``) that no other member dominates; of members with equal
+    objectives only the first is kept."""
+    front, seen = [], set()
+    for m in members:
+        v = tuple(m["objectives"])
+        if v in seen or any(dominates(o["objectives"], m["objectives"]) for o in members):
+            continue
+        seen.add(v)
+        front.append(m)
+    return front
 
 
 def read_records(data: bytes) -> tuple[list[dict], int]:

@@ -45,6 +45,7 @@ class TrialResult:
     merge_s: float = 0.0
     eval_s: float = 0.0
     worker: str = "local"  # who scored it ("local", or a worker's name)
+    item_scores: dict | None = None  # per-item metric values (fitness.ItemScores), where logged
 
 
 def non_finite_tensor(model: torch.nn.Module) -> str | None:
@@ -73,7 +74,8 @@ def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunctio
     if not np.isfinite(score.fitness):
         return TrialResult(h, penalty, "failed", f"non-finite fitness {score.fitness}", score.metrics, score.items,
                            merge_s, eval_s)
-    return TrialResult(h, score.fitness, "ok", None, score.metrics, score.items, merge_s, eval_s)
+    return TrialResult(h, score.fitness, "ok", None, score.metrics, score.items, merge_s, eval_s,
+                       item_scores=score.item_scores)
 
 
 

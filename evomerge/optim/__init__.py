@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from evomerge.optim.base import Optimizer
 
-OPTIMIZERS = ("cma", "random", "optuna")
+OPTIMIZERS = ("cma", "random", "optuna", "nsga2")
 
 
 def make_optimizer(name: str, x0, sigma0: float, popsize: int | None, seed: int,
-                   sampler: str = "CmaEsSampler", sampler_args: dict | None = None) -> Optimizer:
-    """``cma`` (pycma), ``random``, or ``optuna`` with an Optuna sampler named by its class."""
+                   sampler: str = "CmaEsSampler", sampler_args: dict | None = None, n_objectives: int = 1) -> Optimizer:
+    """``cma`` (pycma), ``random``, ``optuna`` with an Optuna sampler named by its class, or
+    ``nsga2`` (Optuna's NSGAIISampler, ``n_objectives`` maximized objectives)."""
     if name == "cma":
         from evomerge.optim.cma import CMAES
 
@@ -22,6 +23,11 @@ def make_optimizer(name: str, x0, sigma0: float, popsize: int | None, seed: int,
         from evomerge.optim.optuna import OptunaOptimizer
 
         return OptunaOptimizer(x0, sigma0, popsize, seed, sampler=sampler, sampler_args=sampler_args)
+    if name == "nsga2":
+        from evomerge.optim.optuna import OptunaOptimizer
+
+        return OptunaOptimizer(x0, sigma0, popsize, seed, sampler="NSGAIISampler", sampler_args=sampler_args,
+                               n_objectives=n_objectives)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 class Optimizer(ABC):
     name: str = "?"
+    n_objectives: int = 1  # > 1: tell() takes an array [popsize, n_objectives], each maximized
 
     def __init__(self, x0: np.ndarray, sigma0: float, popsize: int | None, seed: int):
         x0 = np.asarray(x0, dtype=np.float64)
@@ -53,9 +54,10 @@ class Optimizer(ABC):
                 "popsize": self.popsize, "rng": self.rng.bit_generator.state}
 
     @staticmethod
-    def _check_tell(genomes: np.ndarray, fitness: np.ndarray, popsize: int) -> np.ndarray:
+    def _check_tell(genomes: np.ndarray, fitness: np.ndarray, popsize: int, n_objectives: int = 1) -> np.ndarray:
         fitness = np.asarray(fitness, dtype=np.float64)
-        if len(genomes) != popsize or fitness.shape != (popsize,):
+        shape = (popsize,) if n_objectives == 1 else (popsize, n_objectives)
+        if len(genomes) != popsize or fitness.shape != shape:
             raise ValueError(f"tell needs {popsize} genomes and fitness values (got {len(genomes)}, {fitness.shape})")
         if not np.all(np.isfinite(fitness)):
             raise ValueError("tell got non-finite fitness; the driver gives failed candidates a penalty fitness")
