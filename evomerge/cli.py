@@ -150,7 +150,7 @@ def _add_search(sub) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     import time
 
-    from evomerge.status import plot_fitness, read_status, status_table
+    from evomerge.status import plot_fitness, plot_pareto, read_status, status_table
 
     while True:
         st = read_status(args.run_dir)
@@ -158,6 +158,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         plot = plot_fitness(st)
         if plot:
             print(f"plot: {plot}")
+        pareto = plot_pareto(st)
+        if pareto:
+            print(f"Pareto plot: {pareto}")
         if not args.watch or st.finished:
             return 0
         time.sleep(args.interval)
@@ -167,7 +170,8 @@ def _add_status(sub) -> None:
     p = sub.add_parser("status", help="show a search's progress and write its fitness plot",
                        description="Reads a run folder (while the search runs or after): generations, evaluations, "
                        "best fitness and its task metrics, speed, time so far and an estimate of the time left. "
-                       "Writes RUN_DIR/fitness.png (best and population median per generation, a line per task).")
+                       "Writes RUN_DIR/fitness.png (best and population median per generation, a line per task) and, for "
+                       "multi-objective runs, RUN_DIR/pareto.png (each pair of objectives, the front highlighted).")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--watch", action="store_true", help="refresh until the search finishes")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (default 10)")
@@ -176,11 +180,18 @@ def _add_status(sub) -> None:
 
 # ----------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.export import describe, mergekit_yaml, recipe_from_run
+    from evomerge.export import describe, mergekit_yaml, parse_weights, pick_from_front, recipe_from_run
     from evomerge.io import atomic_write_text
 
-    recipe, record = recipe_from_run(args.run_dir, args.rank)
-    note = f"rank {args.rank} of {args.run_dir}: {describe(record)}"
+    if args.weights is not None:
+        if args.rank != 1:
+            raise ValueError("give --weights or --rank, not both")
+        weights = parse_weights(args.weights)
+        recipe, record = pick_from_front(args.run_dir, weights)
+        note = f"Pareto pick of {args.run_dir} for weights {args.weights}: {describe(record)}"
+    else:
+        recipe, record = recipe_from_run(args.run_dir, args.rank)
+        note = f"rank {args.rank} of {args.run_dir}: {describe(record)}"
     text = mergekit_yaml(recipe, note) if args.format == "mergekit" else f"# {note}\n" + recipe.to_yaml()
     if args.out is None:
         print(text, end="")
@@ -201,6 +212,9 @@ def _add_export(sub) -> None:
     p.add_argument("--format", choices=["evomerge", "mergekit"], default="evomerge")
     p.add_argument("--out", type=Path, help="output file (default: standard output)")
     p.add_argument("--rank", type=int, default=1, help="1 = best (default), 2 = second best distinct recipe, ...")
+    p.add_argument("--weights", metavar="TASK=W,...", help="multi-objective runs (optimizer nsga2): the Pareto-"
+                   "front member with the largest weighted sum of task metrics, e.g. zoo_add=1,zoo_rev=0.5 "
+                   "(tasks not named weigh 0)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.set_defaults(func=cmd_export)
 

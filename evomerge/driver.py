@@ -393,8 +393,10 @@ def validate(cfg: SearchConfig):
 
 
 def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
-               quiet: bool = False, builder_factory=default_builder, config_path: str | None = None) -> SearchOutcome:
-    """``evomerge search``: a new search, or ``resume=True`` to continue the one in ``run_dir``."""
+               quiet: bool = False, builder_factory=default_builder, config_path: str | None = None,
+               executor_factory=None) -> SearchOutcome:
+    """``evomerge search``: a new search, or ``resume=True`` to continue the one in ``run_dir``.
+    ``executor_factory(cfg, fitness, tokenizer)`` replaces the in-process executor (tests, Ray)."""
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs the run folder")
@@ -421,7 +423,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     display = Display(quiet=quiet, tasks=[t.name for t in cfg.tasks])
-    search = Search(cfg, run, display, local_executor(builder_factory))
+    search = Search(cfg, run, display, executor_factory or local_executor(builder_factory))
 
     def _on_signal(signum, frame):
         search.stop_requested = True

@@ -78,6 +78,64 @@ def recipe_from_run(run_dir: str | Path, rank: int = 1) -> tuple[Recipe, dict]:
     return recipe, record
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """``zoo_add=1,zoo_rev=0.5`` -> {"zoo_add": 1.0, "zoo_rev": 0.5}."""
+    out: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, eq, value = part.partition("=")
+        try:
+            if not eq:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--weights: {part!r} is not TASK=NUMBER (e.g. --weights zoo_add=1,zoo_rev=0.5)") from None
+    if not out:
+        raise ValueError("--weights: give at least one TASK=NUMBER")
+    return out
+
+
+def pick_from_front(run_dir: str | Path, weights: dict[str, float]) -> tuple[Recipe, dict]:
+    """The Pareto-front member (pareto.json) with the largest weighted sum of its task metrics
+    (tasks not named weigh 0; ties: the earliest candidate), and its front entry."""
+    import json
+
+    from evomerge.codec import make_codec
+    from evomerge.config import SearchConfig
+    from evomerge.run import PARETO, RunFolder, RunFolderError
+
+    run = RunFolder.open(run_dir)
+    cfg = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))
+    tasks = [t.name for t in cfg.tasks]
+    if cfg.optimizer.name != "nsga2":
+        raise ValueError(f"--weights picks from a Pareto front; run {str(run_dir)!r} is single-objective "
+                         f"(optimizer {cfg.optimizer.name}): use --rank")
+    unknown = [w for w in weights if w not in tasks]
+    if unknown:
+        raise ValueError(f"--weights: unknown task {', '.join(map(repr, unknown))}; the run's tasks are "
+                         f"{', '.join(tasks)}")
+    path = run.path / PARETO
+    if not path.is_file():
+        raise RunFolderError(f"run {str(run_dir)!r} has no Pareto front yet (no generation finished)")
+    front = json.loads(path.read_text())["front"]
+    if not front:
+        raise RunFolderError(f"run {str(run_dir)!r}: the Pareto front is empty (every candidate failed)")
+    w = [weights.get(t, 0.0) for t in tasks]
+    member = max(front, key=lambda m: (sum(a * b for a, b in zip(w, m["objectives"], strict=True)),
+                                       -m["generation"], -m["index"]))
+    recipe = make_codec(cfg).to_recipe(np.array(member["genome"]))
+    if recipe.hash() != member["recipe_hash"]:
+        raise RunFolderError(f"the genome of generation {member['generation']}, candidate {member['index']} no "
+                             "longer decodes to its logged recipe (the code or the source models changed)")
+    member = dict(member, weighted=sum(a * b for a, b in zip(w, member["objectives"], strict=True)))
+    return recipe, member
+
+
 def describe(record: dict) -> str:
+    if "objectives" in record:
+        objs = ", ".join(f"{v:.4f}" for v in record["objectives"])
+        return (f"generation {record['generation']}, candidate {record['index']}, Pareto member with objectives "
+                f"({objs}), weighted sum {record['weighted']:.4f}")
     kind = "full-dev fitness" if record["type"] == "rescore" else "search fitness"
     return f"generation {record['generation']}, candidate {record['index']}, {kind} {record['fitness']:.4f}"

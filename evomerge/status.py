@@ -15,6 +15,7 @@ from evomerge.report import Table
 from evomerge.run import RunFolder, RunFolderError
 
 PLOT = "fitness.png"
+PARETO_PLOT = "pareto.png"
 
 
 @dataclass
@@ -32,6 +33,8 @@ class RunStatus:
     reference: dict | None
     best: dict | None  # best candidate by search (subset) fitness
     final: dict | None  # the winner after re-scoring, when the search finished
+    item_evaluations: int = 0  # items scored (every task, every evaluation; reused items not counted)
+    stage_evaluations: int = 0  # racing: evaluations of candidates at stages after the first
 
     @property
     def finished(self) -> bool:
@@ -54,7 +57,9 @@ def read_status(run_dir: str | Path) -> RunStatus:
     run = RunFolder.open(run_dir)
     cfg = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))
     records = run.records()
-    cands = [r for r in records if r["type"] == "candidate"]
+    stage_recs = [r for r in records if r["type"] == "candidate"]
+    cands = [r for r in stage_recs if not r.get("stage")]  # one per candidate (racing: its first stage)
+    last = [r for r in stage_recs if r.get("stage") is None or r["stage"] == (r.get("stages") or 1) - 1]
     gens = [r for r in records if r["type"] == "generation"]
     popsize = gens[0]["popsize"] if gens and "popsize" in gens[0] else cfg.optimizer.popsize
     b = cfg.budget
@@ -70,8 +75,10 @@ def read_status(run_dir: str | Path) -> RunStatus:
         popsize=popsize, evaluations=len(cands), failed=sum(r["status"] != "ok" for r in cands),
         cached=sum(bool(r.get("cached_from")) for r in cands), busy_s=busy,
         reference=next((r for r in records if r["type"] == "reference"), None),
-        best=max(cands, key=lambda r: r["fitness"]) if cands else None,
+        best=max(last, key=lambda r: r["fitness"]) if last else None,
         final=next((r for r in reversed(records) if r["type"] == "final"), None),
+        item_evaluations=sum(sum((r.get("items_scored") or {}).values()) for r in evaluated),
+        stage_evaluations=len(stage_recs) - len(cands),
     )
 
 
@@ -91,8 +98,18 @@ def status_table(st: RunStatus) -> Table:
             ["optimizer", cfg.optimizer.name + (f" ({cfg.optimizer.sampler})" if cfg.optimizer.name == "optuna" else "")],
             ["generations", f"{st.generations} / {st.max_generations if not math.isinf(st.max_generations) else '-'}"],
             ["evaluations", f"{st.evaluations} ({st.failed} failed, {st.cached} from the cache)"]]
+    if cfg.racing is not None:
+        rows.append(["racing", f"stages {cfg.racing.stages}, keep {cfg.racing.keep}: "
+                     f"{st.stage_evaluations} later-stage evaluations"])
+    if st.item_evaluations:
+        rows.append(["item evaluations", f"{st.item_evaluations} (items scored, all tasks; reused items not counted)"])
     if st.reference:
         rows.append(["starting point", f"{st.reference['fitness']:.4f} (full dev)"])
+    if st.best and st.config.optimizer.name == "nsga2":
+        front = read_pareto(st.run_dir)
+        if front is not None:
+            rows.append(["Pareto front", f"{len(front['front'])} non-dominated candidates (pareto.json; "
+                         "pick one with evomerge export --weights)"])
     if st.best:
         rows.append(["best (search subsets)", f"{st.best['fitness']:.4f}: {_metric_line(st.best, cfg)}"])
     if st.final:
@@ -146,4 +163,56 @@ def plot_fitness(st: RunStatus, path: Path | None = None) -> Path | None:
     return out
 
 
-__all__ = ["PLOT", "RunFolderError", "RunStatus", "plot_fitness", "read_status", "status_table"]
+def read_pareto(run_dir: Path) -> dict | None:
+    import json
+
+    from evomerge.run import PARETO
+
+    p = Path(run_dir) / PARETO
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def plot_pareto(st: RunStatus, path: Path | None = None) -> Path | None:
+    """Multi-objective runs: one panel per pair of objectives, every successful candidate in grey,
+    the Pareto front (pareto.json) highlighted. None for single-objective runs or before the
+    first generation ends."""
+    if st.config.optimizer.name != "nsga2":
+        return None
+    front = read_pareto(st.run_dir)
+    if front is None:
+        return None
+    import io
+    import itertools
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evomerge.io import atomic_write_bytes
+
+    tasks = st.config.tasks
+    names = front["objectives"]
+    pts = [[r["metrics"].get(t.name, {}).get(t.metric, float("nan")) for t in tasks]
+           for r in st.records if r["type"] == "candidate" and r["status"] == "ok"]
+    fpts = sorted(m["objectives"] for m in front["front"])
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), dpi=110, squeeze=False)
+    for ax, (a, b) in zip(axes[0], pairs, strict=True):
+        ax.scatter([p[a] for p in pts], [p[b] for p in pts], s=10, c="lightgrey", label="candidates")
+        ax.scatter([p[a] for p in fpts], [p[b] for p in fpts], s=22, c="crimson", label="Pareto front (all objectives)")
+        ax.set_xlabel(names[a])
+        ax.set_ylabel(names[b])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{st.run_dir.name}: {len(front['front'])} non-dominated of {len(pts)} candidates")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    out = path or st.run_dir / PARETO_PLOT
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+__all__ = ["PARETO_PLOT", "PLOT", "plot_pareto", "read_pareto", "RunFolderError", "RunStatus", "plot_fitness", "read_status", "status_table"]
