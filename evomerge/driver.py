@@ -344,11 +344,16 @@ class Search:
         self.run.write_text(BEST_MK, mergekit_yaml(recipe, note))
 
     def _rescore(self, candidates: dict, generations: int) -> None:
-        """Top-k distinct recipes re-scored on the full dev split; the best one is the winner."""
+        """Top-k distinct recipes re-scored on the full dev split; the best one is the winner.
+        With racing only candidates that reached the last stage are considered."""
         records = self.run.records()
         rescored = {r["recipe_hash"]: r for r in records if r["type"] == "rescore"}
         ranked, seen = [], set()
-        for r in sorted(candidates.values(), key=lambda r: (-self._rank(r), r["generation"], r["index"])):
+        pool = list(candidates.values())
+        if self.cfg.racing is not None:  # the race decided: only candidates that reached its last stage
+            last = [r for r in pool if r.get("stage") == len(self.cfg.racing.stages) - 1]
+            pool = last or pool
+        for r in sorted(pool, key=lambda r: (-self._rank(r), r["generation"], r["index"])):
             if r["status"] == "ok" and r["recipe_hash"] not in seen:
                 seen.add(r["recipe_hash"])
                 ranked.append(r)

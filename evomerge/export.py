@@ -43,17 +43,22 @@ def mergekit_yaml(recipe: Recipe | PathRecipe, note: str | None = None) -> str:
 
 def ranked_candidates(records: list[dict]) -> list[dict]:
     """Distinct successful recipes, best first: those re-scored on the full dev split (by that
-    score; the winner first), then the others by their search (subset) fitness."""
+    score; the winner first), then the others by their search (subset) fitness (with racing: by
+    the last stage reached, then that stage's score)."""
     rescored = {r["recipe_hash"]: r for r in records if r["type"] == "rescore" and r["status"] == "ok"}
     best_by_hash: dict[str, dict] = {}
+
+    def depth(r: dict) -> int:  # racing: a later stage's score (more items) outranks an earlier one
+        return r.get("stage") or 0
+
     for r in records:
         if r["type"] == "candidate" and r["status"] == "ok":
             h = r["recipe_hash"]
-            if h not in best_by_hash or r["fitness"] > best_by_hash[h]["fitness"]:
+            if h not in best_by_hash or (depth(r), r["fitness"]) > (depth(best_by_hash[h]), best_by_hash[h]["fitness"]):
                 best_by_hash[h] = r
     top = sorted(rescored.values(), key=lambda r: (-r["fitness"], r["generation"], r["index"]))
     rest = sorted((r for h, r in best_by_hash.items() if h not in rescored),
-                  key=lambda r: (-r["fitness"], r["generation"], r["index"]))
+                  key=lambda r: (-depth(r), -r["fitness"], r["generation"], r["index"]))
     return top + rest
 
 

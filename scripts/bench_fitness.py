@@ -10,11 +10,11 @@ tasks). The table gives medians over seeds (and the range), the item ratio again
 same run, and the acceptance check: racing's median winner within 0.02 of full-dev's on the test
 split with >= 5x fewer item-evaluations.
 
-Time budget: the full mode (5 seeds x 4 generations x popsize 16, both fitnesses) takes about 30
-minutes on 2 CPU cores at 1 torch thread; --quick (2 seeds x 1 generation x popsize 6) under 2
-minutes.
+Time budget: the full mode (5 seeds x 3 generations x popsize 16, both fitnesses) takes about 25
+minutes on 2 idle CPU cores at 1 torch thread (35 minutes at most); --quick (2 seeds x 1
+generation x popsize 4, top-1 re-scoring) under 2 minutes.
 
-    python scripts/bench_fitness.py [--quick] [--zoo artifacts/zoo] [--seeds 5] [--generations 4]
+    PYTHONPATH=. python scripts/bench_fitness.py [--quick] [--zoo artifacts/zoo] [--seeds 5] [--generations 3]
 """
 
 from __future__ import annotations
@@ -52,16 +52,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=Path("artifacts/zoo"))
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--generations", type=int, default=3)
     ap.add_argument("--popsize", type=int, default=16)
     ap.add_argument("--stages", default="30,100,all", help="racing stages: items per task (all: the whole split)")
     ap.add_argument("--keep", type=float, default=0.25, help="fraction promoted at each stage")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="2 seeds, 1 generation, popsize 6, stages 20,60,all")
+    ap.add_argument("--top-k", type=int, default=3, help="candidates re-scored on the full dev split")
+    ap.add_argument("--quick", action="store_true", help="2 seeds, 1 generation, popsize 4, stages 20,60,all, top-1")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.seeds, args.generations, args.popsize, args.stages = 2, 1, 6, "20,60,all"
+        args.seeds, args.generations, args.popsize, args.stages, args.top_k = 2, 1, 4, "20,60,all", 1
     stages = [None if s.strip() == "all" else int(s) for s in args.stages.split(",")]
     _quiet_libraries()
     torch.set_num_threads(args.threads)
@@ -85,7 +86,7 @@ def main() -> int:
                     "tasks": [{"name": t, "weight": 1 / len(tasks)} for t in tasks],
                     "batch_size": 64, "threads": args.threads, "seed": seed,
                     "optimizer": {"name": "cma", "popsize": args.popsize},
-                    "budget": {"generations": args.generations}, "rescore_top_k": 3, "racing": race,
+                    "budget": {"generations": args.generations}, "rescore_top_k": args.top_k, "racing": race,
                     "run_dir": str(runs / f"{name}_{seed}"),
                 })
                 t1 = time.perf_counter()
