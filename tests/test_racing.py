@@ -159,6 +159,14 @@ def test_racing_promotes_the_right_candidates(zoo_dir, tmp_path):
     assert last_gen["item_evaluations"] == spent
 
 
+def test_status_of_a_racing_run(zoo_dir, tmp_path, capsys):
+    fake_search(fake_config(zoo_dir, tmp_path, budget={"generations": 1}))
+    assert main(["status", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "8 (0 failed, 0 from the cache)" in out and "6 later-stage evaluations" in out
+    assert "item evaluations" in out
+
+
 def cli(*args: str):
     import subprocess
     import sys
