@@ -180,7 +180,13 @@ def _add_status(sub) -> None:
 
 # ----------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.export import describe, mergekit_yaml, parse_weights, pick_from_front, recipe_from_run
+    from evomerge.export import (
+        describe,
+        mergekit_yaml,
+        parse_weights,
+        pick_from_front,
+        recipe_from_run,
+    )
     from evomerge.io import atomic_write_text
 
     if args.weights is not None:

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evomerge import racing
 from evomerge.codec import make_codec
 from evomerge.config import ConfigError, SearchConfig, check_sources, check_tasks
 from evomerge.dataflow.recipe import AnyRecipe, load_recipe
 from evomerge.executor import EvalJob, Executor, LocalExecutor
 from evomerge.export import mergekit_yaml
-from evomerge import racing
 from evomerge.fitness import FitnessFunction
 from evomerge.items import ItemStore
 from evomerge.merge.sources import load_source
