@@ -129,6 +129,11 @@ class BudgetConfig(_Strict):
         return self
 
 
+# Racing when a config scores candidates on the whole split (no task has a limit) and says nothing
+# about racing: it met scripts/bench_fitness.py's acceptance (README). `racing: null` turns it off.
+DEFAULT_RACING = {"stages": [30, 100, None], "keep": 0.25}
+
+
 class SearchConfig(_Strict):
     models: list[str] = Field(min_length=1, description="source model folders, as you name them")
     base_model: str | None = Field(None, description="base model folder (task-arithmetic methods)")
@@ -143,12 +148,26 @@ class SearchConfig(_Strict):
     seed: int = Field(0, description="seeds the optimizer and the evaluation subsets")
     mask_seed: int = Field(0, description="DARE/DELLA mask seed, the same for every candidate")
     racing: RacingConfig | None = Field(None, description="score candidates on growing nested subsets, "
-                                        "promoting the better fraction (off: every candidate gets `limit` items)")
+                                        "promoting the better fraction; default: {stages: [30, 100, null], keep: "
+                                        "0.25} when no task has a limit (and the optimizer is not nsga2), else off; "
+                                        "null: off")
     rescore_top_k: int = Field(3, ge=1, description="candidates re-scored on the full dev split at the end")
     penalty_fitness: float = Field(-1.0, description="fitness of a failed or non-finite candidate")
     run_dir: str | None = Field(None, description="run folder (default: runs/<config name>)")
     allow_pickle: bool = False
     trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_racing(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "racing" not in data:
+            tasks = data.get("tasks")
+            opt = data.get("optimizer")
+            name = opt.get("name") if isinstance(opt, dict) else None
+            if (isinstance(tasks, list) and tasks and all(isinstance(t, dict) and t.get("limit") is None for t in tasks)
+                    and name != "nsga2"):
+                data = dict(data, racing=DEFAULT_RACING)
+        return data
 
     @field_validator("tasks")
     @classmethod
