@@ -668,25 +668,25 @@ class InPlaceMerger:
         kind, tt = f.kind, list(f.tt)
         aa, bb = list(f.aa), list(f.bb)
         if f.l1:
-            # pass 1: the masked delta and its |.| (whole tensor, for the engine's L1 sums)
+            # pass 1: |masked delta| of the whole tensor, for the engine's L1 sum; pass 2
+            # rebuilds the masked delta as copysign(|masked|, delta) (the same bits)
             if dt not in self._ws.full:
                 self._ws.full[dt] = (torch.empty(self._largest, dtype=dt, device=self.device),
                                      torch.empty((n, self._largest), dtype=dt,
                                                  device=self.device))
-            absolute = self._ws.full[dt][0][: e.numel]
             one = torch.ones((), dtype=dt)
             for row in range(n):
-                kept = self._ws.full[dt][1][row, : e.numel]
-                _kernel("mask", _mask_kernel)(kept, absolute, kind, deltas[row], aa[row],
-                                               bb[row], tt[row])
+                absolute = self._ws.full[dt][1][row, : e.numel]
+                _kernel("mask", _mask_kernel)(absolute, kind, deltas[row], aa[row], bb[row],
+                                              tt[row])
                 ratio = one
                 if not f.full[row]:  # sparsify._apply_mask's L1 matching and guard
                     after = absolute.view(e.shape).sum()
                     before = self._l1_before(e, row, deltas[row], False)
                     if not (before < 1e-7 or after < 1e-7):
                         ratio = before / after
-                deltas[row], tt[row] = kept, ratio
-            kind, aa, bb = "kept", [None] * n, [None] * n
+                aa[row], tt[row] = absolute, ratio
+            kind, bb = "kept", [None] * n
         weights = torch.tensor([job.per_source[k]["weight"] for k in e.keys], dtype=dt)
         divisor = torch.ones(1, dtype=dt)
         if not consensus and shared["normalize"]:
@@ -933,9 +933,9 @@ def _sparse_row(kind: str, d: torch.Tensor, a: torch.Tensor | None, b: torch.Ten
     if kind == "dense":
         return d
     assert t is not None
-    if kind == "kept":  # the L1 pass's masked delta, times before / after (1.0: no rescale)
-        return d * t
     assert a is not None
+    if kind == "kept":  # the L1 pass's |masked delta| with delta's sign, * before / after
+        return torch.copysign(a, d) * t  # copysign(|d * m|, d) == d * m, zeros' signs too
     if kind == "della":
         assert b is not None
         keep = a < t[b]  # U < della_probabilities, the table gathered by rank
@@ -952,11 +952,9 @@ def _row_sum(rows: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _mask_kernel(kept: torch.Tensor, absolute: torch.Tensor, kind: str, d: torch.Tensor,
-                 a: torch.Tensor | None, b: torch.Tensor | None, t: torch.Tensor | None) -> None:
-    x = _sparse_row(kind, d, a, b, t)
-    kept.copy_(x)
-    absolute.copy_(x.abs())
+def _mask_kernel(absolute: torch.Tensor, kind: str, d: torch.Tensor, a: torch.Tensor | None,
+                 b: torch.Tensor | None, t: torch.Tensor | None) -> None:
+    absolute.copy_(_sparse_row(kind, d, a, b, t).abs())
 
 
 def _combine_kernel(target: torch.Tensor, base: torch.Tensor, kind: str,
