@@ -76,9 +76,11 @@ def assert_equal_to_engine(merger: InPlaceMerger, recipe: Recipe) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", METHODS)
-def test_equal_to_engine_for_every_method(family, method, dtype):
+def test_equal_to_engine_for_every_method(family, method, dtype, monkeypatch):
     # chunk=37 splits every tensor at odd places: results must not depend on the chunking.
+    monkeypatch.delenv("EVOMERGE_FUSED", raising=False)
     merger = InPlaceMerger(family[1:], family[0], method, dtype=dtype, chunk=37)
+    assert not merger._fused  # small model: the chunked path (the fused one: tests below)
     assert_equal_to_engine(merger, models_recipe(method, family, dtype, mask_seed=5))
     assert_equal_to_engine(merger, slices_recipe(method, family, dtype, mask_seed=5))
     # another mask seed regenerates the uniforms; another recipe reuses the same model
@@ -91,7 +93,7 @@ FUSED = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_
 @pytest.mark.parametrize("method", FUSED)
 def test_fused_kernels_are_used_and_equal_the_engine(family, method):
     # CPU float32: whole-tensor compiled kernels, checked against the chunked path once
-    merger = InPlaceMerger(family[1:], family[0], method, dtype="float32")
+    merger = InPlaceMerger(family[1:], family[0], method, dtype="float32", fused=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback to the chunked path
         assert_equal_to_engine(merger, models_recipe(method, family, "float32", mask_seed=5))
@@ -111,7 +113,7 @@ def test_fused_kernels_with_dense_and_zeroed_rows(family, method):
                                           {"value": 0.5}]
     recipe = Recipe.from_dict({"merge_method": method, "base_model": family[0],
                                "models": models, "dtype": "float32", "mask_seed": 3})
-    merger = InPlaceMerger(family[1:], family[0], method, dtype="float32")
+    merger = InPlaceMerger(family[1:], family[0], method, dtype="float32", fused=True)
     assert_equal_to_engine(merger, recipe)
     assert merger._fused
 
@@ -121,6 +123,11 @@ def test_chunked_path_without_fused_kernels_equals_the_engine(family, method, mo
     merger = InPlaceMerger(family[1:], family[0], method, dtype="float32", fused=False,
                            chunk=37)
     assert_equal_to_engine(merger, models_recipe(method, family, "float32", mask_seed=5))
+    # fused=None: off for small models unless EVOMERGE_FUSED=1, off everywhere with 0
+    assert not InPlaceMerger(family[1:], family[0], method, dtype="float32")._fused
+    monkeypatch.setenv("EVOMERGE_FUSED", "1")
+    assert InPlaceMerger(family[1:], family[0], method, dtype="float32")._fused
+    assert not InPlaceMerger(family[1:], family[0], method, dtype="bfloat16")._fused
     monkeypatch.setenv("EVOMERGE_FUSED", "0")
     assert not InPlaceMerger(family[1:], family[0], method, dtype="float32")._fused
 
@@ -131,7 +138,7 @@ def test_a_failing_compile_falls_back_to_the_chunked_path(family, monkeypatch):
             raise RuntimeError("no C++ compiler")
         return run
     monkeypatch.setattr(inplace_mod, "_kernel", no_compiler)
-    merger = InPlaceMerger(family[1:], family[0], "ties", dtype="float32")
+    merger = InPlaceMerger(family[1:], family[0], "ties", dtype="float32", fused=True)
     with pytest.warns(UserWarning, match="fused kernels failed"):
         assert_equal_to_engine(merger, models_recipe("ties", family, "float32"))
     assert not merger._fused
@@ -150,7 +157,7 @@ def test_a_fused_kernel_that_differs_is_dropped(family, monkeypatch):
                 target.copy_(torch.nextafter(target, torch.full_like(target, 1e9)))
         return run
     monkeypatch.setattr(inplace_mod, "_kernel", off_by_one_ulp)
-    merger = InPlaceMerger(family[1:], family[0], "dare_ties", dtype="float32")
+    merger = InPlaceMerger(family[1:], family[0], "dare_ties", dtype="float32", fused=True)
     with pytest.warns(UserWarning, match="differs from the chunked path"):
         assert_equal_to_engine(merger, models_recipe("dare_ties", family, "float32"))
     assert not merger._fused

@@ -70,8 +70,11 @@ from evomerge.recipe import Recipe, same_model
 Placement = Literal["resident", "stream"]
 PLACEMENTS = ("resident", "stream")
 CPU_CHUNK = 1 << 17  # elements per chunk on CPU: a chunk's workspaces stay in the L2/L3 caches
-# EVOMERGE_FUSED=0 turns the compiled whole-tensor kernels off (the chunked path then runs).
+# The compiled whole-tensor kernels (fused=None): on for models of at least FUSED_MIN_PARAMS
+# merged parameters (below that, a candidate takes milliseconds and the compile, 5-40 s once per
+# process, does not pay off); EVOMERGE_FUSED=1 or 0 turns them on or off for every size.
 FUSED_ENV = "EVOMERGE_FUSED"
+FUSED_MIN_PARAMS = 1 << 24
 _MAGNITUDE_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 _RANDOM_SPARSIFIERS = (Sparsifier.RANDOM, Sparsifier.DELLA_MAGPRUNE)
 
@@ -280,9 +283,10 @@ class InPlaceMerger:
     memory (pinned when CUDA is available) and are copied to `device` tensor by tensor; only the
     target model and one tensor's staging and workspace buffers live on `device`.
 
-    `fused` (default: on unless the environment sets EVOMERGE_FUSED=0): on CPU in float32 with
-    resident placement, build the task-arithmetic family's tensors with compiled whole-tensor
-    kernels (checked against the chunked path on first use; any failure falls back to it).
+    `fused`: on CPU in float32 with resident placement, build the task-arithmetic family's
+    tensors with compiled whole-tensor kernels (checked against the chunked path on first use;
+    any failure falls back to it). None (default): on for models of at least FUSED_MIN_PARAMS
+    merged parameters, or as the environment's EVOMERGE_FUSED=1/0 says.
     """
 
     model: torch.nn.Module
@@ -342,8 +346,11 @@ class InPlaceMerger:
         # The fused kernels add the rows one by one, which equals the engine's sum(dim=0) only
         # where that was checked (or for one row); float32 only (inductor computes bfloat16 and
         # float16 in float32 without rounding between operations).
-        self._fused = (fused if fused is not None else os.environ.get(FUSED_ENV, "1") != "0") \
-            and self.device.type == "cpu" and placement == "resident" \
+        if fused is None:
+            env = os.environ.get(FUSED_ENV, "")
+            n_params = sum(e.numel for e in self._entries.values())
+            fused = env == "1" or (env != "0" and n_params >= FUSED_MIN_PARAMS)
+        self._fused = fused and self.device.type == "cpu" and placement == "resident" \
             and self.dtype == torch.float32 and self._ta \
             and self._sparsifier is not Sparsifier.MAGNITUDE_OUTLIERS \
             and (rows == 1 or self._sequential_sum)
