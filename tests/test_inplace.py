@@ -133,7 +133,7 @@ def test_chunked_path_without_fused_kernels_equals_the_engine(family, method, mo
 
 
 def test_a_failing_compile_falls_back_to_the_chunked_path(family, monkeypatch):
-    def no_compiler(name, fn):
+    def no_compiler(name, fn, variant):
         def run(*args):
             raise RuntimeError("no C++ compiler")
         return run
@@ -147,8 +147,8 @@ def test_a_failing_compile_falls_back_to_the_chunked_path(family, monkeypatch):
 def test_a_fused_kernel_that_differs_is_dropped(family, monkeypatch):
     real = inplace_mod._kernel
 
-    def off_by_one_ulp(name, fn):
-        compiled = real(name, fn)
+    def off_by_one_ulp(name, fn, variant):
+        compiled = real(name, fn, variant)
 
         def run(*args):
             compiled(*args)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
@@ -682,10 +683,10 @@ class InPlaceMerger:
                                      torch.empty((n, self._largest), dtype=dt,
                                                  device=self.device))
             one = torch.ones((), dtype=dt)
+            absolutes = list(self._ws.full[dt][1][:, : e.numel].unbind(0))
+            _kernel("mask", _mask_kernel, (kind, n))(absolutes, kind, deltas, aa, bb, tt)
             for row in range(n):
-                absolute = self._ws.full[dt][1][row, : e.numel]
-                _kernel("mask", _mask_kernel)(absolute, kind, deltas[row], aa[row], bb[row],
-                                              tt[row])
+                absolute = absolutes[row]
                 ratio = one
                 if not f.full[row]:  # sparsify._apply_mask's L1 matching and guard
                     after = absolute.view(e.shape).sum()
@@ -699,7 +700,7 @@ class InPlaceMerger:
         if not consensus and shared["normalize"]:
             divisor = weights.reshape(n, 1).sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
-        _kernel("combine", _combine_kernel)(
+        _kernel("combine", _combine_kernel, (kind, consensus, n))(
             e.target, e.base, kind, deltas, aa, bb, tt, list(weights.unbind(0)), consensus,
             torch.tensor(bool(shared["normalize"])), divisor,
             torch.tensor(shared["lambda"], dtype=dt))
@@ -959,9 +960,11 @@ def _row_sum(rows: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _mask_kernel(absolute: torch.Tensor, kind: str, d: torch.Tensor, a: torch.Tensor | None,
-                 b: torch.Tensor | None, t: torch.Tensor | None) -> None:
-    absolute.copy_(_sparse_row(kind, d, a, b, t).abs())
+def _mask_kernel(absolutes: list[torch.Tensor], kind: str, deltas: list[torch.Tensor],
+                 aa: list[torch.Tensor | None], bb: list[torch.Tensor | None],
+                 tt: list[torch.Tensor | None]) -> None:
+    for out, d, a, b, t in zip(absolutes, deltas, aa, bb, tt, strict=True):
+        out.copy_(_sparse_row(kind, d, a, b, t).abs())
 
 
 def _combine_kernel(target: torch.Tensor, base: torch.Tensor, kind: str,
@@ -986,20 +989,21 @@ def _combine_kernel(target: torch.Tensor, base: torch.Tensor, kind: str,
     target.copy_(base + mixed * lam)
 
 
-_KERNELS: dict[str, Callable[..., None]] = {}
+_KERNELS: dict[tuple, Callable[..., None]] = {}
 
 
-def _kernel(name: str, fn: Callable[..., None]) -> Callable[..., None]:
-    """fn compiled once per process (dynamic shapes: one kernel for every tensor size)."""
-    compiled = _KERNELS.get(name)
+def _kernel(name: str, fn: Callable[..., None], variant: tuple) -> Callable[..., None]:
+    """fn compiled once per process and variant (dynamic shapes: one kernel for every tensor
+    size). Each variant compiles a copy of fn with its own code object: dynamo limits the
+    graphs per code object (8), and a search's variants (row kinds, consensus, row counts)
+    would otherwise share that limit."""
+    key = (name, *variant)
+    compiled = _KERNELS.get(key)
     if compiled is None:
-        compiled = _KERNELS[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-
-    def run(*args: Any) -> None:
-        # variants (row kinds, consensus, row counts) are separate graphs of one function
-        with torch._dynamo.config.patch(recompile_limit=64):
-            compiled(*args)
-    return run
+        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                  fn.__defaults__, fn.__closure__)
+        compiled = _KERNELS[key] = torch.compile(copy, dynamic=True, fullgraph=True)
+    return compiled
 
 
 class _Row:
