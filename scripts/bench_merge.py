@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             merger = InPlaceMerger([str(s) for s in sources], str(base), method,
                                    dtype=torch.float32, chunk=args.chunk)
             setup = time.perf_counter() - t1
-            merger.build(recipe)  # warm-up; uniforms are generated here for dare/della
+            t1 = time.perf_counter()
+            merger.build(recipe)  # warm-up: dare/della uniforms, the fused kernels' compile
+            first = time.perf_counter() - t1
             times = []
             for _ in range(repeats):
                 t2 = time.perf_counter()
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             t_copy = time_copy(ideal, repeats)
             mk = mergekit_time(args.mergekit_venv, recipe, work)
             rows.append((method, t_merge, ideal, t_copy, mk))
-            print(f"  {method}: setup {setup:.1f}s, build {t_merge * 1e3:.0f} ms "
+            print(f"  {method}: setup {setup:.1f}s, first build {first:.1f}s, "
+                  f"build {t_merge * 1e3:.0f} ms "
                   f"(runs {[round(t * 1e3) for t in times]}), copy {t_copy * 1e3:.0f} ms"
                   + (f", mergekit {mk:.1f}s" if mk else ""), flush=True)
     finally:
