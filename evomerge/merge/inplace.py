@@ -413,18 +413,19 @@ class InPlaceMerger:
             # comparison of ranks); CUDA: the order on the host (two lookups per cut).
             descending = self._sparsifier is Sparsifier.MAGNITUDE
             index = _index_dtype(numel)
+            ranks_here = self.device.type == "cpu"
             orders = torch.empty((len(keys), numel), dtype=index)
             for row in range(len(keys)):
                 key = _sort_key(entry.inputs[row])
                 order = torch.argsort(key, descending=descending, stable=True).cpu()
-                if cuda_ranks := self.device.type != "cpu":
-                    orders[row] = order
-                else:
+                if ranks_here:  # the inverse permutation: rank[order[j]] = j
                     orders[row, order] = torch.arange(numel, dtype=index)
-            if cuda_ranks:
-                entry.orders = orders
-            else:
+                else:
+                    orders[row] = order
+            if ranks_here:
                 entry.mag_ranks = orders
+            else:
+                entry.orders = orders
         if self._sparsifier is Sparsifier.DELLA_MAGPRUNE:
             ranks = torch.empty((len(keys), numel), dtype=torch.int32, device=self._host)
             for row in range(len(keys)):
