@@ -5,15 +5,19 @@ the same run the median time of torch copies that move the method's ideal bytes:
 input that a candidate must read, read once, plus the target written once:
 
   linear                      (m + 1) * N * s     m sources (the base is one of them)
-  task_arithmetic, ties,      (n + 2) * N * s     base + n task vectors + target
-  breadcrumbs*
+  task_arithmetic             (n + 2) * N * s     base + n task vectors + target
+  ties, breadcrumbs*          (n + 2) * N * s + n * N * 4     + int32 magnitude ranks
   dare_*                      (n + 2) * N * s + n * N * 8     + float64 mask uniforms
   della*                      (n + 2) * N * s + n * N * 12    + uniforms + int32 ranks
 
-(N parameters, s bytes per element, n = 3 non-base sources.) The magnitude orders of ties and
-breadcrumbs are not read per candidate (two lookups per source and tensor), so they are not
-counted. A copy of B/2 bytes reads B/2 and writes B/2: it moves B bytes. The table's ratio is
-copy time / merger time (1.0 = as fast as a copy of the ideal bytes).
+(N parameters, s bytes per element, n = 3 non-base sources.) On CPU the merger keeps, for ties
+and breadcrumbs, each element's rank in the stable magnitude order (int32) and reads it for every
+candidate (the mask is one integer comparison), so those bytes are counted. (Until 2026-11 it
+read only the deltas and compared |delta| with a looked-up threshold; its ideal was then
+(n + 2) * N * s: 20 instead of 32 bytes per parameter in float32 with n = 3, so a ratio here
+is 1.6x the ratio against that older reference.) A copy of B/2 bytes reads B/2 and writes B/2:
+it moves B bytes. The table's ratio is copy time / merger time (1.0 = as fast as a copy of the
+ideal bytes).
 
 Full mode: sources of about 200M float32 parameters each (a base and three fine-tunes, 3.3 GB
 on disk), 5 repeats; about 15 minutes and 12 GB of memory on 2 cores. --quick: about 20M
@@ -115,6 +119,8 @@ def ideal_bytes(method: str, n_params: int, n: int, s: int = 4) -> int:
     if method == "linear":
         return (n + 1 + 1) * n_params * s  # n fine-tunes + the base, + the target
     total = (n + 2) * n_params * s
+    if method == "ties" or method.startswith("breadcrumbs"):
+        total += n * n_params * 4
     if method.startswith("dare"):
         total += n * n_params * 8
     if method.startswith("della"):
@@ -198,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             merger = InPlaceMerger([str(s) for s in sources], str(base), method,
                                    dtype=torch.float32, chunk=args.chunk)
             setup = time.perf_counter() - t1
-            merger.build(recipe)  # warm-up; uniforms are generated here for dare/della
+            t1 = time.perf_counter()
+            merger.build(recipe)  # warm-up: dare/della uniforms, the fused kernels' compile
+            first = time.perf_counter() - t1
             times = []
             for _ in range(repeats):
                 t2 = time.perf_counter()
@@ -211,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             t_copy = time_copy(ideal, repeats)
             mk = mergekit_time(args.mergekit_venv, recipe, work)
             rows.append((method, t_merge, ideal, t_copy, mk))
-            print(f"  {method}: setup {setup:.1f}s, build {t_merge * 1e3:.0f} ms "
+            print(f"  {method}: setup {setup:.1f}s, first build {first:.1f}s, "
+                  f"build {t_merge * 1e3:.0f} ms "
                   f"(runs {[round(t * 1e3) for t in times]}), copy {t_copy * 1e3:.0f} ms"
                   + (f", mergekit {mk:.1f}s" if mk else ""), flush=True)
     finally:

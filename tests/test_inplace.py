@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from merge_helpers import model_family
 
+from evomerge.merge import inplace as inplace_mod
 from evomerge.merge import sources as sources_mod
 from evomerge.merge.engine import merge_state_dict
 from evomerge.merge.inplace import InPlaceMerger, memory_plan_from_shapes, plan
@@ -74,13 +76,92 @@ def assert_equal_to_engine(merger: InPlaceMerger, recipe: Recipe) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", METHODS)
-def test_equal_to_engine_for_every_method(family, method, dtype):
+def test_equal_to_engine_for_every_method(family, method, dtype, monkeypatch):
     # chunk=37 splits every tensor at odd places: results must not depend on the chunking.
+    monkeypatch.delenv("EVOMERGE_FUSED", raising=False)
     merger = InPlaceMerger(family[1:], family[0], method, dtype=dtype, chunk=37)
+    assert not merger._fused  # small model: the chunked path (the fused one: tests below)
     assert_equal_to_engine(merger, models_recipe(method, family, dtype, mask_seed=5))
     assert_equal_to_engine(merger, slices_recipe(method, family, dtype, mask_seed=5))
     # another mask seed regenerates the uniforms; another recipe reuses the same model
     assert_equal_to_engine(merger, models_recipe(method, family, dtype, mask_seed=11))
+
+
+FUSED = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear")
+
+
+@pytest.mark.parametrize("method", FUSED)
+def test_fused_kernels_are_used_and_equal_the_engine(family, method):
+    # CPU float32: whole-tensor compiled kernels, checked against the chunked path once
+    merger = InPlaceMerger(family[1:], family[0], method, dtype="float32", fused=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to the chunked path
+        assert_equal_to_engine(merger, models_recipe(method, family, "float32", mask_seed=5))
+        assert_equal_to_engine(merger, slices_recipe(method, family, "float32", mask_seed=9))
+    assert merger._fused and merger._fused_checked
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_fused_kernels_with_dense_and_zeroed_rows(family, method):
+    # density 1 keeps a row whole (also under the L1 rescale); density 0 zeroes it (that
+    # tensor takes the chunked path); a tiny density keeps one element (ties)
+    densities = (1.0, 0.0, 0.3) if method != "ties" else (1.0, 1e-9, 0.3)
+    models = [{"model": m, "parameters": {"weight": 0.7, "density": d,
+                                          **EXTRA.get(method, {})}}
+              for m, d in zip(family[1:], densities, strict=True)]
+    models[1]["parameters"]["density"] = [{"filter": "mlp", "value": densities[1]},
+                                          {"value": 0.5}]
+    recipe = Recipe.from_dict({"merge_method": method, "base_model": family[0],
+                               "models": models, "dtype": "float32", "mask_seed": 3})
+    merger = InPlaceMerger(family[1:], family[0], method, dtype="float32", fused=True)
+    assert_equal_to_engine(merger, recipe)
+    assert merger._fused
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_chunked_path_without_fused_kernels_equals_the_engine(family, method, monkeypatch):
+    merger = InPlaceMerger(family[1:], family[0], method, dtype="float32", fused=False,
+                           chunk=37)
+    assert_equal_to_engine(merger, models_recipe(method, family, "float32", mask_seed=5))
+    # fused=None: off for small models unless EVOMERGE_FUSED=1, off everywhere with 0
+    assert not InPlaceMerger(family[1:], family[0], method, dtype="float32")._fused
+    monkeypatch.setenv("EVOMERGE_FUSED", "1")
+    assert InPlaceMerger(family[1:], family[0], method, dtype="float32")._fused
+    assert not InPlaceMerger(family[1:], family[0], method, dtype="bfloat16")._fused
+    monkeypatch.setenv("EVOMERGE_FUSED", "0")
+    assert not InPlaceMerger(family[1:], family[0], method, dtype="float32")._fused
+
+
+def test_a_failing_compile_falls_back_to_the_chunked_path(family, monkeypatch):
+    def no_compiler(name, fn, variant):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+    monkeypatch.setattr(inplace_mod, "_kernel", no_compiler)
+    merger = InPlaceMerger(family[1:], family[0], "ties", dtype="float32", fused=True)
+    with pytest.warns(UserWarning, match="fused kernels failed"):
+        assert_equal_to_engine(merger, models_recipe("ties", family, "float32"))
+    assert not merger._fused
+
+
+def test_a_fused_kernel_that_differs_is_dropped(family, monkeypatch):
+    real = inplace_mod._kernel
+
+    def off_by_one_ulp(name, fn, variant):
+        compiled = real(name, fn, variant)
+
+        def run(*args):
+            compiled(*args)
+            if name == "combine":
+                target = args[0]
+                target.copy_(torch.nextafter(target, torch.full_like(target, 1e9)))
+        return run
+    monkeypatch.setattr(inplace_mod, "_kernel", off_by_one_ulp)
+    merger = InPlaceMerger(family[1:], family[0], "dare_ties", dtype="float32", fused=True)
+    with pytest.warns(UserWarning, match="differs from the chunked path"):
+        assert_equal_to_engine(merger, models_recipe("dare_ties", family, "float32"))
+    assert not merger._fused
+    assert_equal_to_engine(merger, models_recipe("dare_ties", family, "float32", mask_seed=4))
 
 
 @pytest.mark.parametrize("method,params", [
@@ -260,7 +341,8 @@ def test_memory_plan_reads_headers_only_and_counts_the_resident_bytes(family, mo
     assert p.parts["inputs"][1] == sum(e.inputs.numel() * e.inputs.element_size()
                                        for e in entries)
     assert p.parts["base"][1] == p.parts["target"][1] == n_params * 2
-    assert p.parts["orders"][1] == sum(e.orders.numel() * 4 for e in entries)
+    # on CPU the magnitude sparsifiers keep each element's rank in the order (int32)
+    assert p.parts["orders"][1] == sum(e.mag_ranks.numel() * 4 for e in entries)
     assert "uniforms" not in p.parts
     dare = plan(family[1:], family[0], "dare_ties", placement="stream", device="cuda")
     assert dare.parts["uniforms"] == ("host", 3 * n_params * 8)

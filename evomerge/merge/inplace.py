@@ -7,9 +7,10 @@ and writes each candidate's merged tensors into one preallocated Hugging Face mo
 - every method: per tensor, the inputs stacked as one [rows, numel] tensor: the task vectors
   x_i - B of the non-base sources (task-arithmetic family, with the base B), or the sources
   themselves (linear);
-- magnitude sparsifiers (ties, breadcrumbs*): the stable argsort of each |delta| on the host, so a
-  density's cut is two lookups and the mask one comparison (ties in |delta| are split by the
-  element index, exactly as the sort does);
+- magnitude sparsifiers (ties, breadcrumbs*): on CPU, each element's position (rank) in the
+  stable argsort of its |delta|, so a density's cut is one integer comparison; on CUDA the
+  argsort itself on the host, so a cut is two lookups and the mask one comparison of |delta|
+  (ties in |delta| are split by the element index, exactly as the sort does);
 - random sparsifiers (dare_*, della*): each source's mask uniforms (float64, generated once per
   mask seed); della also the per-row magnitude ranks, so keep probabilities are a table lookup.
 
@@ -18,12 +19,23 @@ device and dtype): each candidate runs the engine's sequence of torch operations
 cache-sized chunks of the flattened tensors, with preallocated workspaces, so nothing grows from
 candidate to candidate. Elementwise operations and the reductions over the source axis do not
 depend on the chunking; the whole-tensor L1 norms of `rescale` are computed on full tensors as
-the engine does. This module imports neither lm-eval nor optimizers.
+the engine does.
+
+On CPU in float32, the task-arithmetic family's per-tensor math also runs as one fused
+whole-tensor kernel (`torch.compile`, inductor's C++ backend) that reads each input once: the
+same operations in the same order, elementwise, so the same bits (inductor compiles without
+floating-point contraction or reassociation). Each kernel variant is checked against the
+chunked path the first time it runs; a compile failure (no C++ compiler) or any difference
+switches the merger to the chunked path for good, with a warning. This module imports neither
+lm-eval nor optimizers.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import types
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -59,6 +71,11 @@ from evomerge.recipe import Recipe, same_model
 Placement = Literal["resident", "stream"]
 PLACEMENTS = ("resident", "stream")
 CPU_CHUNK = 1 << 17  # elements per chunk on CPU: a chunk's workspaces stay in the L2/L3 caches
+# The compiled whole-tensor kernels (fused=None): on for models of at least FUSED_MIN_PARAMS
+# merged parameters (below that, a candidate takes milliseconds and the compile, 5-40 s once per
+# process, does not pay off); EVOMERGE_FUSED=1 or 0 turns them on or off for every size.
+FUSED_ENV = "EVOMERGE_FUSED"
+FUSED_MIN_PARAMS = 1 << 24
 _MAGNITUDE_SPARSIFIERS = (Sparsifier.MAGNITUDE, Sparsifier.MAGNITUDE_OUTLIERS)
 _RANDOM_SPARSIFIERS = (Sparsifier.RANDOM, Sparsifier.DELLA_MAGPRUNE)
 
@@ -121,10 +138,11 @@ def memory_plan_from_shapes(shapes: Mapping[str, Sequence[int]], method: str, ro
     """The memory formula over the merged tensors' shapes (see docs/inplace.md).
 
     With s the dtype's bytes, N the parameters, n the rows per tensor and M the largest tensor:
-    target N*s; base N*s (task-arithmetic family); inputs n*N*s; magnitude orders n*N*4 on the
-    host (ties, breadcrumbs*); uniforms n*N*8 (dare*, della*); della ranks n*N*4; workspaces
-    C*(n*(2s+2) + 4s + 10) for chunks of C = min(M, chunk) elements (whole tensors on CUDA),
-    plus M*(4 + n) for the L1 rescale of dare*/della*. "stream" keeps the inputs on the host and
+    target N*s; base N*s (task-arithmetic family); inputs n*N*s; magnitude orders (CUDA) or
+    ranks (CPU) n*N*4 on the host (ties, breadcrumbs*); uniforms n*N*8 (dare*, della*); della
+    ranks n*N*4; workspaces C*(n*(2s+2) + 4s + 10) for chunks of C = min(M, chunk) elements
+    (whole tensors on CUDA), plus M*w*(n + 1) (w the work dtype's bytes) for the L1 rescale of
+    dare*/della*. "stream" keeps the inputs on the host and
     adds device staging buffers for the largest tensor's inputs.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -157,7 +175,7 @@ def memory_plan_from_shapes(shapes: Mapping[str, Sequence[int]], method: str, ro
     c = largest if dev.type == "cuda" else min(largest, chunk or CPU_CHUNK)
     work = c * (n * (2 * s + 2) + 4 * s + 10)
     if sparsifier in _RANDOM_SPARSIFIERS:
-        work += largest * (_element_size(_work_dtype(torch_dtype)) + n)
+        work += largest * _element_size(_work_dtype(torch_dtype)) * (n + 1)
     parts["workspace"] = ("device", work)
     if placement == "stream":
         staging = largest * (per_element + (s if isinstance(m, TaskArithmeticMerge) else 0))
@@ -223,7 +241,8 @@ class _Entry:
     inputs: torch.Tensor  # [n, N]: task vectors, or linear's sources
     keys: tuple[int, ...]  # group key (slice source index) of each input row
     base: torch.Tensor | None = None  # [N] (task-arithmetic family)
-    orders: torch.Tensor | None = None  # host [n, N]: stable argsort of |delta|
+    orders: torch.Tensor | None = None  # host [n, N] (CUDA): stable argsort of |delta|
+    mag_ranks: torch.Tensor | None = None  # [n, N] (CPU): each element's position in it
     ranks: torch.Tensor | None = None  # [n, N] int32: della ranks of |delta| along dim 1
     uniforms: torch.Tensor | None = None  # [n, N] float64 for the merger's mask seed
     l1: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> |delta|.abs().sum()
@@ -264,6 +283,11 @@ class InPlaceMerger:
     placement "resident": everything on `device`. "stream": the resident inputs stay in CPU
     memory (pinned when CUDA is available) and are copied to `device` tensor by tensor; only the
     target model and one tensor's staging and workspace buffers live on `device`.
+
+    `fused`: on CPU in float32 with resident placement, build the task-arithmetic family's
+    tensors with compiled whole-tensor kernels (checked against the chunked path on first use;
+    any failure falls back to it). None (default): on for models of at least FUSED_MIN_PARAMS
+    merged parameters, or as the environment's EVOMERGE_FUSED=1/0 says.
     """
 
     model: torch.nn.Module
@@ -271,7 +295,8 @@ class InPlaceMerger:
     def __init__(self, models: Sequence[str], base_model: str | None, method: str, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
                  placement: Placement = "resident", allow_pickle: bool = False,
-                 tokenizer_source: str | None = None, chunk: int | None = None) -> None:
+                 tokenizer_source: str | None = None, chunk: int | None = None,
+                 fused: bool | None = None) -> None:
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         self.device = torch.device(device)
@@ -319,6 +344,18 @@ class InPlaceMerger:
         self._largest = largest
         self._ws = self._workspace(rows, self._chunk)
         self._sequential_sum = not cuda and _sequential_sum_is_exact(rows, self.dtype)
+        # The fused kernels add the rows one by one, which equals the engine's sum(dim=0) only
+        # where that was checked (or for one row); float32 only (inductor computes bfloat16 and
+        # float16 in float32 without rounding between operations).
+        if fused is None:
+            env = os.environ.get(FUSED_ENV, "")
+            n_params = sum(e.numel for e in self._entries.values())
+            fused = env == "1" or (env != "0" and n_params >= FUSED_MIN_PARAMS)
+        self._fused = fused and self.device.type == "cpu" and placement == "resident" \
+            and self.dtype == torch.float32 and self._ta \
+            and self._sparsifier is not Sparsifier.MAGNITUDE_OUTLIERS \
+            and (rows == 1 or self._sequential_sum)
+        self._fused_checked: set[tuple] = set()  # kernel variants already checked here
         self._staging: dict[str, torch.Tensor] = {}
         if placement == "stream":
             self._staging = self._make_staging(rows, largest)
@@ -371,12 +408,24 @@ class InPlaceMerger:
                        cols=first.shape[1] if first.dim() >= 2 else numel,
                        target=flat_target, inputs=self._place(rows), keys=keys, base=base)
         if self._sparsifier in _MAGNITUDE_SPARSIFIERS:
+            # ties keeps the first k of the stable descending order, breadcrumbs a range of the
+            # ascending one. CPU: store each element's rank in that order (the mask is then a
+            # comparison of ranks); CUDA: the order on the host (two lookups per cut).
             descending = self._sparsifier is Sparsifier.MAGNITUDE
-            orders = torch.empty((len(keys), numel), dtype=_index_dtype(numel))
+            index = _index_dtype(numel)
+            ranks_here = self.device.type == "cpu"
+            orders = torch.empty((len(keys), numel), dtype=index)
             for row in range(len(keys)):
                 key = _sort_key(entry.inputs[row])
-                orders[row] = torch.argsort(key, descending=descending, stable=True).cpu()
-            entry.orders = orders
+                order = torch.argsort(key, descending=descending, stable=True).cpu()
+                if ranks_here:  # the inverse permutation: rank[order[j]] = j
+                    orders[row, order] = torch.arange(numel, dtype=index)
+                else:
+                    orders[row] = order
+            if ranks_here:
+                entry.mag_ranks = orders
+            else:
+                entry.orders = orders
         if self._sparsifier is Sparsifier.DELLA_MAGPRUNE:
             ranks = torch.empty((len(keys), numel), dtype=torch.int32, device=self._host)
             for row in range(len(keys)):
@@ -541,6 +590,123 @@ class InPlaceMerger:
                 e.target[lo:hi].copy_(acc)
 
     def _task_arithmetic(self, e: _Entry, job: TensorJob) -> None:
+        if self._fused:
+            inputs = self._fused_inputs(e, job)  # raises the chunked path's ValueErrors
+            if inputs is not None and self._fused_run(e, job, inputs):
+                return
+        self._task_arithmetic_chunked(e, job)
+
+    # --- the fused whole-tensor kernels (CPU, float32) ----------------------------------------
+
+    def _fused_inputs(self, e: _Entry, job: TensorJob) -> _FusedInputs | None:
+        """Per-row mask inputs for the fused kernels, or None where the chunked path must run
+        (zeroed rows, inverse-density rescale, empty tensors)."""
+        sp = self._sparsifier
+        shared = job.shared
+        rescale = RescaleMode(shared["rescale_mode"]) if shared["rescale"] else None
+        if e.numel == 0 or (sp is not None and rescale is RescaleMode.INVERSE_DENSITY):
+            return None
+        kind = {None: "dense", Sparsifier.MAGNITUDE: "rank", Sparsifier.RANDOM: "random",
+                Sparsifier.DELLA_MAGPRUNE: "della"}[sp]
+        n = len(e.keys)
+        aa: list[torch.Tensor | None] = [None] * n
+        bb: list[torch.Tensor | None] = [None] * n
+        tt: list[torch.Tensor | None] = [None] * n
+        full: list[bool] = [True] * n
+        for row, k in enumerate(e.keys):
+            if sp is None:
+                continue
+            params = job.per_source[k]
+            density = params.get("density", 1.0)
+            if density <= 0:
+                return None
+            # density >= 1 keeps the delta as it is: a mask that keeps every element does
+            # the same (delta * 1.0 == delta), and so does an L1 ratio of 1.0 below.
+            full[row] = density >= 1
+            if sp is Sparsifier.MAGNITUDE:
+                assert e.mag_ranks is not None
+                k_top = e.numel if full[row] else max(1, int(density * e.numel))
+                aa[row], tt[row] = e.mag_ranks[row], torch.tensor(k_top, dtype=torch.int64)
+            elif sp is Sparsifier.RANDOM:
+                assert e.uniforms is not None
+                aa[row] = e.uniforms[row]
+                tt[row] = torch.tensor(2.0 if full[row] else density, dtype=torch.float64)
+            else:
+                assert e.uniforms is not None and e.ranks is not None
+                if full[row]:
+                    table = torch.full((e.cols,), 2.0, dtype=torch.float64)
+                else:
+                    check_della_density(density, params["epsilon"])
+                    table = self._della_table(e.cols, density, params["epsilon"])
+                aa[row], bb[row], tt[row] = e.uniforms[row], e.ranks[row], table
+        l1 = sp is not None and rescale is RescaleMode.L1
+        return _FusedInputs(kind, aa, bb, tt, full, l1)
+
+    def _fused_run(self, e: _Entry, job: TensorJob, f: _FusedInputs) -> bool:
+        """Runs the fused kernels into e.target; False (and the merger falls back to the chunked
+        path for good) if they cannot be compiled here. A kernel variant's first run is checked
+        against the chunked path, which then writes the target either way."""
+        method: TaskArithmeticMerge = self.method  # type: ignore[assignment]
+        consensus = method.consensus is Consensus.SUM
+        key = (f.kind, f.l1, consensus, len(e.keys))
+        try:
+            self._fused_kernels(e, job, f, consensus)
+        except Exception as err:  # noqa: BLE001 - no compiler, an inductor limitation, ...
+            self._fused = False
+            warnings.warn(f"in-place merger: the fused kernels failed ({type(err).__name__}: "
+                          f"{str(err)[:200]}); using the chunked path", stacklevel=4)
+            return False
+        if key in self._fused_checked:
+            return True
+        fused = e.target.clone()
+        self._task_arithmetic_chunked(e, job)
+        if torch.equal(fused, e.target):
+            self._fused_checked.add(key)
+        else:
+            self._fused = False
+            warnings.warn(f"in-place merger: the fused kernel {key} differs from the chunked "
+                          f"path on {e.name}; using the chunked path", stacklevel=4)
+        return True
+
+    def _fused_kernels(self, e: _Entry, job: TensorJob, f: _FusedInputs,
+                       consensus: bool) -> None:
+        n = len(e.keys)
+        shared = job.shared
+        dt = self.dtype
+        deltas: list[torch.Tensor] = list(e.inputs.unbind(0))
+        kind, tt = f.kind, list(f.tt)
+        aa, bb = list(f.aa), list(f.bb)
+        if f.l1:
+            # pass 1: |masked delta| of the whole tensor, for the engine's L1 sum; pass 2
+            # rebuilds the masked delta as copysign(|masked|, delta) (the same bits)
+            if dt not in self._ws.full:
+                self._ws.full[dt] = (torch.empty(self._largest, dtype=dt, device=self.device),
+                                     torch.empty((n, self._largest), dtype=dt,
+                                                 device=self.device))
+            one = torch.ones((), dtype=dt)
+            absolutes = list(self._ws.full[dt][1][:, : e.numel].unbind(0))
+            _kernel("mask", _mask_kernel, (kind, n))(absolutes, kind, deltas, aa, bb, tt)
+            for row in range(n):
+                absolute = absolutes[row]
+                ratio = one
+                if not f.full[row]:  # sparsify._apply_mask's L1 matching and guard
+                    after = absolute.view(e.shape).sum()
+                    before = self._l1_before(e, row, deltas[row], False)
+                    if not (before < 1e-7 or after < 1e-7):
+                        ratio = before / after
+                aa[row], tt[row] = absolute, ratio
+            kind, bb = "kept", [None] * n
+        weights = torch.tensor([job.per_source[k]["weight"] for k in e.keys], dtype=dt)
+        divisor = torch.ones(1, dtype=dt)
+        if not consensus and shared["normalize"]:
+            divisor = weights.reshape(n, 1).sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        _kernel("combine", _combine_kernel, (kind, consensus, n))(
+            e.target, e.base, kind, deltas, aa, bb, tt, list(weights.unbind(0)), consensus,
+            torch.tensor(bool(shared["normalize"])), divisor,
+            torch.tensor(shared["lambda"], dtype=dt))
+
+    def _task_arithmetic_chunked(self, e: _Entry, job: TensorJob) -> None:
         method: TaskArithmeticMerge = self.method  # type: ignore[assignment]
         inputs, base, uniforms_, ranks = self._stage(e)
         assert base is not None
@@ -637,10 +803,12 @@ class InPlaceMerger:
         return e.l1[row]
 
     def _topk_mask(self, e: _Entry, row: int, density: float) -> _MaskFn:
+        k = max(1, int(density * e.numel))
+        if e.mag_ranks is not None:  # CPU: the first k of the stable descending order
+            return self._rank_mask(e.mag_ranks[row], 0, k)
         # Stable descending order keeps the first k of (-|x|, index): |x| > thr, plus the
         # elements equal to thr up to the index of the k-th kept element.
         assert e.orders is not None
-        k = max(1, int(density * e.numel))
         cut = int(e.orders[row, k - 1])
         thr = _abs_at(e.inputs[row], cut)
         delta = self._stage_row(e, row)
@@ -654,12 +822,14 @@ class InPlaceMerger:
     def _outlier_mask(self, e: _Entry, row: int, density: float, gamma: float) -> _MaskFn:
         # magnitude_outliers keeps ascending stable ranks [n_bot, n_bot + target): bounded below
         # and above by (|x|, index) of two elements of the order.
-        assert e.orders is not None
         n = e.numel
         target = max(0, int(density * n))
         n_top = int(gamma * n)
         n_bot = max(0, n - target - n_top)
         start, stop = min(n_bot, n), min(n_bot + target, n)
+        if e.mag_ranks is not None:  # CPU: ranks start..stop-1 of the stable ascending order
+            return self._rank_mask(e.mag_ranks[row], start, stop)
+        assert e.orders is not None
         delta = self._stage_row(e, row)
         lower = upper = None
         if start > 0 and stop > start:
@@ -685,20 +855,38 @@ class InPlaceMerger:
                 out.mul_(tmp)
         return mask_fn
 
+    def _rank_mask(self, ranks: torch.Tensor, start: int, stop: int) -> _MaskFn:
+        """mask = start <= rank < stop, as 1.0 / 0.0 (the elements that `mask[order[start:stop]]
+        = 1` sets, since rank is the inverse permutation of order)."""
+
+        def mask_fn(out: torch.Tensor, lo: int, hi: int) -> None:
+            if stop <= start:
+                out.zero_()
+                return
+            torch.lt(ranks[lo:hi], stop, out=out)
+            if start > 0:
+                tmp = self._ws.tmp[: hi - lo]
+                torch.ge(ranks[lo:hi], start, out=tmp)
+                out.mul_(tmp)
+        return mask_fn
+
     def _della_mask(self, e: _Entry, u: torch.Tensor, ranks: torch.Tensor, density: float,
                     epsilon: float) -> _MaskFn:
         # della_probabilities over the `cols` possible ranks, then one gather per element: the
         # same float64 operations on the same values as the engine's whole-tensor computation.
-        cols = e.cols
-        r = torch.arange(cols, dtype=torch.float64, device=self.device)
-        rank_norm = r / (cols - 1) if cols > 1 else torch.full_like(r, 0.5)
-        table = (density - epsilon) + rank_norm * (2 * epsilon)
+        table = self._della_table(e.cols, density, epsilon)
 
         def mask_fn(out: torch.Tensor, lo: int, hi: int) -> None:
             p = self._ws.probs[: hi - lo]
             torch.index_select(table, 0, ranks[lo:hi], out=p)
             torch.lt(u[lo:hi], p, out=out)
         return mask_fn
+
+    def _della_table(self, cols: int, density: float, epsilon: float) -> torch.Tensor:
+        """della_probabilities for the ranks 0..cols-1, with the engine's float64 operations."""
+        r = torch.arange(cols, dtype=torch.float64, device=self.device)
+        rank_norm = r / (cols - 1) if cols > 1 else torch.full_like(r, 0.5)
+        return (density - epsilon) + rank_norm * (2 * epsilon)
 
     def _stage_row(self, e: _Entry, row: int) -> torch.Tensor:
         if self.placement == "resident":
@@ -734,6 +922,89 @@ class InPlaceMerger:
 
 
 _MaskFn = Callable[[torch.Tensor, int, int], None]
+
+
+@dataclass
+class _FusedInputs:
+    """One candidate's per-row mask inputs for the fused kernels (see _sparse_row)."""
+
+    kind: str  # "dense", "rank", "random" or "della"
+    aa: list[torch.Tensor | None]  # ranks (rank), uniforms (random, della)
+    bb: list[torch.Tensor | None]  # della's ranks along dim 1
+    tt: list[torch.Tensor | None]  # k (rank), density (random), probability table (della)
+    full: list[bool]  # density >= 1: the row is kept whole
+    l1: bool  # the L1 rescale: a first pass writes the masked deltas
+
+
+def _sparse_row(kind: str, d: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None,
+                t: torch.Tensor | None) -> torch.Tensor:
+    """sparsify(delta) elementwise, as the engine computes it: delta * mask.to(dtype)."""
+    if kind == "dense":
+        return d
+    assert t is not None
+    assert a is not None
+    if kind == "kept":  # the L1 pass's |masked delta| with delta's sign, * before / after
+        return torch.copysign(a, d) * t  # copysign(|d * m|, d) == d * m, zeros' signs too
+    if kind == "della":
+        assert b is not None
+        keep = a < t[b]  # U < della_probabilities, the table gathered by rank
+    else:
+        keep = a < t  # rank < k (ties: the first k of the stable order), or U < density
+    return d * keep.to(d.dtype)
+
+
+def _row_sum(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows added one by one: the engine's sum(dim=0) where the merger checked that it is."""
+    out = rows[0]
+    for r in rows[1:]:
+        out = out + r
+    return out
+
+
+def _mask_kernel(absolutes: list[torch.Tensor], kind: str, deltas: list[torch.Tensor],
+                 aa: list[torch.Tensor | None], bb: list[torch.Tensor | None],
+                 tt: list[torch.Tensor | None]) -> None:
+    for out, d, a, b, t in zip(absolutes, deltas, aa, bb, tt, strict=True):
+        out.copy_(_sparse_row(kind, d, a, b, t).abs())
+
+
+def _combine_kernel(target: torch.Tensor, base: torch.Tensor, kind: str,
+                    deltas: list[torch.Tensor], aa: list[torch.Tensor | None],
+                    bb: list[torch.Tensor | None], tt: list[torch.Tensor | None],
+                    weights: list[torch.Tensor], consensus: bool, normalize: torch.Tensor,
+                    divisor: torch.Tensor, lam: torch.Tensor) -> None:
+    """TaskArithmeticMerge.merge elementwise: the same operations in the same order (x / 1.0,
+    x * 1.0 and a where() on `normalize` stand for the engine's skipped steps: exact)."""
+    w_rows = [_sparse_row(kind, d, a, b, t) * w
+              for d, a, b, t, w in zip(deltas, aa, bb, tt, weights, strict=True)]
+    mixed = _row_sum(w_rows)
+    if consensus:
+        majority = (mixed >= 0).to(mixed.dtype) * 2 - 1
+        agree = [(torch.sign(x) == majority).to(x.dtype) for x in w_rows]
+        mixed = _row_sum([x * m for x, m in zip(w_rows, agree, strict=True)])
+        div = _row_sum([w * m for w, m in zip(weights, agree, strict=True)])
+        div = div + (div == 0).to(div.dtype)  # divisor[divisor == 0] = 1
+        mixed = torch.where(normalize, mixed / div, mixed)
+    else:
+        mixed = mixed / divisor
+    target.copy_(base + mixed * lam)
+
+
+_KERNELS: dict[tuple, Callable[..., None]] = {}
+
+
+def _kernel(name: str, fn: Callable[..., None], variant: tuple) -> Callable[..., None]:
+    """fn compiled once per process and variant (dynamic shapes: one kernel for every tensor
+    size). Each variant compiles a copy of fn with its own code object: dynamo limits the
+    graphs per code object (8), and a search's variants (row kinds, consensus, row counts)
+    would otherwise share that limit."""
+    key = (name, *variant)
+    compiled = _KERNELS.get(key)
+    if compiled is None:
+        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                                  fn.__defaults__, fn.__closure__)
+        compiled = _KERNELS[key] = torch.compile(copy, dynamic=True, fullgraph=True)
+    return compiled
 
 
 class _Row:
