@@ -119,9 +119,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         cfg = SearchConfig.load(args.config) if args.config else None
         search = run_search
+    ray_kw = {}
+    if args.workers is not None or args.ray_address:
+        ray_kw = {"workers": args.workers, "ray_address": args.ray_address, "sources": args.sources}
     try:
         out = search(cfg, run_dir=args.resume or args.run_dir, resume=args.resume is not None,
-                     quiet=args.quiet, config_path=args.config)
+                     quiet=args.quiet, config_path=args.config, **ray_kw)
     except SearchStopped:
         where = args.resume or args.run_dir or "the run folder"
         print(f"stopped; every finished candidate is saved. Resume with: evomerge search --resume {where}",
@@ -143,7 +146,27 @@ def _add_search(sub) -> None:
     p.add_argument("--run-dir", type=Path, help="run folder for a new search (default: run_dir of the config, "
                    "else runs/<config name>)")
     p.add_argument("--quiet", action="store_true", help="plain log lines instead of the live panel")
+    p.add_argument("--workers", type=_workers_arg, metavar="N", help="score candidates on N Ray workers "
+                   "(auto: one per GPU of the cluster when device is cuda, else 1); 0 or omitted: in-process "
+                   "(see docs/ray.md)")
+    p.add_argument("--ray-address", metavar="ADDR", help="join a running Ray cluster (auto, or host:port of "
+                   "its head); without it, --workers starts a private local Ray and stops it at the end")
+    p.add_argument("--sources", choices=["path", "object_store"], default="path",
+                   help="how workers get the source models: from their folders, which every node must "
+                   "read at the same path (default), or shipped through Ray's object store")
     p.set_defaults(func=cmd_search)
+
+
+def _workers_arg(v: str) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return n
 
 
 # ----------------------------------------------------------------------------- status
