@@ -124,6 +124,8 @@ class Search:
         tok = load_tokenizer(self.cfg.base_model or self.cfg.models[0], trust_remote_code=self.cfg.trust_remote_code)
         self.display.message("loading models...")
         self.executor = self.executor_factory(self.cfg, self.fitness, tok)
+        if hasattr(self.executor, "should_stop"):
+            self.executor.should_stop = lambda: self.stop_requested
         self.display.start(self.max_generations, self.optimizer.popsize, records)
         # (recipe hash, settings key) -> the record that scored it: a repeated recipe is not re-evaluated
         self.cache = {(r["recipe_hash"], r.get("eval_key")): r for r in records

@@ -22,7 +22,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -115,10 +114,12 @@ class EvalWorker:
         return {"name": self.name, "pid": self.pid, "host": socket.gethostname()}
 
     def run(self, job: EvalJob) -> TrialResult:
-        _fault_hook(job)
         local = job if not self.rename else EvalJob(job.kind, job.generation, job.index, job.genome,
                                                      relocate_recipe(job.recipe, self.rename), job.samples,
                                                      job.eval_key)
+        if _fault_hook(job):  # test-only: killed mid-evaluation, after the merge
+            self.builder.build(local.recipe)
+            os.kill(os.getpid(), signal.SIGKILL)
         res = run_job(local, self.builder, self.fitness, self.tokenizer, penalty=self.cfg.penalty_fitness,
                       batch_size=self.cfg.batch_size)
         if res.status != "ok" and "CUDA error" in (res.reason or ""):
@@ -131,28 +132,27 @@ class EvalWorker:
         return res
 
 
-def _fault_hook(job: EvalJob) -> None:
+def _fault_hook(job: EvalJob) -> bool:
     spec = os.environ.get(KILL_HOOK)
     if not spec or job.kind != "candidate":
-        return
+        return False
     import fcntl
 
     target, times, folder = spec.split(":", 2)
     g, i = (int(v) for v in target.split("/"))
     if (job.generation, job.index) != (g, i):
-        return
+        return False
     counter = Path(folder) / f"kill-{g}-{i}"
     with open(counter, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         n = len(f.read())
         if n >= int(times):
-            return
+            return False
         f.write("x")
         f.flush()
         os.fsync(f.fileno())
-    # Mid-evaluation: the job starts, and the process is killed while it runs.
-    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    return True
 
 
 # ----------------------------------------------------------------------------- the executor
@@ -195,6 +195,10 @@ class RayExecutor:
         self._inflight: dict[Any, _Flight] = {}
         self._bg_retry: deque[tuple[EvalJob, BackgroundWork, int]] = deque()
         self.deaths = 0
+        # Set by the driver: True once SIGTERM asked the search to stop. A local Ray started here
+        # shares the driver's process group, so a SIGTERM to the group stops its workers too: their
+        # deaths are then not the candidates' faults and are not logged.
+        self.should_stop = lambda: False
         if not ray.is_initialized():
             self._init_ray(address, workers)
         n = self._count(workers)
@@ -220,11 +224,19 @@ class RayExecutor:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
         kw: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-        if address:
-            ray.init(address=address, **kw)
-        else:
-            want = self.threads * (workers if isinstance(workers, int) else 1)
-            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, want), **kw)
+        # ray.init installs its own SIGTERM handler (it aborts the process): keep the search's, which
+        # stops it cleanly after the candidate in flight.
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if address:
+                ray.init(address=address, **kw)
+            else:
+                want = self.threads * (workers if isinstance(workers, int) else 1)
+                ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, want), **kw)
+        finally:
+            for s, h in handlers.items():
+                if h is not None:
+                    signal.signal(s, h)
         self._owns_ray = True
 
     def _count(self, workers) -> int:
@@ -327,14 +339,23 @@ class RayExecutor:
         try:
             out = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            if self.should_stop():
+                from evomerge.driver import SearchStopped
+
+                raise SearchStopped() from None
+            if fl.job is None:  # the revival check: still restarting (try again), or dead for good
+                if isinstance(e, ray.exceptions.ActorUnavailableError):
+                    time.sleep(0.5)
+                    self._revive(slot)
+                else:
+                    slot.gone = True
+                    self.log(f"worker {slot.name} is gone: {_cause(e)}")
+                return None
             slot.deaths += 1
             self.deaths += 1
             if slot.deaths > MAX_RESTARTS:
                 slot.gone = True
             reason = _cause(e)
-            if fl.job is None:  # the revival check failed: try again (or give the worker up)
-                self._revive(slot)
-                return None
             what = f"{fl.job.kind} g{fl.job.generation}/{fl.job.index}"
             if not slot.gone:
                 self._revive(slot)
@@ -342,7 +363,8 @@ class RayExecutor:
                 self.log(f"worker {slot.name} died again while scoring {what}: it gets the penalty fitness")
                 fitness = self.penalty if fl.job.kind != "test" else float("nan")
                 return TrialResult(fl.job.recipe.hash(), fitness, "failed",
-                                   f"the worker died twice while scoring it (last: {reason})", worker=slot.name)
+                                   f"the worker died twice while scoring it (last: {reason})",
+                                   worker=(slot.info or {}).get("name", slot.name))
             self.log(f"worker {slot.name} died while scoring {what} ({reason}); Ray restarts it and the job "
                      "runs again")
             return None
