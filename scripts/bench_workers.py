@@ -9,13 +9,13 @@ For 1 and 2 CPU workers (1 torch thread each), two schedules do the same work:
 - barrier: each generation's candidates, then the background work it implies, then the next
   generation (workers idle while the slowest job of a phase finishes);
 - pipelined: the background work runs on workers that the generation leaves idle, while it runs.
-Reported: the wall time from the first candidate to the final record (median of repeats; the
-workers are started once per worker count and are not counted), the workers' busy fraction
+Reported: the wall time from the first candidate to the final record (median of repeats; two
+workers start once, the 1-worker runs use one of them, and their start is not counted), the workers' busy fraction
 (merge + delay + evaluation time over workers x wall), the speed-up over the barrier baseline with
 the same workers, and whether every run has the same history. The table is printed last.
 
-    python scripts/bench_workers.py --quick      # under 2 minutes on 2 cores
-    python scripts/bench_workers.py              # 3 repeats, 4 generations of 6: about 8 minutes
+    python scripts/bench_workers.py --quick      # 1 repeat, 2 generations of 4: under 2 minutes on 2 cores
+    python scripts/bench_workers.py              # 3 repeats, 4 generations of 6: about 10 minutes
 """
 
 from __future__ import annotations
@@ -113,31 +113,43 @@ def measure(run_dir: Path, workers: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 repeat, 3 generations of 4 (under 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="1 repeat, 2 generations of 4 (under 2 minutes)")
     ap.add_argument("--zoo", type=Path, default=REPO / "artifacts" / "zoo")
     ap.add_argument("--delay", type=float, default=None, help="mean extra delay per build, seconds")
     ap.add_argument("--seed", type=int, default=3)
     args = ap.parse_args()
-    gens, popsize, repeats = (3, 4, 1) if args.quick else (4, 6, 3)
-    mean = args.delay if args.delay is not None else (0.6 if args.quick else 1.0)
+    gens, popsize, repeats = (2, 4, 1) if args.quick else (4, 6, 3)
+    mean = args.delay if args.delay is not None else 1.2
     t_start = time.monotonic()
 
     import ray
+
+    from evomerge.codec import make_codec
     from evomerge.config import SearchConfig
     from evomerge.driver import run_search
+    from evomerge.executor import EvalJob
+    from evomerge.merge.sources import load_source
     from evomerge.run import RunFolder, history
     from evomerge.workers import RayExecutor
 
     cfg = SearchConfig.from_dict(config(args.zoo, gens, popsize, args.seed))
-    builder = DelayedBuilder(args.seed, mean, sigma=0.9)
+    builder = DelayedBuilder(args.seed, mean, sigma=1.0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     rows, histories = [], []
     try:
-        for workers in (1, 2):
-            ex = RayExecutor(cfg, None, None, workers=workers, threads=1, builder_factory=builder)
-            try:
+        # Two workers start once; the 1-worker runs use the first only.
+        ex = RayExecutor(cfg, None, None, workers=2, threads=1, builder_factory=builder)
+        both = list(ex.slots)
+        # Warm-up (not measured): one evaluation on each worker, so no run pays for a fresh process.
+        codec = make_codec(cfg, load_source)
+        job = EvalJob("candidate", 0, 0, tuple(codec.x0), codec.to_recipe(codec.x0), {"zoo_rev": list(range(16))},
+                      "warm-up")
+        ray.get([s.actor.run.remote(job) for s in both])
+        try:
+            for workers in (1, 2):
+                ex.slots = both[:workers]
                 for mode in ("barrier", "pipelined"):
                     runs = []
                     for rep in range(repeats):
@@ -151,8 +163,9 @@ def main() -> int:
                     rows.append({"workers": workers, "mode": mode, "jobs": runs[0]["jobs"],
                                  "wall": statistics.median(r["wall"] for r in runs),
                                  "busy": statistics.median(r["busy"] for r in runs)})
-            finally:
-                ex.close()
+        finally:
+            ex.slots = both
+            ex.close()
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
