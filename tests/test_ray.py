@@ -48,7 +48,9 @@ def reference(zoo_dir, local_ray, tmp_path_factory):
 
 
 def test_two_workers_and_in_process_give_the_same_history(zoo_dir, local_ray, reference, tmp_path):
-    run_search(SearchConfig.from_dict(tiny_config(zoo_dir)), run_dir=tmp_path / "ray2", quiet=True, workers=2)
+    # (these two workers get the sources through Ray's object store, the reference's from the path)
+    run_search(SearchConfig.from_dict(tiny_config(zoo_dir)), run_dir=tmp_path / "ray2", quiet=True, workers=2,
+               sources="object_store")
     local_ray.update(worker_pids(tmp_path / "ray2"))
     expected = history(RunFolder.open(reference).records())
     got = RunFolder.open(tmp_path / "ray2").records()
