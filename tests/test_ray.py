@@ -124,3 +124,4 @@ def test_sigterm_with_ray_workers_then_resume(zoo_dir, reference, tmp_path):
     keys = [(r["generation"], r["index"]) for r in got if r["type"] == "candidate"]
     assert len(keys) == len(set(keys)) == 8
     assert history(got) == history(RunFolder.open(reference).records())
+
