@@ -56,7 +56,7 @@ def ray_head(tmp_path_factory):
                 time.sleep(1)
         yield address, env, pids
     finally:
-        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
             try:
                 os.killpg(head.pid, sig)
             except ProcessLookupError:
