@@ -199,8 +199,19 @@ class RayExecutor:
         # shares the driver's process group, so a SIGTERM to the group stops its workers too: their
         # deaths are then not the candidates' faults and are not logged.
         self.should_stop = lambda: False
+        self.slots: list[_Slot] = []
         if not ray.is_initialized():
             self._init_ray(address, workers)
+        try:
+            self._start(workers, sources, builder_factory)
+        except BaseException:
+            self.close()  # a Ray started here does not outlive a failed start
+            raise
+
+    def _start(self, workers, sources: str, builder_factory) -> None:
+        import ray
+
+        cfg = self.cfg
         n = self._count(workers)
         # The search space goes inline: a worker on another node need not find its file.
         wcfg = cfg.model_copy(update={"search_space": cfg.space})
