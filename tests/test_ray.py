@@ -4,6 +4,7 @@ mid-evaluation, SIGTERM and resume, and no Ray process left behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ def local_ray():
         ray.shutdown()
         assert not ray.is_initialized()
         assert_gone(pids, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,7 @@ def test_sigterm_with_ray_workers_then_resume(zoo_dir, reference, tmp_path):
     assert p.returncode == 143, out
     assert "Resume with: evomerge search --resume" in out and "Traceback" not in out
     assert_gone(worker_pids(run_dir), tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     r = subprocess.run([*cmd, "--resume", str(run_dir), "--workers", "0"], capture_output=True, text=True, env=env,
                        timeout=600, start_new_session=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -4,6 +4,7 @@ own process group, stopped by killing that group), and `evomerge status` on the 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +74,7 @@ def ray_head(tmp_path_factory):
         head.wait()
         log.close()
         assert_gone(pids, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cli(env, *args, timeout=600) -> subprocess.CompletedProcess:
