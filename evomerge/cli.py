@@ -119,9 +119,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         cfg = SearchConfig.load(args.config) if args.config else None
         search = run_search
+    ray_kw = {}
+    if args.workers is not None or args.ray_address:
+        ray_kw = {"workers": args.workers, "ray_address": args.ray_address, "sources": args.sources}
     try:
         out = search(cfg, run_dir=args.resume or args.run_dir, resume=args.resume is not None,
-                     quiet=args.quiet, config_path=args.config)
+                     quiet=args.quiet, config_path=args.config, **ray_kw)
     except SearchStopped:
         where = args.resume or args.run_dir or "the run folder"
         print(f"stopped; every finished candidate is saved. Resume with: evomerge search --resume {where}",
@@ -143,7 +146,113 @@ def _add_search(sub) -> None:
     p.add_argument("--run-dir", type=Path, help="run folder for a new search (default: run_dir of the config, "
                    "else runs/<config name>)")
     p.add_argument("--quiet", action="store_true", help="plain log lines instead of the live panel")
+    p.add_argument("--workers", type=_workers_arg, metavar="N", help="score candidates on N Ray workers "
+                   "(auto: one per GPU of the cluster when device is cuda, else 1); 0 or omitted: in-process "
+                   "(see docs/ray.md)")
+    p.add_argument("--ray-address", metavar="ADDR", help="join a running Ray cluster (auto, or host:port of "
+                   "its head); without it, --workers starts a private local Ray and stops it at the end")
+    p.add_argument("--sources", choices=["path", "object_store"], default="path",
+                   help="how workers get the source models: from their folders, which every node must "
+                   "read at the same path (default), or shipped through Ray's object store")
     p.set_defaults(func=cmd_search)
+
+
+def _workers_arg(v: str) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return n
+
+
+# ----------------------------------------------------------------------------- submit, jobs
+def cmd_submit(args: argparse.Namespace) -> int:
+    from evomerge import submit as sub
+
+    env = {}
+    for kv in args.env:
+        if "=" not in kv:
+            raise ValueError(f"--env expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        env[k] = v
+    job_id, run_dir, entry = sub.submit(args.config, args.address, run_dir=args.run_dir, workers=args.workers,
+                                        sources=args.sources, working_dir=args.working_dir, env=env,
+                                        submission_id=args.submission_id, resume=args.resume)
+    print(f"submitted {job_id}: {entry}")
+    print(f"run folder: {run_dir} (evomerge status {run_dir}; evomerge jobs --address {args.address})")
+    if not args.wait:
+        return 0
+    status = sub.wait(args.address, job_id)
+    print(sub.logs(args.address, job_id), end="")
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _add_submit(sub) -> None:
+    from evomerge.submit import default_address
+
+    p = sub.add_parser("submit", help="launch a search on a Ray cluster (Ray job)",
+                       description="Submits `evomerge search CONFIG --ray-address auto` to a Ray cluster through "
+                       "its Job Submission API. The run folder must be on storage shared with the cluster; the "
+                       "config and the model folders must be readable there at the paths given (see docs/ray.md).")
+    p.add_argument("config", type=Path, nargs="?", help="search config YAML")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the search in RUN_DIR (on shared "
+                   "storage) as a Ray job")
+    p.add_argument("--address", default=default_address(), help="the cluster's dashboard address, http://HEAD:8265 "
+                   "(default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--run-dir", type=Path, help="run folder on shared storage (default: run_dir of the config, else "
+                   "runs/<config name>; made absolute here)")
+    p.add_argument("--workers", type=_workers_arg, metavar="N", help="Ray workers (default auto: one per GPU of the "
+                   "cluster when device is cuda, else 1)")
+    p.add_argument("--sources", choices=["path", "object_store"], default="path",
+                   help="how workers get the source models (see evomerge search --help)")
+    p.add_argument("--working-dir", type=Path, help="a folder uploaded with the job (Ray runtime_env working_dir): "
+                   "the job runs inside it, relative paths resolve there")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the job "
+                   "(repeatable); EVOMERGE_* variables of this shell are passed on")
+    p.add_argument("--submission-id", help="the job's id (default: Ray's)")
+    p.add_argument("--wait", action="store_true", help="wait until the job ends, print its log; exit 1 unless it "
+                   "succeeded")
+    p.set_defaults(func=cmd_submit)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    import datetime
+
+    from evomerge import submit as sub
+    from evomerge.report import Table
+
+    if args.logs:
+        print(sub.logs(args.address, args.logs), end="")
+        return 0
+    jobs = sub.list_jobs(args.address)
+    if not jobs:
+        print(f"no jobs on {args.address}")
+        return 0
+
+    def when(ms):
+        return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+    rows = [[j["id"], j["status"], when(j["start"]), when(j["end"]), j["run_dir"] or j["entrypoint"][:60]]
+            for j in jobs]
+    Table(f"Ray jobs on {args.address}", ["job", "status", "started", "ended", "run folder"], rows).print()
+    return 0
+
+
+def _add_jobs(sub) -> None:
+    from evomerge.submit import default_address
+
+    p = sub.add_parser("jobs", help="list the Ray jobs of a cluster with their state",
+                       description="Lists the jobs of a Ray cluster (from `evomerge submit` or others): id, state "
+                       "(PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), times and run folder. A search's progress: "
+                       "evomerge status RUN_DIR.")
+    p.add_argument("--address", default=default_address(), help="the cluster's dashboard address, http://HEAD:8265")
+    p.add_argument("--logs", metavar="JOB", help="print the log of one job instead")
+    p.set_defaults(func=cmd_jobs)
 
 
 # ----------------------------------------------------------------------------- status
@@ -261,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     add_merge_parser(sub)
     _add_search(sub)
+    _add_submit(sub)
+    _add_jobs(sub)
     _add_status(sub)
     _add_export(sub)
     _add_materialize(sub)

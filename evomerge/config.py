@@ -153,6 +153,11 @@ class SearchConfig(_Strict):
                                         "null: off")
     rescore_top_k: int = Field(3, ge=1, description="candidates re-scored on the full dev split at the end")
     penalty_fitness: float = Field(-1.0, description="fitness of a failed or non-finite candidate")
+    background: bool | None = Field(None, description="during the search, re-score the top candidates on the "
+                                    "full dev split and score each new best on the test split (work that "
+                                    "does not change the search; with Ray workers it fills the slots the "
+                                    "generation barrier leaves idle); default: on with --workers N >= 1, off "
+                                    "in-process; frozen in the run folder")
     run_dir: str | None = Field(None, description="run folder (default: runs/<config name>)")
     allow_pickle: bool = False
     trust_remote_code: bool = False

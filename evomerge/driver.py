@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from evomerge import racing
+from evomerge.background import SearchBackground, pick_winner, top_candidates
 from evomerge.codec import make_codec
 from evomerge.config import ConfigError, SearchConfig, check_sources, check_tasks
 from evomerge.dataflow.recipe import AnyRecipe, load_recipe
@@ -135,6 +136,8 @@ class Search:
         tok = load_tokenizer(self.cfg.base_model or self.cfg.models[0], trust_remote_code=self.cfg.trust_remote_code)
         self.display.message("loading models...")
         self.executor = self.executor_factory(self.cfg, self.fitness, tok)
+        if hasattr(self.executor, "should_stop"):
+            self.executor.should_stop = lambda: self.stop_requested
         self.display.start(self.max_generations, self.optimizer.popsize, records)
         # (recipe hash, settings key) -> the record that scored it: a repeated recipe is not re-evaluated
         self.cache = {(r["recipe_hash"], r.get("eval_key")): r for r in records
@@ -142,6 +145,11 @@ class Search:
         self.items.load_logged(records)
         self.items_spent = sum(sum((r.get("items_scored") or {}).values()) for r in records
                                if r["type"] in ("reference", "candidate", "rescore"))
+        # Background work (top-k re-scoring, test scores of a new best): in idle slots of a
+        # pipelined executor, else at the end of each generation (see background.py).
+        self.background = SearchBackground(self, records) if self.cfg.background else None
+        pipelined = self.background is not None and getattr(self.executor, "pipelined", False)
+        self._bg_run = self.background if pipelined else None
         try:
             if reference is None:
                 reference = self._evaluate([self._job("reference", -1, 0, self.codec.x0, None)])[(-1, 0)]
@@ -175,8 +183,13 @@ class Search:
                     self.optimizer.tell(genomes, np.array(told, dtype=np.float64))
                 if g not in done_gens:
                     self._end_generation(g, gen_records, candidates, race)
+                if self.background is not None:
+                    self.background.plan(g, candidates)
+                    if not pipelined:
+                        self._drain()
                 g += 1
 
+            self._drain()
             self._rescore(candidates, g)
         finally:
             self.executor.close()
@@ -249,11 +262,10 @@ class Search:
                 continue
             full[(job.generation, job.index)] = job
             send.append(replace(job, samples=missing) if reused else job)
-        for sent, res in self.executor.run(send):
+        for sent, res in self.executor.run(send, background=self._bg_run):
             job = full[(sent.generation, sent.index)]
             out[(job.generation, job.index)] = self._finish(job, sent, res)
-            if self.stop_requested:
-                raise SearchStopped()
+            self._check_stop()
         for job in repeats:  # the same recipe twice in one batch: the second is served from the first
             hit = self.cache.get((job.recipe.hash(), job.eval_key))
             if hit is not None:
@@ -274,6 +286,16 @@ class Search:
                 combined.item_scores = res.item_scores
                 res = combined
         return self._record(job, res, None, scored=scored)
+
+    def _drain(self) -> None:
+        """Runs the queued background work to the end (a barrier)."""
+        if self.background is not None and self.background.pending:
+            for _ in self.executor.run([], background=self.background):
+                pass
+
+    def _check_stop(self) -> None:
+        if self.stop_requested:
+            raise SearchStopped()
 
     @staticmethod
     def _cached(hit: dict) -> TrialResult:
@@ -308,6 +330,25 @@ class Search:
         """The value a candidate is ranked by: what the optimizer was told (racing: eliminated
         candidates below those that went further), else its fitness."""
         return self.told.get((r["generation"], r["index"]), r["fitness"])
+
+    def _test_record(self, job: EvalJob, res: TrialResult) -> dict:
+        """A background test-split evaluation (for reports only, never for decisions)."""
+        rec = {"type": "test", "generation": job.generation, "index": job.index, "genome": list(job.genome),
+               "recipe_hash": res.recipe_hash, "fitness": res.fitness if math.isfinite(res.fitness) else None,
+               "status": res.status, "reason": res.reason, "metrics": res.metrics,
+               "timings": {"merge_s": round(res.merge_s, 4), "eval_s": round(res.eval_s, 4)},
+               "worker": res.worker, "time": time.time()}
+        self.run.append(rec)
+        return rec
+
+    def top_candidates(self, records) -> list[dict]:
+        """The ``rescore_top_k`` best distinct recipes among candidate records, by the value told
+        (with racing: only candidates that reached its last stage, if any did)."""
+        pool = list(records)
+        if self.cfg.racing is not None:  # the race decided: only candidates that reached its last stage
+            last = [r for r in pool if r.get("stage") == len(self.cfg.racing.stages) - 1]
+            pool = last or pool
+        return top_candidates(pool, self.cfg.rescore_top_k, rank=self._rank)
 
     def _best(self, candidates: dict) -> dict:
         return max(candidates.values(), key=lambda r: (self._rank(r), -r["generation"], -r["index"]))
@@ -348,16 +389,7 @@ class Search:
         With racing only candidates that reached the last stage are considered."""
         records = self.run.records()
         rescored = {r["recipe_hash"]: r for r in records if r["type"] == "rescore"}
-        ranked, seen = [], set()
-        pool = list(candidates.values())
-        if self.cfg.racing is not None:  # the race decided: only candidates that reached its last stage
-            last = [r for r in pool if r.get("stage") == len(self.cfg.racing.stages) - 1]
-            pool = last or pool
-        for r in sorted(pool, key=lambda r: (-self._rank(r), r["generation"], r["index"])):
-            if r["status"] == "ok" and r["recipe_hash"] not in seen:
-                seen.add(r["recipe_hash"])
-                ranked.append(r)
-        top = ranked[: self.cfg.rescore_top_k]
+        top = self.top_candidates(candidates.values())
         if not top:
             raise RunFolderError("every candidate failed; see the reasons in the log (evomerge status)")
         self.display.message(f"re-scoring the top {len(top)} candidates on the full dev split...")
@@ -365,8 +397,7 @@ class Search:
                 for r in top if r["recipe_hash"] not in rescored]
         for rec in self._evaluate(jobs).values():
             rescored[rec["recipe_hash"]] = rec
-        results = [rescored[r["recipe_hash"]] for r in top]
-        win = max(results, key=lambda r: (r["fitness"], -r["generation"], -r["index"]))
+        win = pick_winner([rescored[r["recipe_hash"]] for r in top])
         self._write_best(np.array(win["genome"]), f"winner: generation {win['generation']}, candidate "
                          f"{win['index']}, full-dev fitness {win['fitness']:.4f}")
         final = {"type": "final", "generations": generations, "evaluations": len(candidates),
@@ -378,8 +409,13 @@ class Search:
 
     def _test_metrics(self, genome: np.ndarray) -> dict[str, dict[str, float]]:
         """The winner's scores on each task's held-out ``test`` split, where the task has one.
-        For reports only: test scores never enter the search's decisions."""
-        return self.executor.test_metrics(self.codec.to_recipe(genome))
+        For reports only: test scores never enter the search's decisions. A background ``test``
+        record of the same recipe is reused."""
+        recipe = self.codec.to_recipe(genome)
+        done = self.background.tested.get(recipe.hash()) if self.background is not None else None
+        if done is not None and done["status"] == "ok":
+            return done["metrics"]
+        return self.executor.test_metrics(recipe)
 
     def _outcome(self, records: list[dict], finished: bool) -> SearchOutcome:
         final = next((r for r in reversed(records) if r["type"] == "final"), None)
@@ -397,16 +433,38 @@ def validate(cfg: SearchConfig):
     return check_tasks(cfg)
 
 
+def make_executor_factory(workers: int | str | None = None, ray_address: str | None = None, *,
+                          sources: str = "path", builder_factory=default_builder, pipelined: bool = True):
+    """In-process (``workers`` None or 0 and no Ray address) or Ray workers (evomerge.workers)."""
+    if (workers is None or workers == 0) and not ray_address:
+        return local_executor(builder_factory)
+    if workers == 0:
+        raise ConfigError("--workers 0 scores in-process; it cannot be combined with --ray-address")
+    from evomerge.workers import ray_executor
+
+    return ray_executor("auto" if workers is None else workers, address=ray_address, sources=sources,
+                        builder_factory=None if builder_factory is default_builder else builder_factory,
+                        pipelined=pipelined)
+
+
 def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
                quiet: bool = False, builder_factory=default_builder, config_path: str | None = None,
+               workers: int | str | None = None, ray_address: str | None = None, sources: str = "path",
                executor_factory=None) -> SearchOutcome:
     """``evomerge search``: a new search, or ``resume=True`` to continue the one in ``run_dir``.
-    ``executor_factory(cfg, fitness, tokenizer)`` replaces the in-process executor (tests, Ray)."""
+    ``workers``/``ray_address``: score on Ray workers (evomerge.workers); default in-process."""
+    factory = executor_factory or make_executor_factory(workers, ray_address, sources=sources,
+                                                        builder_factory=builder_factory)
+    uses_ray = getattr(factory, "uses_ray", False)
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs the run folder")
         run = RunFolder.open(run_dir)
         frozen = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))
+        if frozen.background is None:  # a run folder from before background work: none
+            frozen = frozen.model_copy(update={"background": False})
+        if cfg is not None and cfg.background is None:
+            cfg = cfg.model_copy(update={"background": frozen.background})
         if cfg is not None:
             diff = _diff_keys(frozen.search_key(), cfg.search_key())
             if diff:
@@ -422,13 +480,15 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
         if cfg is None:
             raise ConfigError("a config is needed to start a search")
         evaluators = validate(cfg)  # before the run folder exists: a bad config leaves nothing behind
+        if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
+            cfg = cfg.model_copy(update={"background": uses_ray})
         run_dir = Path(run_dir or cfg.run_dir or default_run_dir(config_path))
         run = RunFolder.create(run_dir, cfg.to_yaml())
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     display = Display(quiet=quiet, tasks=[t.name for t in cfg.tasks])
-    search = Search(cfg, run, display, executor_factory or local_executor(builder_factory))
+    search = Search(cfg, run, display, factory)
 
     def _on_signal(signum, frame):
         search.stop_requested = True

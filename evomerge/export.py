@@ -57,6 +57,11 @@ def ranked_candidates(records: list[dict]) -> list[dict]:
             if h not in best_by_hash or (depth(r), r["fitness"]) > (depth(best_by_hash[h]), best_by_hash[h]["fitness"]):
                 best_by_hash[h] = r
     top = sorted(rescored.values(), key=lambda r: (-r["fitness"], r["generation"], r["index"]))
+    # The winner is the best of the *final* top-k; background work may have re-scored recipes that
+    # left the top-k later (docs/ray.md), which rank after it.
+    final = next((r for r in reversed(records) if r["type"] == "final"), None)
+    if final is not None:
+        top.sort(key=lambda r: r["recipe_hash"] != final["recipe_hash"])
     rest = sorted((r for h, r in best_by_hash.items() if h not in rescored),
                   key=lambda r: (-depth(r), -r["fitness"], r["generation"], r["index"]))
     return top + rest

@@ -70,12 +70,17 @@ def read_records(data: bytes) -> tuple[list[dict], int]:
 # Records written at fixed points of the loop; between two of them, evaluation records may arrive in
 # any order (parallel workers, a resume that serves a repeated recipe from the cache earlier).
 BARRIER_TYPES = ("generation", "final")
+# Background work (re-scoring of the top candidates, test scores of a new best) runs whenever a
+# worker is free: its records may land anywhere in the log. Their set is fixed by the history, so
+# they are compared as a set: sorted into their own section at the end.
+ORDER_FREE_TYPES = ("rescore", "test")
 
 
 def history(records: list[dict]) -> list[dict]:
     """Records without their volatile fields, evaluation records in a canonical order between the
-    barriers: equal for runs with the same history."""
-    out, block = [], []
+    barriers, background records (ORDER_FREE_TYPES) sorted at the end: equal for runs with the
+    same history."""
+    out, block, free = [], [], []
 
     def flush():
         block.sort(key=lambda r: (r["type"], r.get("generation", 0), r.get("index", 0), r.get("stage", 0)))
@@ -84,13 +89,17 @@ def history(records: list[dict]) -> list[dict]:
 
     for r in records:
         r = {k: v for k, v in r.items() if k not in VOLATILE_FIELDS}
-        if r["type"] in BARRIER_TYPES:
+        if r["type"] in ORDER_FREE_TYPES:
+            free.append(r)
+        elif r["type"] in BARRIER_TYPES:
             flush()
             out.append(r)
         else:
             block.append(r)
     flush()
-    return out
+    free.sort(key=lambda r: (r["type"], r.get("generation", 0), r.get("index", 0), r.get("stage", 0),
+                            r.get("recipe_hash", "")))
+    return out + free
 
 
 class RunFolder:

@@ -152,7 +152,7 @@ def validate_stages(cfg: StagedConfig) -> None:
 
 
 def run_staged(cfg: StagedConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
-               quiet: bool = False, config_path: str | None = None):
+               quiet: bool = False, config_path: str | None = None, **executor_kw):
     """``evomerge search`` on a staged config; returns the last stage's outcome (its run_dir is
     the staged folder, where best.yaml holds every stage the final model needs)."""
     from evomerge.driver import default_run_dir, run_search
@@ -185,7 +185,7 @@ def run_staged(cfg: StagedConfig | None, *, run_dir: str | Path | None = None, r
             sub = root / "stages" / name
             if sub.is_dir() and not (sub / CONFIG).is_file():
                 shutil.rmtree(sub)  # killed while creating it: it holds no results
-            outcome = run_search(sc, run_dir=sub, resume=sub.is_dir(), quiet=quiet)
+            outcome = run_search(sc, run_dir=sub, resume=sub.is_dir(), quiet=quiet, **executor_kw)
         _write_best(cfg, root)
         return dataclasses.replace(outcome, run_dir=root, best_recipe=load_recipe(root / BEST))
     finally:
