@@ -143,8 +143,10 @@ class Search:
         self.cache = {(r["recipe_hash"], r.get("eval_key")): r for r in records
                       if r["type"] in ("reference", "candidate", "rescore") and r["status"] == "ok"}
         self.items.load_logged(records)
+        # items scored by the search's own evaluations; re-scoring (background work, which may run at any
+        # time) is in the log's records but not in this count, so generation records do not depend on timing
         self.items_spent = sum(sum((r.get("items_scored") or {}).values()) for r in records
-                               if r["type"] in ("reference", "candidate", "rescore"))
+                               if r["type"] in ("reference", "candidate"))
         # Background work (top-k re-scoring, test scores of a new best): in idle slots of a
         # pipelined executor, else at the end of each generation (see background.py).
         self.background = SearchBackground(self, records) if self.cfg.background else None
@@ -262,7 +264,7 @@ class Search:
                 continue
             full[(job.generation, job.index)] = job
             send.append(replace(job, samples=missing) if reused else job)
-        for sent, res in self.executor.run(send, background=self._bg_run):
+        for sent, res in self._run(send):
             job = full[(sent.generation, sent.index)]
             out[(job.generation, job.index)] = self._finish(job, sent, res)
             self._check_stop()
@@ -286,6 +288,13 @@ class Search:
                 combined.item_scores = res.item_scores
                 res = combined
         return self._record(job, res, None, scored=scored)
+
+    def _run(self, jobs: list[EvalJob]):
+        """The executor's run; background work is offered only to a pipelined executor (so an
+        executor without the ``background`` keyword still works)."""
+        if self._bg_run is None:
+            return self.executor.run(jobs)
+        return self.executor.run(jobs, background=self._bg_run)
 
     def _drain(self) -> None:
         """Runs the queued background work to the end (a barrier)."""
@@ -319,7 +328,8 @@ class Search:
             rec["stages"] = len(self.cfg.racing.stages) if self.cfg.racing else None
         if items_file:
             rec["items_file"], rec["items_key"] = items_file, self.items.base_key
-        self.items_spent += sum(scored.values())
+        if job.kind in ("reference", "candidate"):
+            self.items_spent += sum(scored.values())
         self.run.append(rec)
         if res.status == "ok" and hit is None:
             self.cache[(res.recipe_hash, job.eval_key)] = rec

@@ -128,3 +128,19 @@ def test_sigterm_with_ray_workers_then_resume(zoo_dir, reference, tmp_path):
     assert len(keys) == len(set(keys)) == 8
     assert history(got) == history(RunFolder.open(reference).records())
 
+
+
+def test_racing_on_two_workers_equals_in_process(zoo_dir, local_ray, tmp_path):
+    # racing's stages are batches of their own; per-item scores come back from the workers and are
+    # reused by the next stage, and the background re-scoring ranks by the race's told values
+    cfg = tiny_config(zoo_dir, tasks=[{"name": "zoo_rev", "metric": "acc"}],
+                      racing={"stages": [4, 8, 16], "keep": 0.5})
+    run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "ray2", quiet=True, workers=2)
+    local_ray.update(worker_pids(tmp_path / "ray2"))
+    run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "local", quiet=True, workers=0)
+    got = RunFolder.open(tmp_path / "ray2").records()
+    assert history(got) == history(RunFolder.open(tmp_path / "local").records())
+    stages = [r for r in got if r["type"] == "candidate"]
+    assert {r["stage"] for r in stages} == {0, 1, 2}
+    # stage 1 scored only the 4 items that stage 0 had not
+    assert all(r["items_scored"] == {"zoo_rev": 4} for r in stages if r["stage"] == 1)
