@@ -134,7 +134,6 @@ def plot_fitness(st: RunStatus, path: Path | None = None) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evomerge.io import atomic_write_bytes
 
     cands = {(r["generation"], r["index"]): r for r in st.records if r["type"] == "candidate"}
     xs = [g["generation"] for g in gens]
@@ -153,14 +152,7 @@ def plot_fitness(st: RunStatus, path: Path | None = None) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    out = path or st.run_dir / PLOT
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    return _save_png(fig, path or st.run_dir / PLOT)
 
 
 def read_pareto(run_dir: Path) -> dict | None:
@@ -181,7 +173,6 @@ def plot_pareto(st: RunStatus, path: Path | None = None) -> Path | None:
     front = read_pareto(st.run_dir)
     if front is None:
         return None
-    import io
     import itertools
 
     import matplotlib
@@ -189,7 +180,6 @@ def plot_pareto(st: RunStatus, path: Path | None = None) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evomerge.io import atomic_write_bytes
 
     tasks = st.config.tasks
     names = front["objectives"]
@@ -207,12 +197,22 @@ def plot_pareto(st: RunStatus, path: Path | None = None) -> Path | None:
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{st.run_dir.name}: {len(front['front'])} non-dominated of {len(pts)} candidates")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    out = path or st.run_dir / PARETO_PLOT
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    return _save_png(fig, path or st.run_dir / PARETO_PLOT)
 
 
 __all__ = ["PARETO_PLOT", "PLOT", "plot_pareto", "read_pareto", "RunFolderError", "RunStatus", "plot_fitness", "read_status", "status_table"]
+
+
+def _save_png(fig, out: Path) -> Path:
+    """Writes a matplotlib figure atomically (a reader never sees half a PNG) and closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from evomerge.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
