@@ -75,3 +75,13 @@ def test_bad_arguments():
         make_optimizer("cmaes", np.full(3, 0.5), 0.2, 4, seed=0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         make_optimizer("cma", np.full(3, 1.5), 0.2, 4, seed=0)
+
+
+def test_nsga2_first_generation_holds_the_starting_point():
+    x0 = np.array([0.3, 0.7, 0.5])
+    opt = make_optimizer("nsga2", x0, 0.2, 6, seed=3, n_objectives=2)
+    first = opt.ask()
+    assert np.array_equal(first[0], x0)
+    assert not any(np.array_equal(row, x0) for row in first[1:])
+    opt.tell(first, np.zeros((6, 2)))
+    assert not any(np.array_equal(row, x0) for row in opt.ask())

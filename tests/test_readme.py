@@ -23,7 +23,7 @@ def bash_blocks() -> list[str]:
 def test_readme_has_examples_of_every_command():
     commands = " ".join(bash_blocks())
     for cmd in ("evomerge zoo", "evomerge search", "evomerge status", "evomerge export", "evomerge materialize",
-                "evomerge eval", "evomerge merge", "lm_eval"):
+                "evomerge eval", "evomerge merge", "lm_eval", "--weights"):
         assert cmd in commands, cmd
 
 
@@ -40,6 +40,8 @@ def test_readme_examples_run_as_written(zoo_dir, tmp_path):
                                    f"--- stderr\n{r.stderr[-3000:]}")
         assert "Traceback" not in r.stderr
     assert (tmp_path / "runs/quickstart/fitness.png").is_file()
+    assert (tmp_path / "runs/zoo_nsga/pareto.png").is_file()
+    assert "Pareto pick" in (tmp_path / "nsga_pick.yaml").read_text()
     card = (tmp_path / "artifacts/quickstart_winner/README.md").read_text()
     assert "## Search" in card and "### Test split" in card
     assert (tmp_path / "artifacts/ties_merge/model.safetensors").is_file()

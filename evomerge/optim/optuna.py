@@ -65,6 +65,10 @@ class OptunaOptimizer(Optimizer):
             self.study = optuna.create_study(directions=["maximize"] * self.n_objectives, sampler=cls(**kwargs))
         self.dists = {n: FloatDistribution(0.0, 1.0) for n in self.names}
         self._trials: list = []
+        if sampler == "NSGAIISampler":
+            # NSGA-II's first generation is uniform random: the space's starting point joins it, so
+            # the front starts no worse than the recipe the space was built around.
+            self.study.enqueue_trial(dict(zip(self.names, map(float, self.x0), strict=True)))
 
     def ask(self) -> np.ndarray:
         self._trials = [self.study.ask(self.dists) for _ in range(self.popsize)]
