@@ -36,12 +36,12 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 import torch  # noqa: E402
 
-from evomerge.cli import _quiet_libraries  # noqa: E402
-from evomerge.config import SearchConfig  # noqa: E402
-from evomerge.driver import run_search  # noqa: E402
-from evomerge.racing import stage_cost  # noqa: E402
-from evomerge.report import Table  # noqa: E402
-from evomerge.run import RunFolder  # noqa: E402
+from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.evaluation.report import Table  # noqa: E402
+from evomerge.runs.folder import RunFolder  # noqa: E402
+from evomerge.runs.start import run_search  # noqa: E402
+from evomerge.search.config import SearchConfig  # noqa: E402
+from evomerge.search.racing import stage_cost  # noqa: E402
 from evomerge.zoo.build import ZooParams, build_zoo, read_manifest  # noqa: E402
 
 

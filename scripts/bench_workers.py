@@ -47,7 +47,7 @@ class DelayedBuilder:
         self.seed, self.mean_s, self.sigma = seed, mean_s, sigma
 
     def __call__(self, cfg):
-        from evomerge.trial import make_builder
+        from evomerge.evaluation.trial import make_builder
 
         inner = make_builder(cfg)
         outer = self
@@ -100,7 +100,7 @@ def config(zoo: Path, gens: int, popsize: int, seed: int) -> dict:
 
 
 def measure(run_dir: Path, workers: int) -> dict:
-    from evomerge.run import RunFolder
+    from evomerge.runs.folder import RunFolder
 
     recs = RunFolder.open(run_dir).records()
     ref = next(r for r in recs if r["type"] == "reference")
@@ -124,13 +124,13 @@ def main() -> int:
 
     import ray
 
-    from evomerge.codec import make_codec
-    from evomerge.config import SearchConfig
-    from evomerge.driver import run_search
-    from evomerge.executor import EvalJob
-    from evomerge.merge.sources import load_source
-    from evomerge.run import RunFolder, history
-    from evomerge.workers import RayExecutor
+    from evomerge.execution.ray import RayExecutor
+    from evomerge.models.sources import load_source
+    from evomerge.runs.folder import RunFolder, history
+    from evomerge.runs.start import run_search
+    from evomerge.search.codecs.parameter import make_codec
+    from evomerge.search.config import SearchConfig
+    from evomerge.search.jobs import EvalJob
 
     cfg = SearchConfig.from_dict(config(args.zoo, gens, popsize, args.seed))
     builder = DelayedBuilder(args.seed, mean, sigma=1.0)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from evomerge.merge.engine import merge_state_dict  # noqa: E402
-from evomerge.recipe import Recipe  # noqa: E402
+from evomerge.recipes.parameter_space import Recipe  # noqa: E402
 
 RECIPES: dict[str, str] = {
     "linear (gradient + filter)": """

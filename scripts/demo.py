@@ -23,12 +23,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from evomerge.cli import _quiet_libraries  # noqa: E402
-from evomerge.cli import main as evomerge  # noqa: E402
-from evomerge.config import SearchConfig  # noqa: E402
-from evomerge.evaluate import LmEvalEvaluator, TaskResult  # noqa: E402
-from evomerge.models import load_causal_lm, load_tokenizer  # noqa: E402
-from evomerge.report import results_table  # noqa: E402
+from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.cli.main import main as evomerge  # noqa: E402
+from evomerge.evaluation.evaluator import LmEvalEvaluator, TaskResult  # noqa: E402
+from evomerge.evaluation.report import results_table  # noqa: E402
+from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
+from evomerge.search.config import SearchConfig  # noqa: E402
 from evomerge.zoo.build import ZooParams, build_zoo, read_manifest  # noqa: E402
 from evomerge.zoo.table import merged_model, plain_merge_recipes  # noqa: E402
 

@@ -18,11 +18,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from evomerge.cli import _quiet_libraries  # noqa: E402
-from evomerge.cli import main as evomerge  # noqa: E402
-from evomerge.evaluate import LmEvalEvaluator  # noqa: E402
-from evomerge.models import load_causal_lm, load_tokenizer  # noqa: E402
-from evomerge.run import RunFolder  # noqa: E402
+from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.cli.main import main as evomerge  # noqa: E402
+from evomerge.evaluation.evaluator import LmEvalEvaluator  # noqa: E402
+from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
+from evomerge.runs.folder import RunFolder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["zoo_rev", "zoo_sub"]

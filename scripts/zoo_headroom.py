@@ -26,10 +26,10 @@ import cma  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from evomerge.cli import _quiet_libraries  # noqa: E402
-from evomerge.evaluate import LmEvalEvaluator  # noqa: E402
-from evomerge.models import load_causal_lm, load_tokenizer  # noqa: E402
-from evomerge.report import results_table  # noqa: E402
+from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.evaluation.evaluator import LmEvalEvaluator  # noqa: E402
+from evomerge.evaluation.report import results_table  # noqa: E402
+from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
 from evomerge.zoo.build import ZooParams, build_zoo, read_manifest  # noqa: E402
 from evomerge.zoo.table import zoo_scores  # noqa: E402
 

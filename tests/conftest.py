@@ -55,8 +55,8 @@ def zoo_dir() -> Path:
 @pytest.fixture(scope="session")
 def zoo_test_scores(zoo_dir):
     """Test-split scores of every zoo model, computed once for the session."""
-    from evomerge.evaluate import LmEvalEvaluator
-    from evomerge.models import load_causal_lm, load_tokenizer
+    from evomerge.evaluation.evaluator import LmEvalEvaluator
+    from evomerge.models.folders import load_causal_lm, load_tokenizer
     from evomerge.zoo.build import read_manifest
 
     manifest = read_manifest(zoo_dir)

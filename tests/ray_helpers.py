@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psutil
 
-from evomerge.run import RunFolder
+from evomerge.runs.folder import RunFolder
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from evomerge.export import ranked_candidates
-from evomerge.run import history
+from evomerge.runs.export import ranked_candidates
+from evomerge.runs.folder import history
 
 
 def rec(kind, g, i, h, fit, **kw):

@@ -18,7 +18,7 @@ import torch
 import yaml
 from merge_helpers import save_model, tiny_config
 
-from evomerge.cli import main
+from evomerge.cli.main import main
 
 pytestmark = pytest.mark.slow
 
@@ -194,7 +194,7 @@ def test_not_a_run_folder(tmp_path, capsys):
 
 
 def test_run_folder_locked_by_a_live_search(finished, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom evomerge.run import RunFolder\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom evomerge.runs.folder import RunFolder\n"
                                "RunFolder.open(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
                                str(finished)], stdout=subprocess.PIPE, text=True)
     try:
@@ -214,7 +214,7 @@ def test_resume_of_a_finished_run_says_so(finished, capsys):
 
 
 def test_export_of_a_run_with_no_evaluations(finished, tmp_path, capsys):
-    from evomerge.run import RunFolder
+    from evomerge.runs.folder import RunFolder
 
     RunFolder.create(tmp_path / "fresh", (finished / "config.yaml").read_text()).close()
     rc, _, err = run_cli(capsys, "export", tmp_path / "fresh")

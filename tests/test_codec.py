@@ -7,10 +7,10 @@ import pytest
 import torch
 from merge_helpers import load_folder
 
-from evomerge.codec import Codec, RecipeSettings
 from evomerge.merge.engine import merge_state_dict
-from evomerge.merge.sources import load_source
-from evomerge.space import SearchSpace
+from evomerge.models.sources import load_source
+from evomerge.search.codecs.parameter import Codec, RecipeSettings
+from evomerge.search.spaces.parameter import SearchSpace
 
 
 def space(**kw) -> SearchSpace:

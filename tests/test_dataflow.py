@@ -11,15 +11,16 @@ import torch
 import yaml
 from merge_helpers import model_family, tiny_config
 
-from evomerge.dataflow.arch import ArchitectureError
-from evomerge.dataflow.codec import PathCodec
-from evomerge.dataflow.fold import FoldError, passthrough_recipe, write_path_model
-from evomerge.dataflow.model import assemble
-from evomerge.dataflow.recipe import PathRecipe, load_recipe, load_stages
-from evomerge.dataflow.space import DfsSpace
-from evomerge.export import mergekit_yaml
-from evomerge.models import load_causal_lm
-from evomerge.recipe import RecipeError
+from evomerge.merge.dataflow import assemble
+from evomerge.merge.writer import write_path_model
+from evomerge.models.architectures import ArchitectureError
+from evomerge.models.folders import load_causal_lm
+from evomerge.recipes.fold import FoldError, passthrough_recipe
+from evomerge.recipes.layer_path import PathRecipe, load_recipe, load_stages
+from evomerge.recipes.parameter_space import RecipeError
+from evomerge.runs.export import mergekit_yaml
+from evomerge.search.codecs.dataflow import PathCodec
+from evomerge.search.spaces.dataflow import DfsSpace
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2"]
 LAYERS = 2  # per model; two models: M = 4 source layers
@@ -147,7 +148,7 @@ def test_generation_with_cache_equals_without(arch, families, loaded):
 
 # ---------------------------------------------------------------------------------------- export
 def test_evomerge_merge_builds_both_exports_with_the_paths_logits(families, loaded, tmp_path):
-    from evomerge.cli import main as evomerge
+    from evomerge.cli.main import main as evomerge
 
     names = families["mistral"]
     recipe = random_path(names, 7, np.random.default_rng(7))
@@ -192,7 +193,7 @@ def test_unknown_architecture_is_refused(tmp_path):
     recipe = PathRecipe.from_dict({"path": [{"model": str(folder), "layer": 0}]})
     with pytest.raises(ArchitectureError, match=r"supports model types gpt2, llama, mistral, qwen2; 'phi' is refused"):
         passthrough_recipe(recipe)
-    from evomerge.dataflow.arch import arch_spec
+    from evomerge.models.architectures import arch_spec
 
     with pytest.raises(ArchitectureError, match="post-norm"):
         arch_spec({"model_type": "olmo2"})
@@ -210,7 +211,7 @@ def test_tied_head_must_follow_the_embeddings(tmp_path):
 
 def test_staged_recipe_file_builds_stage_by_stage(families, loaded, tmp_path):
     """A PS stage named `ps`, then a path that uses `ps` as a model: `evomerge merge` builds both."""
-    from evomerge.cli import main as evomerge
+    from evomerge.cli.main import main as evomerge
 
     base, ft = families["llama"]
     ps = {"name": "ps", "merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 0.5}},
@@ -275,9 +276,10 @@ def test_space_errors():
 
 
 def test_dfs_config_errors_come_before_any_model_loads(families, tmp_path, monkeypatch):
-    import evomerge.driver as driver
-    import evomerge.models as models
-    from evomerge.config import ConfigError, SearchConfig
+    import evomerge.models.folders as models
+    import evomerge.search.loop as driver
+    from evomerge.runs.start import run_search
+    from evomerge.search.config import ConfigError, SearchConfig
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the config was validated")
@@ -292,13 +294,13 @@ def test_dfs_config_errors_come_before_any_model_loads(families, tmp_path, monke
              ({"models": [families["llama"][0], families["gpt2"][0]]}, "model_type='gpt2'")]
     for over, msg in cases:
         with pytest.raises(ConfigError, match=msg):
-            driver.run_search(SearchConfig.from_dict({**base, **over}), quiet=True)
+            run_search(SearchConfig.from_dict({**base, **over}), quiet=True)
         assert not (tmp_path / "run").exists()
 
 
 def test_staged_config_errors(families):
-    from evomerge.config import ConfigError
-    from evomerge.dataflow.stages import StagedConfig
+    from evomerge.runs.staged import StagedConfig
+    from evomerge.search.config import ConfigError
 
     a, b = families["llama"]
     common = {"tasks": [{"name": "zoo_add"}], "budget": {"generations": 1}}

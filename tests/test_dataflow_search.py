@@ -13,9 +13,9 @@ import torch
 import yaml
 from test_search import cli, write_config
 
-from evomerge.dataflow.model import PathBuilder
-from evomerge.dataflow.recipe import PathRecipe, load_recipe, load_stages
-from evomerge.run import LOG, RunFolder, history
+from evomerge.merge.dataflow import PathBuilder
+from evomerge.recipes.layer_path import PathRecipe, load_recipe, load_stages
+from evomerge.runs.folder import LOG, RunFolder, history
 
 pytestmark = pytest.mark.slow
 
@@ -128,8 +128,8 @@ def test_ps_dfs_resumes_across_the_stage_boundary(zoo_dir, tmp_path):
     mk = list(yaml.safe_load_all((run / "best.mergekit.yaml").read_text()))
     assert mk[0]["name"] == "ps" and mk[1]["merge_method"] == "passthrough"
     # `evomerge merge` on it rebuilds the evaluated model: the path over the materialized PS winner
-    from evomerge.cli import main as evomerge
-    from evomerge.models import load_causal_lm
+    from evomerge.cli.main import main as evomerge
+    from evomerge.models.folders import load_causal_lm
 
     assert evomerge(["merge", str(run / "best.yaml"), str(tmp_path / "out")]) == 0
     inner = load_recipe(run / "stages" / "dfs" / "best.yaml")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.evaluate import LmEvalEvaluator, UnknownTaskError
+from evomerge.evaluation.evaluator import LmEvalEvaluator, UnknownTaskError
 from evomerge.zoo.tasks import EVAL_SPLITS, write_eval_data
 
 REPO = Path(__file__).resolve().parent.parent

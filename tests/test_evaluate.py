@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.evaluate import LmEvalEvaluator, evaluate_model_dir
-from evomerge.models import ModelFolderError, load_causal_lm, load_tokenizer
+from evomerge.evaluation.evaluator import LmEvalEvaluator, evaluate_model_dir
+from evomerge.models.folders import ModelFolderError, load_causal_lm, load_tokenizer
 from evomerge.zoo.skills import Item
 from evomerge.zoo.train import exact_match
 
@@ -109,7 +109,7 @@ def test_pickled_weights_are_refused_unless_allowed(zoo_dir, tmp_path):
 
 
 def test_loaders_are_not_reached_for_a_bad_task(zoo_dir, monkeypatch):
-    import evomerge.evaluate as ev_mod
+    import evomerge.evaluation.evaluator as ev_mod
 
     def boom(*a, **k):
         raise AssertionError("model loaded before the task names were checked")

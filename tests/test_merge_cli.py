@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evomerge.cli import main
+from evomerge.cli.main import main
 
 
 def evomerge(*argv: str) -> int:
@@ -115,8 +115,8 @@ def test_merged_zoo_folder_scores_with_evomerge_eval(zoo_dir, tmp_path, capsys):
 
     import yaml
 
-    from evomerge.evaluate import LmEvalEvaluator
-    from evomerge.models import load_causal_lm, load_tokenizer
+    from evomerge.evaluation.evaluator import LmEvalEvaluator
+    from evomerge.models.folders import load_causal_lm, load_tokenizer
     from evomerge.zoo.table import merged_model, plain_merge_recipes
 
     recipe = plain_merge_recipes(zoo_dir)["task arithmetic w=0.7"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge import sparsify as sp
-from evomerge.merge.methods import TensorGroup, get_method, merge_group, method_names
+from evomerge.methods import sparsify as sp
+from evomerge.methods.registry import TensorGroup, get_method, merge_group, method_names
 
 # --- helpers: the reference formulas, written plainly and elementwise ---------------------------
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from merge_helpers import load_folder, model_family, save_model, tiny_config
 
-from evomerge.merge import sources as sources_mod
+from evomerge.models import sources as sources_mod
 from evomerge.merge.engine import merge_state_dict, write_merged_model
-from evomerge.merge.sources import MergeError
-from evomerge.recipe import Recipe
+from evomerge.models.sources import MergeError
+from evomerge.recipes.parameter_space import Recipe
 
 
 def ta_recipe(base: Path, fts: list[Path], weights=(0.7, 0.4), **extra) -> Recipe:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge.optim import make_optimizer
+from evomerge.search.optimizers import make_optimizer
 
 
 def sphere(x: np.ndarray) -> np.ndarray:
@@ -43,8 +43,8 @@ def test_cma_improves_on_a_sphere():
 
 def test_an_evaluation_between_two_asks_changes_nothing(zoo_dir):
     """lm-eval reseeds global generators in simple_evaluate; our evaluator and optimizers use neither."""
-    from evomerge.evaluate import LmEvalEvaluator
-    from evomerge.models import load_causal_lm, load_tokenizer
+    from evomerge.evaluation.evaluator import LmEvalEvaluator
+    from evomerge.models.folders import load_causal_lm, load_tokenizer
 
     ev = LmEvalEvaluator(["zoo_add"], split="dev", batch_size=16)
     model, tok = load_causal_lm(zoo_dir / "base"), load_tokenizer(zoo_dir / "base")

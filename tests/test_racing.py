@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from evomerge import racing
-from evomerge.cli import main
-from evomerge.config import ConfigError, SearchConfig
-from evomerge.driver import run_search
-from evomerge.run import LOG, PARETO, RunFolder, dominates, history
-from evomerge.trial import TrialResult
+from evomerge.cli.main import main
+from evomerge.evaluation.trial import TrialResult
+from evomerge.runs.folder import LOG, PARETO, RunFolder, dominates, history
+from evomerge.runs.start import run_search
+from evomerge.search import racing
+from evomerge.search.config import ConfigError, SearchConfig
 
 pytestmark = pytest.mark.slow
 
@@ -178,8 +178,8 @@ def cli(*args: str):
 
 
 def _stage_items(cfg, g, task_index, n):
-    from evomerge.driver import validate
-    from evomerge.fitness import FitnessFunction
+    from evomerge.evaluation.fitness import FitnessFunction
+    from evomerge.runs.start import validate
 
     return FitnessFunction(cfg.tasks, validate(cfg), cfg.seed).racing_subset(task_index, g, n)
 
@@ -222,10 +222,10 @@ def test_resumed_search_equals_uninterrupted(zoo_dir, tmp_path, monkeypatch, opt
 
 # ----------------------------------------------------------------------------- per-item reuse, real lm-eval
 def test_item_reuse_equals_lm_eval(zoo_dir, tmp_path):
-    from evomerge.driver import validate
-    from evomerge.fitness import FitnessFunction
-    from evomerge.items import ItemStore
-    from evomerge.models import load_causal_lm, load_tokenizer
+    from evomerge.evaluation.fitness import FitnessFunction
+    from evomerge.evaluation.items import ItemStore
+    from evomerge.models.folders import load_causal_lm, load_tokenizer
+    from evomerge.runs.start import validate
 
     cfg = fake_config(zoo_dir, tmp_path, tasks=[{"name": "zoo_add", "weight": 0.3}, {"name": "zoo_rev", "weight": 0.7}])
     fit = FitnessFunction(cfg.tasks, validate(cfg), cfg.seed)
@@ -279,7 +279,7 @@ def test_pareto_front_is_non_dominated(nsga_run):
 
 
 def test_export_weights_picks_the_right_member(nsga_run, tmp_path, capsys):
-    from evomerge.recipe import Recipe
+    from evomerge.recipes.parameter_space import Recipe
 
     members = json.loads((nsga_run / PARETO).read_text())["front"]
     for w in ([1, 0, 0], [0, 1, 0], [0, 0, 1], [0.2, 0.5, 1.0]):

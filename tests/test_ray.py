@@ -15,9 +15,9 @@ import pytest
 import yaml
 from ray_helpers import REPO, assert_gone, tiny_config, worker_pids
 
-from evomerge.config import SearchConfig
-from evomerge.driver import run_search
-from evomerge.run import LOG, RunFolder, history
+from evomerge.runs.folder import LOG, RunFolder, history
+from evomerge.runs.start import run_search
+from evomerge.search.config import SearchConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from ray_helpers import REPO, assert_gone, tiny_config, worker_pids
 
-from evomerge.run import RunFolder
+from evomerge.runs.folder import RunFolder
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

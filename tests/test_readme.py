@@ -50,7 +50,7 @@ def test_readme_examples_run_as_written(zoo_dir, tmp_path):
     # search logged for that recipe (same split, dtype and batch size), to 1e-6.
     import json
 
-    from evomerge.run import RunFolder
+    from evomerge.runs.folder import RunFolder
 
     final = RunFolder.open(tmp_path / "runs/quickstart").records()[-1]
     assert final["type"] == "final" and set(final["test_metrics"]) == {"zoo_add", "zoo_rev", "zoo_sub"}

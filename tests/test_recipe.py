@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evomerge.recipe import (
+from evomerge.recipes.parameter_space import (
     Recipe,
     RecipeError,
     evaluate_setting,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from evomerge.run import LOG, RunFolder, RunFolderError, history, read_records
+from evomerge.runs.folder import LOG, RunFolder, RunFolderError, history, read_records
 
 RECORDS = [{"type": "candidate", "generation": 0, "index": i, "genome": [0.1 * i, 1 / 3],
             "fitness": 0.5 + i / 7, "metrics": {"zoo_add": {"acc": 0.25}}, "time": 1.5 + i} for i in range(4)]
@@ -70,7 +70,7 @@ def test_history_orders_evaluations_between_barriers():
 
 def test_a_live_search_holds_the_lock(tmp_path):
     run = RunFolder.create(tmp_path / "run", "x: 1\n")
-    code = ("import sys; from evomerge.run import RunFolder\n"
+    code = ("import sys; from evomerge.runs.folder import RunFolder\n"
             "r = RunFolder.open(sys.argv[1])\ntry:\n    r.acquire()\nexcept ValueError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True)
     assert "locked by a live search" in out.stdout

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from evomerge.config import ConfigError, SearchConfig
-from evomerge.driver import run_search
-from evomerge.recipe import Recipe
-from evomerge.run import LOG, RunFolder, history
+from evomerge.recipes.parameter_space import Recipe
+from evomerge.runs.folder import LOG, RunFolder, history
+from evomerge.runs.start import run_search
+from evomerge.search.config import ConfigError, SearchConfig
 
 pytestmark = pytest.mark.slow
 
@@ -175,9 +175,9 @@ def test_search_improves_on_its_start(reference_run):
 
 def test_a_repeated_recipe_comes_from_the_cache(zoo_dir, tmp_path, monkeypatch):
     """Genomes that decode to one recipe (here: duplicates in a generation) are scored once."""
-    import evomerge.driver as driver
-    from evomerge.merge.inplace import InPlaceMerger
-    from evomerge.optim.random_search import RandomSearch
+    import evomerge.search.loop as driver
+    from evomerge.merge.inplace.merger import InPlaceMerger
+    from evomerge.search.optimizers.random_search import RandomSearch
 
     class Duplicating(RandomSearch):
         def ask(self):

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 
-import evomerge.driver as driver
-from evomerge.config import ConfigError, SearchConfig
-from evomerge.driver import run_search
+import evomerge.search.loop as driver
+from evomerge.runs.start import run_search
+from evomerge.search.config import ConfigError, SearchConfig
 
 
 def base_config(zoo_dir, tmp_path) -> dict:

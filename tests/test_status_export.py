@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from evomerge.cli import main
-from evomerge.recipe import Recipe
+from evomerge.cli.main import main
+from evomerge.recipes.parameter_space import Recipe
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def finished_run(zoo_dir, tmp_path_factory):
-    from evomerge.config import SearchConfig
-    from evomerge.driver import run_search
+    from evomerge.runs.start import run_search
+    from evomerge.search.config import SearchConfig
 
     run_dir = tmp_path_factory.mktemp("st") / "run"
     cfg = SearchConfig.from_dict({
@@ -55,7 +55,7 @@ def test_export_bad_inputs(finished_run, tmp_path, capsys):
     assert main(["export", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
     empty = tmp_path / "empty"
-    from evomerge.run import RunFolder
+    from evomerge.runs.folder import RunFolder
 
     RunFolder.create(empty, (finished_run / "config.yaml").read_text()).close()
     assert main(["export", str(empty)]) == 2

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evomerge.merge.methods import uses_random_masks
+from evomerge.methods.registry import uses_random_masks
 
 if TYPE_CHECKING:
     from evomerge.merge.engine import MergePlan

@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from evomerge.io import fsync_dir, write_durable
-from evomerge.merge.methods import (
+from evomerge.core.io import fsync_dir, write_durable
+from evomerge.methods.registry import (
     MergeMethod,
     ParamScope,
     TensorGroup,
     get_method,
     merge_group,
 )
-from evomerge.merge.sources import (
+from evomerge.models.sources import (
     MergeError,
     SourceModel,
     TokenizerInfo,
@@ -38,7 +38,7 @@ from evomerge.merge.sources import (
     load_tokenizer_info,
     num_layers_key,
 )
-from evomerge.recipe import (
+from evomerge.recipes.parameter_space import (
     OutputSlice,
     Recipe,
     layer_t,

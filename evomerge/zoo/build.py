@@ -19,13 +19,14 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from evomerge.io import atomic_write_text
+from evomerge.core.io import atomic_write_text
 from evomerge.zoo import skills as skills_mod
 from evomerge.zoo.skills import SKILLS, SPECIALIST_SKILLS, Item, sample_items
 from evomerge.zoo.tokenizer import build_tokenizer
@@ -91,8 +92,10 @@ def _skill_batch(skill: str):
 
 
 def build_zoo(out: str | Path, params: ZooParams = ZooParams(), force: bool = False,
-              log=print) -> Path:
-    """Builds the zoo into ``out`` unless an identical build is already there; returns ``out``."""
+              log=print, progress: bool = False) -> Path:
+    """Builds the zoo into ``out`` unless an identical build is already there; returns ``out``.
+
+    ``progress`` draws a progress bar of the training steps on the terminal (the CLI's default)."""
     out = Path(out)
     key = cache_key(params)
     if (out / "zoo.json").is_file():
@@ -116,7 +119,7 @@ def build_zoo(out: str | Path, params: ZooParams = ZooParams(), force: bool = Fa
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = _build_into(tmp, params, key, log)
+        manifest = _build_into(tmp, params, key, log, progress)
         manifest["build"]["seconds"] = round(time.perf_counter() - t_start, 1)
         atomic_write_text(tmp / "zoo.json", json.dumps(manifest, indent=2) + "\n")
         if out.exists():
@@ -134,7 +137,21 @@ def _save(model, tok, path: Path) -> None:
     tok.save_pretrained(path)
 
 
-def _build_into(tmp: Path, params: ZooParams, key: str, log) -> dict:
+@contextmanager
+def _steps_bar(enabled: bool, label: str, total: int):
+    """A rich progress bar of training steps (a no-op callback when disabled)."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress("  " + label, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda step: bar.update(task, completed=step)
+
+
+def _build_into(tmp: Path, params: ZooParams, key: str, log, progress: bool = False) -> dict:
     tok = build_tokenizer()
     shape = params.shape
     seed = params.seed
@@ -142,8 +159,9 @@ def _build_into(tmp: Path, params: ZooParams, key: str, log) -> dict:
     log(f"training base ({params.base_steps} steps, {shape.layers}x{shape.hidden} Llama)...")
     t0 = time.perf_counter()
     base = new_model(tok, shape, seed)
-    train(base, tok, TrainConfig(steps=params.base_steps, lr=params.base_lr), shape.seq_len,
-          _base_batch(params.base_mix), seed=seed + 1)
+    with _steps_bar(progress, "base", params.base_steps) as on_step:
+        train(base, tok, TrainConfig(steps=params.base_steps, lr=params.base_lr), shape.seq_len,
+              _base_batch(params.base_mix), seed=seed + 1, on_step=on_step)
     _save(base, tok, tmp / "base")
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     log(f"  base: {time.perf_counter() - t0:.0f} s")
@@ -162,9 +180,11 @@ def _build_into(tmp: Path, params: ZooParams, key: str, log) -> dict:
             accs.append(exact_match(model, tok, val, shape.seq_len))
             return accs[-1] >= params.val_target
 
-        steps = train(model, tok, TrainConfig(steps=params.spec_max_steps, lr=params.spec_lr, warmup=0,
-                                              final_lr_frac=1.0, answer_only=True),
-                      shape.seq_len, _skill_batch(skill), seed=seed + 2 + i, stop=stop)
+        with _steps_bar(progress, f"spec_{skill} (at most)", params.spec_max_steps) as on_step:
+            steps = train(model, tok, TrainConfig(steps=params.spec_max_steps, lr=params.spec_lr,
+                                                  warmup=0, final_lr_frac=1.0, answer_only=True),
+                          shape.seq_len, _skill_batch(skill), seed=seed + 2 + i, stop=stop,
+                          on_step=on_step)
         name = f"spec_{skill}"
         _save(model, tok, tmp / name)
         models[name] = {"path": name, "role": "specialist", "skill": skill, "task": f"zoo_{skill}",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from evomerge.evaluate import LmEvalEvaluator, TaskResult
-from evomerge.models import load_causal_lm, load_tokenizer
+from evomerge.evaluation.evaluator import LmEvalEvaluator, TaskResult
+from evomerge.models.folders import load_causal_lm, load_tokenizer
 from evomerge.zoo.build import read_manifest
 
 
@@ -38,7 +38,7 @@ def plain_merge_recipes(zoo_dir: str | Path) -> dict[str, dict]:
 def merged_model(recipe: dict, template: torch.nn.Module) -> torch.nn.Module:
     """Loads the merged tensors of ``recipe`` into ``template`` (a model of the same architecture)."""
     from evomerge.merge.engine import merge_state_dict
-    from evomerge.recipe import Recipe
+    from evomerge.recipes.parameter_space import Recipe
 
     state = merge_state_dict(Recipe.model_validate(recipe), device="cpu")
     template.load_state_dict(state, strict=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evomerge.io import atomic_write_text
+from evomerge.core.io import atomic_write_text
 from evomerge.zoo.skills import SKILLS, SPECIALIST_SKILLS, split_items
 
 EVAL_SPLITS = {"dev": 500, "test": 500}

@@ -103,9 +103,11 @@ class TrainConfig:
 
 def train(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, cfg: TrainConfig, seq_len: int,
           draw_batch: Callable[[np.random.Generator, int], list[Item]], seed: int,
-          stop: Callable[[int], bool] | None = None) -> int:
+          stop: Callable[[int], bool] | None = None,
+          on_step: Callable[[int], None] | None = None) -> int:
     """AdamW with warm-up and cosine decay. ``stop(step)`` is asked every ``eval_every`` steps
-    (early stopping); returns the number of steps taken."""
+    (early stopping); ``on_step(step)`` after each step (progress); returns the number of steps
+    taken."""
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
 
@@ -129,6 +131,8 @@ def train(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, cfg: TrainConfi
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
+        if on_step is not None:
+            on_step(step + 1)
     if stop is not None:
         stop(cfg.steps)
     return cfg.steps

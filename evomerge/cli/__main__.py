@@ -1,0 +1,5 @@
+import sys
+
+from evomerge.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""Evaluation of causal LMs with lm-eval: the only module that imports lm-eval.
+
+``Evaluator`` is the small interface a search calls (another backend, vLLM say, can implement it
+later). ``LmEvalEvaluator`` loads its tasks once and then scores any number of models, including
+an in-memory ``torch.nn.Module`` whose weights change in place between calls.
+
+Settings that make scores reproducible (see shared conventions): a fixed batch size (never "auto":
+padding changes logits), ``bootstrap_iters=0``, lm-eval's response cache off, and no reseeding of
+the global random generators (``lm_eval.evaluator.evaluate`` is called directly, not
+``simple_evaluate``, which reseeds Python, NumPy and torch on every call).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from evomerge.core.errors import UnknownTaskError
+from evomerge.models.folders import check_model_dir, load_causal_lm, load_tokenizer
+
+REPO_EVALS = Path(__file__).resolve().parents[2] / "evals"
+
+
+def default_include_paths() -> list[Path]:
+    """The zoo tasks (``evals/`` of this checkout) plus ``$EVOMERGE_TASKS`` (os.pathsep-separated)."""
+    paths = [REPO_EVALS] if REPO_EVALS.is_dir() else []
+    extra = os.environ.get("EVOMERGE_TASKS", "")
+    paths += [Path(p) for p in extra.split(os.pathsep) if p]
+    return paths
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Metrics of one task: ``{"acc": 0.93, ...}`` (lm-eval's ``metric,filter`` keys with the
+    ``none`` filter reduced to the metric name), and the number of items scored."""
+
+    task: str
+    metrics: dict[str, float]
+    n_items: int
+    samples: list[dict] = field(default_factory=list, compare=False, repr=False)
+
+
+class Evaluator(Protocol):
+    """Scores a model on a fixed set of tasks. Implementations keep their tasks loaded."""
+
+    tasks: Sequence[str]
+
+    def metric_names(self, task: str) -> list[str]: ...
+
+    def n_docs(self, task: str) -> int: ...
+
+    def evaluate(self, model: torch.nn.Module, tokenizer, *, limit: int | None = None,
+                 samples: dict[str, list[int]] | None = None) -> dict[str, TaskResult]: ...
+
+
+@functools.lru_cache(maxsize=8)
+def _indexed_tasks(paths: tuple[str, ...], include_defaults: bool):
+    """lm-eval's task index (no task is built); indexing the built-in tasks takes about 9 s, so
+    the index is made once per process and folder list."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) or None, include_defaults=include_defaults)
+
+
+def _task_manager(names: Sequence[str], include_paths: Sequence[Path]):
+    paths = tuple(str(p) for p in include_paths)
+    # Skipping lm-eval's built-in tasks saves that scan when only local tasks are named.
+    tm = _indexed_tasks(paths, False)
+    if all(tm._entry(n) for n in names):
+        return tm
+    tm = _indexed_tasks(paths, True)
+    missing = [n for n in names if not tm._entry(n)]
+    if missing:
+        known = list(tm.all_tasks)
+        hints = []
+        for n in missing:
+            close = difflib.get_close_matches(n, known, n=3)
+            hints.append(f"{n!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        local = sorted(k for k in known if k.startswith("zoo_"))
+        raise UnknownTaskError(f"unknown lm-eval task {', '.join(hints)}; the zoo tasks are {', '.join(local)}")
+    return tm
+
+
+def _metrics(raw: dict) -> dict[str, float]:
+    out = {}
+    for key, value in raw.items():
+        if "," not in key or "_stderr" in key or not isinstance(value, int | float):
+            continue
+        metric, filt = key.split(",", 1)
+        out[metric if filt == "none" else key] = float(value)
+    return out
+
+
+def _quiet_hflm():
+    """HFLM without its per-call progress bars (it passes ``disable_tqdm=False`` explicitly, so
+    TQDM_DISABLE has no effect); a search calls it thousands of times under its own display."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = True):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = True):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+class LmEvalEvaluator:
+    """lm-eval's HF backend over an in-memory model; tasks are loaded once at construction.
+
+    ``split`` selects the dataset split that is scored (the zoo tasks have ``dev`` and ``test``);
+    ``None`` keeps each task's own default.
+    """
+
+    def __init__(self, tasks: Sequence[str], *, split: str | None = None, batch_size: int = 32,
+                 num_fewshot: int | None = None, fewshot_seed: int = 1234,
+                 include_paths: Sequence[str | Path] | None = None, log_samples: bool = False):
+        if isinstance(batch_size, str) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer (got {batch_size!r}); 'auto' changes padding and scores")
+        if not tasks:
+            raise ValueError("no tasks given")
+        self.tasks = list(tasks)
+        self.split = split
+        self.batch_size = batch_size
+        self.log_samples = log_samples
+        paths = [Path(p) for p in (include_paths if include_paths is not None else default_include_paths())]
+        tm = _task_manager(self.tasks, paths)
+        self._task_dict = tm.load(self.tasks)
+        for name, task in self._task_dict["tasks"].items():
+            if split:
+                if split not in task.dataset:
+                    raise ValueError(f"task {name!r} has no split {split!r} (it has {', '.join(task.dataset)})")
+                # The scored split is read from the config when docs are requested, so this
+                # redirects the task to the chosen split.
+                task.set_config(key="test_split", value=split)
+            if num_fewshot is not None:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            task.set_fewshot_seed(seed=fewshot_seed)
+
+    def metric_names(self, task: str) -> list[str]:
+        """The metrics a task reports (from its config; no model needed)."""
+        t = self._task_dict["tasks"][task]
+        return list(t.aggregation())
+
+    def mean_metrics(self, task: str) -> list[str]:
+        """The task's metrics that lm-eval aggregates by the plain mean over items (these combine
+        exactly across item subsets; others are re-scored on the whole subset)."""
+        from lm_eval.api.metrics import mean
+
+        return [m for m, fn in self._task_dict["tasks"][task].aggregation().items() if fn is mean]
+
+    def n_docs(self, task: str) -> int:
+        return len(self._task_dict["tasks"][task].eval_docs)
+
+    def evaluate(self, model: torch.nn.Module, tokenizer, *, limit: int | None = None,
+                 samples: dict[str, list[int]] | None = None) -> dict[str, TaskResult]:
+        """Scores ``model``; ``limit`` takes the first N items of each task, ``samples`` the
+        given item indices per task (a seeded subset)."""
+        from lm_eval.evaluator import evaluate as lm_evaluate
+
+        lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
+                           device=str(model.device))
+        was_training = model.training
+        model.eval()
+        try:
+            out = lm_evaluate(lm, self._task_dict, limit=limit, samples=samples, bootstrap_iters=0, cache_requests=False,
+                              log_samples=self.log_samples, verbosity="WARNING")
+        finally:
+            model.train(was_training)
+        results = {}
+        for name in self._task_dict["tasks"]:
+            raw = out["results"][name]
+            n = out.get("n-samples", {}).get(name, {}).get("effective", -1)
+            samples = out.get("samples", {}).get(name, []) if self.log_samples else []
+            results[name] = TaskResult(name, _metrics(raw), int(n), samples)
+        return results
+
+
+def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[str], *, split: str | None = None,
+                       limit: int | None = None, batch_size: int = 32, device: str = "cpu",
+                       dtype: str = "float32", allow_pickle: bool = False,
+                       trust_remote_code: bool = False) -> dict[str, TaskResult]:
+    """``evomerge eval``: loads a model folder and scores it with the same evaluator as in memory."""
+    check_model_dir(model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)  # fails before tasks load
+    evaluator = LmEvalEvaluator(tasks, split=split, batch_size=batch_size)  # unknown tasks fail first
+    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_dir, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code)
+    return evaluator.evaluate(model, tok, limit=limit)

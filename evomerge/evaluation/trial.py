@@ -1,0 +1,95 @@
+"""One candidate: genome -> recipe -> merged model -> score. Failures become a penalty fitness."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from evomerge.evaluation.fitness import FitnessFunction, Samples
+from evomerge.recipes.parameter_space import Recipe
+
+
+class CandidateBuilder(Protocol):
+    """Writes a recipe's merged weights into one resident model and returns it."""
+
+    model: torch.nn.Module
+
+    def build(self, recipe: Recipe) -> torch.nn.Module: ...
+
+
+def make_builder(cfg) -> CandidateBuilder:
+    """The candidate builder of a search config's space kind (loads the source models)."""
+    if cfg.is_dfs:
+        from evomerge.merge.dataflow import PathBuilder
+
+        return PathBuilder(cfg.models, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle)
+    from evomerge.merge.inplace.merger import InPlaceMerger
+
+    # Parameter space: the sources are loaded once and each candidate is written into one model.
+    return InPlaceMerger(cfg.models, cfg.base_model, cfg.space.method, device=cfg.device, dtype=cfg.dtype,
+                         allow_pickle=cfg.allow_pickle)
+
+
+@dataclass
+class TrialResult:
+    recipe_hash: str
+    fitness: float
+    status: str  # "ok" or "failed"
+    reason: str | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    items: dict[str, int] = field(default_factory=dict)
+    merge_s: float = 0.0
+    eval_s: float = 0.0
+    worker: str = "local"  # who scored it ("local", or a worker's name)
+    item_scores: dict | None = None  # per-item metric values (fitness.ItemScores), where logged
+
+
+def non_finite_tensor(model: torch.nn.Module) -> str | None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None
+
+
+def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunction, tokenizer,
+              samples: Samples, penalty: float) -> TrialResult:
+    """Builds ``recipe`` in place and scores it on ``samples`` (task -> items; None: full split)."""
+    h = recipe.hash()
+    t0 = time.perf_counter()
+    try:
+        model = builder.build(recipe)
+        bad = non_finite_tensor(model)
+        merge_s = time.perf_counter() - t0
+        if bad is not None:
+            return TrialResult(h, penalty, "failed", f"non-finite merged weights in {bad}", merge_s=merge_s)
+        t1 = time.perf_counter()
+        score = fitness.score(model, tokenizer, samples)
+        eval_s = time.perf_counter() - t1
+    except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:  # a bad candidate, not a bad search
+        return TrialResult(h, penalty, "failed", f"{type(e).__name__}: {e}", merge_s=time.perf_counter() - t0)
+    if not np.isfinite(score.fitness):
+        return TrialResult(h, penalty, "failed", f"non-finite fitness {score.fitness}", score.metrics, score.items,
+                           merge_s, eval_s)
+    return TrialResult(h, score.fitness, "ok", None, score.metrics, score.items, merge_s, eval_s,
+                       item_scores=score.item_scores)
+
+
+
+def test_metrics(recipe: Recipe, builder: CandidateBuilder, tasks, tokenizer, batch_size: int) -> dict[str, dict[str, float]]:
+    """A recipe's scores on each task's held-out ``test`` split, where the task has one.
+    For reports only: test scores never enter the search's decisions."""
+    from evomerge.evaluation.evaluator import LmEvalEvaluator
+
+    model = builder.build(recipe)
+    out = {}
+    for t in tasks:
+        try:
+            ev = LmEvalEvaluator([t.name], split="test", batch_size=batch_size, num_fewshot=t.num_fewshot)
+        except ValueError:  # no test split
+            continue
+        out[t.name] = ev.evaluate(model, tokenizer)[t.name].metrics
+    return out

@@ -1,0 +1,74 @@
+"""The in-process executor: candidates built and scored in this process, one after another.
+
+The interface (`EvalJob`, `Executor`, `BackgroundWork`) is in evomerge/search/jobs.py.
+
+The driver decides *what* is evaluated (a batch of `EvalJob`s: recipe + the items to score) and
+writes what comes back to the log; an executor decides *where*. `LocalExecutor` builds and scores
+in this process, one job after another. `evomerge.execution.ray.RayExecutor` (``--workers N``) scores on
+Ray actors and finishes jobs in any order: the driver logs each result as it arrives.
+
+Background work (``run(jobs, background=...)``): work that does not change the search's decisions
+(the full-dev re-scoring of the current top candidates, the test-split scores of a new best) is
+handed out by a `BackgroundWork` object. A pipelined executor gives it to workers that the batch
+leaves idle, while the batch runs, and may still be running it when ``run`` returns; its results
+go to ``background.done`` (never through ``run``'s iterator). ``run([], background=...)`` runs the
+background work until there is none left and nothing is in flight (a barrier).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from evomerge.evaluation.fitness import FitnessFunction
+from evomerge.evaluation.trial import CandidateBuilder, TrialResult, run_trial, test_metrics
+from evomerge.recipes.layer_path import AnyRecipe
+from evomerge.search.jobs import BackgroundWork, EvalJob
+
+
+def run_job(job: EvalJob, builder: CandidateBuilder, fitness: FitnessFunction, tokenizer, *, penalty: float,
+            batch_size: int) -> TrialResult:
+    """One job, in this process: a trial, or (kind "test") the recipe's test-split metrics, whose
+    ``fitness`` is the weighted sum over the tasks (NaN when a task has no test split)."""
+    if job.kind != "test":
+        return run_trial(job.recipe, builder, fitness, tokenizer, job.samples, penalty)
+    h = job.recipe.hash()
+    t0 = time.perf_counter()
+    try:
+        metrics = test_metrics(job.recipe, builder, fitness.tasks, tokenizer, batch_size)
+    except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
+        return TrialResult(h, math.nan, "failed", f"{type(e).__name__}: {e}", eval_s=time.perf_counter() - t0)
+    total = sum(t.weight * metrics[t.name][t.metric] if t.name in metrics else math.nan for t in fitness.tasks)
+    return TrialResult(h, float(total), "ok", None, metrics, {}, 0.0, time.perf_counter() - t0)
+
+
+class LocalExecutor:
+    """Builds and scores in this process, in job order (``--workers 0``)."""
+
+    pipelined = False
+
+    def __init__(self, builder: CandidateBuilder, fitness: FitnessFunction, tokenizer, *, penalty: float,
+                 batch_size: int):
+        self.builder, self.fitness, self.tokenizer = builder, fitness, tokenizer
+        self.penalty, self.batch_size = penalty, batch_size
+
+    def run(self, jobs: Sequence[EvalJob], *, background: BackgroundWork | None = None
+            ) -> Iterator[tuple[EvalJob, TrialResult]]:
+        for job in jobs:
+            yield job, self._run(job)
+        if not jobs and background is not None:
+            while (job := background.next()) is not None:
+                background.done(job, self._run(job))
+
+    def _run(self, job: EvalJob) -> TrialResult:
+        return run_job(job, self.builder, self.fitness, self.tokenizer, penalty=self.penalty,
+                       batch_size=self.batch_size)
+
+    def test_metrics(self, recipe: AnyRecipe) -> dict[str, dict[str, float]]:
+        return test_metrics(recipe, self.builder, self.fitness.tasks, self.tokenizer, self.batch_size)
+
+    def close(self) -> None:
+        pass

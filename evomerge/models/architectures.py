@@ -1,0 +1,72 @@
+"""Architectures whose layers can be re-ordered and whose step scales fold into weights.
+
+Folding needs pre-norm blocks that read the residual stream only through scale-invariant norms
+(docs/dataflow.md). That is a property of each architecture, so the list is explicit: anything
+else is refused with a message rather than folded wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from evomerge.core.errors import ArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    inner: str  # attribute of the *ForCausalLM holding the decoder: "model" / "transformer"
+    layers: str  # attribute of the decoder holding the layer list
+    embeddings: tuple[str, ...]  # decoder modules before the layers (rotary tables included)
+    norm: str  # the final norm (a decoder attribute)
+    # Substrings of a layer's tensor names that mark the two output projections (weight, bias):
+    # the only tensors a step scale changes when folded.
+    out_projections: tuple[str, ...]
+
+
+_LLAMA_LIKE = ArchSpec(inner="model", layers="layers", embeddings=("embed_tokens", "rotary_emb"),
+                       norm="norm", out_projections=("self_attn.o_proj.", "mlp.down_proj."))
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    # GPT-2's projections are Conv1D ([in, out] weights): a scalar factor does not care.
+    "gpt2": ArchSpec(inner="transformer", layers="h", embeddings=("wte", "wpe"), norm="ln_f",
+                     out_projections=("attn.c_proj.", "mlp.c_proj.")),
+}
+_WHY_NOT = {
+    "gemma": "Gemma stores RMSNorm weights as (1 + w) and scales embeddings by sqrt(hidden)",
+    "gemma2": "Gemma 2 has sandwich (post-)norms: its scales would fold into the post-norm weights",
+    "gemma3": "Gemma 3 has sandwich (post-)norms: its scales would fold into the post-norm weights",
+    "olmo2": "OLMo-2 is post-norm only: a step scale does not fold into its weights",
+}
+
+
+def arch_spec(config: dict[str, Any], where: str = "model") -> ArchSpec:
+    """The spec of a model's config.json, or ArchitectureError naming the supported ones."""
+    model_type = config.get("model_type")
+    spec = ARCHITECTURES.get(str(model_type))
+    if spec is None:
+        why = _WHY_NOT.get(str(model_type), "its blocks are not on the verified list")
+        raise ArchitectureError(
+            f"{where}: data-flow merging supports model types {', '.join(sorted(ARCHITECTURES))}; "
+            f"{model_type!r} is refused ({why})")
+    if model_type == "gpt2" and config.get("scale_attn_by_inverse_layer_idx"):
+        raise ArchitectureError(f"{where}: GPT-2 with scale_attn_by_inverse_layer_idx computes "
+                                "attention from the layer's position, so its layers cannot move")
+    if config.get("add_cross_attention"):
+        raise ArchitectureError(f"{where}: models with cross-attention are not supported")
+    return spec
+
+
+def num_layers(config: dict[str, Any]) -> int:
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in config:
+            return int(config[key])
+    raise ArchitectureError(f"config has no layer count (model_type {config.get('model_type')!r})")
+
+
+def per_layer_keys(config: dict[str, Any]) -> list[str]:
+    """Config lists with one entry per layer (layer_types, ...): they follow the path's steps."""
+    n = num_layers(config)
+    return [k for k, v in config.items() if isinstance(v, list) and len(v) == n and k.startswith("layer")]

@@ -1,0 +1,90 @@
+"""Loading Hugging Face model folders for evaluation, with early, clear errors.
+
+Security defaults: weights load from safetensors only (pickled ``.bin`` files are refused unless
+``allow_pickle``), and ``trust_remote_code`` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from evomerge.core.errors import ModelFolderError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def read_model_config(path: str | Path) -> dict:
+    """A model folder's config.json, with a clear error for a missing folder or file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelFolderError(f"model folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ModelFolderError(f"{str(path)!r} is not a folder (a model is a Hugging Face folder with config.json and weights)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFolderError(f"{str(path)!r} is not a Hugging Face model folder: it has no config.json")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{cfg_path} is not valid JSON: {e}") from None
+
+
+def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+    """Validates a model folder without loading weights; returns its config.json as a dict."""
+    config = read_model_config(path)
+    path = Path(path)
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelFolderError(f"{str(path)!r} needs its own Python code (auto_map in config.json); pass "
+                               "--trust-remote-code only if you trust that code")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (config.get("auto_map") and trust_remote_code):
+        arch = ", ".join(config.get("architectures") or []) or "unknown architecture"
+        raise ModelFolderError(f"{str(path)!r} is not a causal language model (model_type {model_type!r}, {arch})")
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        AutoConfig.for_model(**{k: v for k, v in config.items() if k != "model_type"}, model_type=model_type)
+    has_st = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_st:
+        if has_pickle and not allow_pickle:
+            raise ModelFolderError(f"{str(path)!r} has only pickled weights (.bin/.pt); pickles can run code "
+                                   "when loaded: convert them to safetensors, or pass --allow-pickle if you trust the files")
+        if not has_pickle:
+            raise ModelFolderError(f"{str(path)!r} has no weights (*.safetensors)")
+    return config
+
+
+def load_causal_lm(path: str | Path, *, device: str = "cpu", dtype: str = "float32",
+                   allow_pickle: bool = False, trust_remote_code: bool = False) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    use_st = any(Path(path).glob("*.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=parse_dtype(dtype), use_safetensors=use_st, trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"model folder {str(path)!r} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"cannot load a tokenizer from {str(path)!r}: {e}") from None

@@ -1,0 +1,277 @@
+"""Source models: Hugging Face folders read lazily, tensor by tensor, and checked before merging.
+
+The architecture is read from config.json and the tensor names (layer tensors are
+`<prefix>.<index>.<suffix>`, e.g. `model.layers.3.mlp.up_proj.weight` or `transformer.h.3.attn.c_attn
+.weight`), not from one model class, so Llama, Mistral, Qwen2 and GPT-2 layouts work alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from evomerge.core.errors import MergeError
+
+_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+# Non-layer tensors indexed by token id (their rows follow the tokenizer).
+_VOCAB_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "embed_out", "lm_head")
+# Non-layer tensors that come before the layers (mergekit's pre_weights); the rest come after.
+_PRE_NAMES = ("embed", "wte", "wpe")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a model's tensors live: embeddings, layers, final norm / lm_head."""
+
+    layer_prefix: str  # e.g. "model.layers"
+    num_layers: int
+    layer_suffixes: tuple[str, ...]  # the per-layer tensor names after "<prefix>.<i>."
+    pre: tuple[str, ...]  # embeddings
+    post: tuple[str, ...]  # final norm, lm_head (absent when tied to the embeddings)
+
+    def layer_name(self, index: int, suffix: str) -> str:
+        return f"{self.layer_prefix}.{index}.{suffix}"
+
+    @property
+    def tied(self) -> bool:
+        return not any(is_vocab_tensor(n) for n in self.post)
+
+
+def is_vocab_tensor(name: str) -> bool:
+    return _LAYER.match(name) is None and any(k in name for k in _VOCAB_NAMES)
+
+
+def _first_key(config: Mapping[str, Any], keys: Iterable[str]) -> tuple[str | None, Any]:
+    for k in keys:
+        if k in config:
+            return k, config[k]
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        return _first_key(text, keys)
+    return None, None
+
+
+@dataclass
+class SourceModel:
+    """One model folder: its config and an index of its tensors (nothing loaded yet)."""
+
+    name: str  # as written in the recipe
+    path: Path
+    config: dict[str, Any]
+    files: dict[str, Path]  # tensor name -> weight file
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    weight_files: tuple[Path, ...]  # every weights file, index files included (for hashing)
+    pickled: bool
+    layout: Layout
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _pickles: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        return tuple(self.config.get("architectures") or ())
+
+    @property
+    def vocab_rows(self) -> int | None:
+        return _first_key(self.config, ("vocab_size",))[1]
+
+    @property
+    def hidden_size(self) -> int | None:
+        return _first_key(self.config, _HIDDEN_KEYS)[1]
+
+    def has_tokenizer(self) -> bool:
+        return any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
+                                                       "vocab.json", "vocab.txt"))
+
+    def read(self, name: str, stack: ExitStack) -> torch.Tensor:
+        """One tensor, on CPU, as stored. Open files are kept in `stack` until the merge ends."""
+        file = self.files[name]
+        if self.pickled:
+            if file not in self._pickles:
+                self._pickles[file] = torch.load(file, map_location="cpu", weights_only=True)
+                stack.callback(self._pickles.pop, file, None)
+            return self._pickles[file][name]
+        if file not in self._handles:
+            self._handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+            stack.callback(self._handles.pop, file, None)
+        return self._handles[file].get_tensor(name)
+
+
+def load_source(name: str, *, allow_pickle: bool = False) -> SourceModel:
+    """Index a model folder; raises MergeError with a message for each kind of bad input."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise MergeError(
+            f"model folder not found: {name} (evomerge reads local folders; hub downloads are "
+            "not supported)"
+        )
+    if not path.is_dir():
+        raise MergeError(f"not a model folder: {name}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise MergeError(f"{name} has no config.json; is it a Hugging Face model folder?")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise MergeError(f"{name}/config.json is not readable JSON: {err}") from None
+    archs = config.get("architectures") or []
+    if not archs:
+        raise MergeError(f"{name}/config.json names no architectures; cannot tell if it is a "
+                         "causal language model")
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise MergeError(f"{name} is not a causal language model (architectures: {archs})")
+
+    files, weight_files, pickled = _weight_index(path, name, allow_pickle)
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    if pickled:
+        for file in sorted(set(files.values())):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            for k, v in state.items():
+                if k in files and files[k] == file:
+                    shapes[k], dtypes[k] = tuple(v.shape), v.dtype
+    else:
+        for file in sorted(set(files.values())):
+            with safe_open(file, framework="pt") as f:
+                for k in f.keys():
+                    if files.get(k) == file:
+                        shapes[k] = tuple(f.get_slice(k).get_shape())
+                        dtypes[k] = _safetensors_dtype(f.get_slice(k).get_dtype())
+    layout = _layout(name, config, list(files))
+    return SourceModel(name=name, path=path, config=config, files=files, shapes=shapes,
+                       dtypes=dtypes, weight_files=weight_files, pickled=pickled, layout=layout)
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_dtype(code: str) -> torch.dtype:
+    return _ST_DTYPES.get(code, torch.float32)
+
+
+def _weight_index(path: Path, name: str,
+                  allow_pickle: bool) -> tuple[dict[str, Path], tuple[Path, ...], bool]:
+    for index_name, pickled in (("model.safetensors.index.json", False),
+                                ("pytorch_model.bin.index.json", True)):
+        index = path / index_name
+        if index.is_file():
+            if pickled and not allow_pickle:
+                break
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = {k: path / v for k, v in weight_map.items()}
+            missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
+            if missing:
+                raise MergeError(f"{name}: {index_name} names missing shards: {missing}")
+            return files, (index, *sorted(set(files.values()))), pickled
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        files = {}
+        for file in safetensors:
+            with safe_open(file, framework="pt") as f:
+                files.update({k: file for k in f.keys()})
+        return files, tuple(safetensors), False
+    pickles = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+    if not pickles:
+        raise MergeError(f"{name} has no weights (no *.safetensors, no index file)")
+    if not allow_pickle:
+        raise MergeError(
+            f"{name} has only pickled weights ({', '.join(p.name for p in pickles)}); pickles "
+            "can run code when loaded: pass --allow-pickle (allow_pickle=True) to read them with "
+            "torch.load(weights_only=True)"
+        )
+    files = {}
+    for file in pickles:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        files.update({k: file for k in state})
+    return files, tuple(pickles), True
+
+
+def _layout(name: str, config: Mapping[str, Any], tensor_names: list[str]) -> Layout:
+    layers: dict[int, set[str]] = {}
+    prefixes = set()
+    pre, post = [], []
+    for t in sorted(tensor_names):
+        m = _LAYER.match(t)
+        if m:
+            prefixes.add(m["prefix"])
+            layers.setdefault(int(m["index"]), set()).add(m["rest"])
+        elif any(k in t for k in _PRE_NAMES):
+            pre.append(t)
+        else:
+            post.append(t)
+    if len(prefixes) != 1:
+        raise MergeError(f"{name}: cannot find one stack of layers in the tensor names "
+                         f"(prefixes: {sorted(prefixes) or 'none'})")
+    key, n_config = _first_key(config, _LAYER_KEYS)
+    n = len(layers)
+    if sorted(layers) != list(range(n)):
+        raise MergeError(f"{name}: layer indices are not 0..{n - 1}: {sorted(layers)}")
+    if n_config is not None and n_config != n:
+        raise MergeError(f"{name}: config.json says {key}={n_config} but the weights hold {n} "
+                         "layers")
+    suffixes = layers[0]
+    for i, s in layers.items():
+        if s != suffixes:
+            raise MergeError(f"{name}: layer {i} has different tensors than layer 0: "
+                             f"{sorted(s ^ suffixes)}")
+    return Layout(layer_prefix=prefixes.pop(), num_layers=n,
+                  layer_suffixes=tuple(sorted(suffixes)), pre=tuple(pre), post=tuple(post))
+
+
+def num_layers_key(config: Mapping[str, Any]) -> str | None:
+    return _first_key(config, _LAYER_KEYS)[0]
+
+
+# --- tokenizers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    vocab: Mapping[str, int]  # token -> id, added tokens included
+    specials: tuple[tuple[str, Any], ...]  # named special tokens and the full special list
+
+
+def load_tokenizer_info(source: SourceModel) -> TokenizerInfo | None:
+    """The vocabulary and special tokens of a folder's tokenizer (None if it has none)."""
+    if not source.has_tokenizer():
+        return None
+    from transformers import AutoTokenizer  # lazy: importing transformers takes seconds
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - any loader failure is a bad input here
+        raise MergeError(f"{source.name}: cannot load its tokenizer: {err}") from None
+    named = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+             "mask_token")
+    specials = tuple((k, str(getattr(tok, k, None))) for k in named)
+    specials += (("all_special_tokens", tuple(sorted(map(str, tok.all_special_tokens)))),)
+    return TokenizerInfo(vocab=dict(tok.get_vocab()), specials=specials)
+
+
+def describe_tokenizer_difference(a: TokenizerInfo, b: TokenizerInfo) -> str:
+    if a.vocab != b.vocab:
+        only_a = sorted(set(a.vocab) - set(b.vocab))[:5]
+        only_b = sorted(set(b.vocab) - set(a.vocab))[:5]
+        moved = sorted(t for t in set(a.vocab) & set(b.vocab) if a.vocab[t] != b.vocab[t])[:5]
+        return (f"vocabularies differ (sizes {len(a.vocab)} vs {len(b.vocab)}; only in the first:"
+                f" {only_a}; only in the second: {only_b}; different ids: {moved})")
+    diffs = [f"{k}: {va!r} vs {vb!r}" for (k, va), (_, vb) in zip(a.specials, b.specials,
+                                                                  strict=True) if va != vb]
+    return "special tokens differ (" + "; ".join(diffs) + ")"

@@ -1,0 +1,38 @@
+"""Recipes as mergekit-yaml reads them (export)."""
+
+from __future__ import annotations
+
+import yaml
+
+from evomerge.methods.registry import get_method, uses_random_masks
+from evomerge.recipes.layer_path import PathRecipe
+from evomerge.recipes.parameter_space import Recipe
+
+EVOMERGE_ONLY_KEYS = ("mask_seed",)
+
+
+def mergekit_yaml(recipe: Recipe | PathRecipe, note: str | None = None) -> str:
+    """The recipe as mergekit-yaml reads it, models named as the user gave them.
+
+    A layer-order recipe is exported folded: a ``passthrough`` over one-layer slices with its step
+    scales on the output projections (evomerge/recipes/fold.py).
+
+    For DARE/DELLA methods mergekit draws its own masks from torch's global generator, so it
+    rebuilds the evaluated model only in distribution; ``evomerge merge`` on the evomerge recipe
+    (which keeps ``mask_seed``) rebuilds it exactly. The header says so.
+    """
+    if isinstance(recipe, PathRecipe):
+        from evomerge.recipes.fold import passthrough_recipe
+
+        recipe = passthrough_recipe(recipe)
+        note = (f"{note}; " if note else "") + "a layer path folded into passthrough slices"
+    data = yaml.safe_load(recipe.to_yaml())
+    for key in EVOMERGE_ONLY_KEYS:
+        data.pop(key, None)
+    lines = ["# mergekit recipe exported by evomerge (mergekit-yaml THIS_FILE OUT_DIR)"]
+    if note:
+        lines.append(f"# {note}")
+    if uses_random_masks(get_method(recipe.merge_method)):
+        lines += [f"# {recipe.merge_method} draws random masks: mergekit reproduces the evaluated model only in",
+                  "# distribution. `evomerge merge` on the evomerge recipe (with its mask_seed) rebuilds it exactly."]
+    return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False)

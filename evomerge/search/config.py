@@ -1,0 +1,286 @@
+"""The search config: one frozen, validated description of a search (``evomerge search CONFIG``).
+
+Validation happens in three steps, all before any model weights are read:
+1. ``SearchConfig.load``: YAML syntax, unknown keys, types, ranges (pydantic, errors name the field);
+2. ``check_sources``: model folders exist and agree (config.json only), the granularity divides
+   the layer count;
+3. ``check_tasks``: task names and metrics exist (lm-eval task configs, no model).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from evomerge.core.errors import ConfigError
+from evomerge.evaluation.tasks import TaskConfig
+from evomerge.search.optimizers import OPTIMIZERS
+from evomerge.search.spaces.dataflow import DfsSpace
+from evomerge.search.spaces.parameter import SearchSpace
+
+REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+def _space_kind(v: Any) -> str:
+    if isinstance(v, dict):
+        return "DfsSpace" if v.get("kind") == "dfs" else "SearchSpace"
+    return type(v).__name__
+
+
+# A parameter-space (PS) space, or a data-flow space (``kind: dfs``): the kind picks the codec and
+# the candidate builder (codec.make_codec, trial.make_builder).
+AnySpace = Annotated[Annotated[SearchSpace, Tag("SearchSpace")] | Annotated[DfsSpace, Tag("DfsSpace")],
+                     Discriminator(_space_kind)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerConfig(_Strict):
+    name: str = Field("cma", description=f"one of {', '.join(OPTIMIZERS)}")
+    popsize: int | None = Field(None, ge=2, description="population per generation (default: 4 + 3 ln n)")
+    sigma0: float | None = Field(None, gt=0, le=1, description="initial step (default: the space's sigma0)")
+    sampler: str = Field("CmaEsSampler", description="with name: optuna, an Optuna sampler class name")
+    sampler_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the sampler")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {v!r}; choose one of {', '.join(OPTIMIZERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _sampler(self) -> OptimizerConfig:
+        if self.name == "nsga2":
+            if self.sampler != "CmaEsSampler":
+                raise ValueError("nsga2 is Optuna's NSGAIISampler; sampler does not apply (sampler_args do)")
+        elif self.name == "optuna":
+            from evomerge.search.optimizers.optuna import sampler_class
+
+            sampler_class(self.sampler)
+        elif self.sampler != "CmaEsSampler" or self.sampler_args:
+            raise ValueError(f"sampler and sampler_args apply to name: optuna, not {self.name!r}")
+        return self
+
+
+class RacingConfig(_Strict):
+    """Successive halving within each generation (docs/search.md, "Racing")."""
+
+    stages: list[int | None] = Field(description="items per task at each stage, increasing; every candidate "
+                                     "is scored on the first stage, the better `keep` fraction goes on to the "
+                                     "next; null (last only) means the whole split")
+    keep: float = Field(0.25, gt=0, lt=1, description="fraction of a stage's candidates promoted to the next "
+                        "(rounded up, at least one)")
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing(cls, v: list[int | None]) -> list[int | None]:
+        if len(v) < 2:
+            raise ValueError("racing needs at least two stages")
+        if any(n is None for n in v[:-1]):
+            raise ValueError("only the last stage may be null (the whole split)")
+        sizes = [n for n in v if n is not None]
+        if any(n < 1 for n in sizes):
+            raise ValueError(f"stage sizes must be >= 1 (got {v})")
+        if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ValueError(f"stage sizes must increase strictly (got {v})")
+        return v
+
+
+class BudgetConfig(_Strict):
+    generations: int | None = Field(None, gt=0)
+    evaluations: int | None = Field(None, gt=0, description="rounded up to whole generations")
+    time_limit_s: float | None = Field(None, gt=0, description="wall-clock limit; NOT reproducible")
+
+    @model_validator(mode="after")
+    def _one(self) -> BudgetConfig:
+        if self.generations is None and self.evaluations is None and self.time_limit_s is None:
+            raise ValueError("give generations, evaluations or time_limit_s")
+        return self
+
+
+# Racing when a config scores candidates on the whole split (no task has a limit) and says nothing
+# about racing: it met scripts/bench_fitness.py's acceptance (README). `racing: null` turns it off.
+DEFAULT_RACING = {"stages": [30, 100, None], "keep": 0.25}
+
+
+class SearchConfig(_Strict):
+    models: list[str] = Field(min_length=1, description="source model folders, as you name them")
+    base_model: str | None = Field(None, description="base model folder (task-arithmetic methods)")
+    search_space: str | AnySpace = Field(description="a file in search_spaces/ (name or path) or inline")
+    tasks: list[TaskConfig] = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    batch_size: int = Field(32, ge=1, description="fixed lm-eval batch size")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    budget: BudgetConfig
+    seed: int = Field(0, description="seeds the optimizer and the evaluation subsets")
+    mask_seed: int = Field(0, description="DARE/DELLA mask seed, the same for every candidate")
+    racing: RacingConfig | None = Field(None, description="score candidates on growing nested subsets, "
+                                        "promoting the better fraction; default: {stages: [30, 100, null], keep: "
+                                        "0.25} when no task has a limit (and the optimizer is not nsga2), else off; "
+                                        "null: off")
+    rescore_top_k: int = Field(3, ge=1, description="candidates re-scored on the full dev split at the end")
+    penalty_fitness: float = Field(-1.0, description="fitness of a failed or non-finite candidate")
+    background: bool | None = Field(None, description="during the search, re-score the top candidates on the "
+                                    "full dev split and score each new best on the test split (work that "
+                                    "does not change the search; with Ray workers it fills the slots the "
+                                    "generation barrier leaves idle); default: on with --workers N >= 1, off "
+                                    "in-process; frozen in the run folder")
+    run_dir: str | None = Field(None, description="run folder (default: runs/<config name>)")
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_racing(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "racing" not in data:
+            tasks = data.get("tasks")
+            opt = data.get("optimizer")
+            name = opt.get("name") if isinstance(opt, dict) else None
+            if (isinstance(tasks, list) and tasks and all(isinstance(t, dict) and t.get("limit") is None for t in tasks)
+                    and name != "nsga2"):
+                data = dict(data, racing=DEFAULT_RACING)
+        return data
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, v: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"task(s) listed twice: {', '.join(sorted(dup))}")
+        return v
+
+    @model_validator(mode="after")
+    def _racing(self) -> SearchConfig:
+        if self.racing is not None:
+            limited = [i for i, t in enumerate(self.tasks) if t.limit is not None]
+            if limited:
+                raise ValueError(f"tasks.{limited[0]}.limit: with racing the stages decide how many items a "
+                                 "candidate is scored on; remove limit")
+            if self.optimizer.name == "nsga2":
+                raise ValueError("racing: needs a single fitness to promote by; it does not combine with "
+                                 "optimizer nsga2 (one objective per task)")
+        if self.optimizer.name == "nsga2" and len(self.tasks) < 2:
+            raise ValueError("optimizer.name: nsga2 keeps one objective per task and needs at least two tasks")
+        return self
+
+    @property
+    def space(self) -> SearchSpace | DfsSpace:
+        if isinstance(self.search_space, SearchSpace | DfsSpace):
+            return self.search_space
+        return load_space(self.search_space)
+
+    @property
+    def is_dfs(self) -> bool:
+        return isinstance(self.space, DfsSpace)
+
+    def search_key(self) -> dict:
+        """The fields that define a search: a resume must not change them (budget may grow)."""
+        data = self.model_dump(mode="json", exclude={"budget", "run_dir", "threads"})
+        data["search_space"] = self.space.model_dump(mode="json")
+        return data
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a search config is a YAML mapping")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<config>") -> SearchConfig:
+        try:
+            cfg = cls.model_validate(data)
+            cfg.space  # noqa: B018  (loads and validates the search space file now)
+            return cfg
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {format_errors(e, cls)}") from None
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{source}: search_space: {e}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_space(ref: str) -> SearchSpace | DfsSpace:
+    """A search space by path, or by name in the repository's search_spaces/ folder."""
+    candidates = [Path(ref), REPO_SPACES / ref, REPO_SPACES / f"{ref}.yaml"]
+    for p in candidates:
+        if p.is_file():
+            data = yaml.safe_load(p.read_text())
+            kind = DfsSpace if isinstance(data, dict) and data.get("kind") == "dfs" else SearchSpace
+            try:
+                return kind.load(p)
+            except ValidationError as e:
+                raise ValueError(f"{p}: {format_errors(e, kind)}") from None
+    known = sorted(p.stem for p in REPO_SPACES.glob("*.yaml"))
+    raise FileNotFoundError(f"search space {ref!r} not found (as a path, or a name among {', '.join(known)})")
+
+
+def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at ``loc`` (for suggesting the nearest one to an unknown key)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        nxt = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            inner = [a for arg in args for a in (getattr(arg, "__args__", ()) or ())]
+            nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        cls = nxt
+    return list(cls.model_fields) if cls is not None and hasattr(cls, "model_fields") else []
+
+
+def format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (
+            p.startswith(("function-", "tagged-union")) or p in ("str", "SearchSpace", "DfsSpace"))))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _fields_of(model, loc), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            msgs.append(f"{where}: unknown key{hint}")
+        elif e["type"] == "missing":
+            msgs.append(f"{where}: required field is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            msgs.append(f"{where}: {msg}")
+    return "; ".join(dict.fromkeys(msgs))
+
+
+# ------------------------------------------------------------------ checks beyond the schema
+
+
+def default_run_dir(config_path: str | Path | None) -> Path:
+    name = Path(config_path).stem if config_path else "search"
+    return Path("runs") / name

@@ -1,0 +1,65 @@
+"""What the search loop hands to an executor: evaluation jobs, and the executor interface.
+
+The search decides *what* is evaluated (a batch of `EvalJob`s: recipe + the items to score) and
+logs what comes back; an executor (evomerge/execution/) decides *where*: in this process
+(`LocalExecutor`) or on Ray workers (`RayExecutor`), which finish jobs in any order.
+
+Background work (``run(jobs, background=...)``): work that does not change the search's decisions
+(the full-dev re-scoring of the current top candidates, the test-split scores of a new best) is
+handed out by a `BackgroundWork` object. A pipelined executor gives it to workers that the batch
+leaves idle, while the batch runs, and may still be running it when ``run`` returns; its results
+go to ``background.done`` (never through ``run``'s iterator). ``run([], background=...)`` runs the
+background work until there is none left and nothing is in flight (a barrier).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from evomerge.evaluation.fitness import Samples
+from evomerge.evaluation.trial import TrialResult
+from evomerge.recipes.layer_path import AnyRecipe
+
+
+class SearchStopped(Exception):
+    """SIGTERM (or SIGINT) arrived; every finished candidate is in the log."""
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    kind: str  # "reference", "candidate", "rescore" or "test": the log record's type
+    generation: int
+    index: int
+    genome: tuple[float, ...]
+    recipe: AnyRecipe
+    samples: Samples  # task -> item indices (None: the whole split)
+    eval_key: str  # FitnessFunction.settings_key of the samples and the evaluation settings
+    stage: int | None = None  # racing stage (None: no racing)
+
+
+class BackgroundWork(Protocol):
+    def next(self) -> EvalJob | None:
+        """The next background job, or None when there is none now."""
+        ...
+
+    def done(self, job: EvalJob, result: TrialResult) -> None:
+        """A background job's result (the driver logs it)."""
+        ...
+
+
+class Executor(Protocol):
+    pipelined: bool  # True: background work runs in idle slots during batches; False: only at barriers
+
+    def run(self, jobs: Sequence[EvalJob], *, background: BackgroundWork | None = None
+            ) -> Iterator[tuple[EvalJob, TrialResult]]:
+        """Scores every job once; yields each (job, result) as it finishes, in any order. With no
+        jobs, runs ``background`` until it is exhausted."""
+        ...
+
+    def test_metrics(self, recipe: AnyRecipe) -> dict[str, dict[str, float]]:
+        """The recipe's metrics on each task's test split (reports only)."""
+        ...
+
+    def close(self) -> None: ...
