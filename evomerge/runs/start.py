@@ -1,0 +1,122 @@
+"""Starting and resuming a search in a run folder: the config is checked, the run folder created
+or opened (and its frozen config compared), an executor chosen, and `search.loop.Search` run.
+
+``run_search`` is what ``evomerge search`` calls; scripts and tests call it too.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import torch
+
+from evomerge.core.errors import ConfigError
+from evomerge.evaluation.fitness import FitnessFunction
+from evomerge.evaluation.trial import CandidateBuilder
+from evomerge.execution.local import LocalExecutor
+from evomerge.runs.folder import RunFolder
+from evomerge.runs.progress import Display
+from evomerge.search.config import SearchConfig, default_run_dir
+from evomerge.search.jobs import Executor
+from evomerge.search.loop import Search, SearchOutcome
+from evomerge.search.validation import check_sources, check_tasks
+
+
+def default_builder(cfg: SearchConfig) -> CandidateBuilder:
+    from evomerge.evaluation.trial import make_builder
+
+    return make_builder(cfg)
+
+
+def local_executor(builder_factory=default_builder):
+    """An executor factory: builds and scores in this process."""
+    def factory(cfg: SearchConfig, fitness: FitnessFunction, tokenizer) -> Executor:
+        return LocalExecutor(builder_factory(cfg), fitness, tokenizer, penalty=cfg.penalty_fitness,
+                             batch_size=cfg.batch_size)
+    return factory
+
+
+def _diff_keys(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [prefix]
+
+
+def validate(cfg: SearchConfig):
+    """Every check that needs no weights: sources' configs, tasks and metrics, codec sizes."""
+    check_sources(cfg)
+    return check_tasks(cfg)
+
+
+def make_executor_factory(workers: int | str | None = None, ray_address: str | None = None, *,
+                          sources: str = "path", builder_factory=default_builder, pipelined: bool = True):
+    """In-process (``workers`` None or 0 and no Ray address) or Ray workers (evomerge.execution.ray)."""
+    if (workers is None or workers == 0) and not ray_address:
+        return local_executor(builder_factory)
+    if workers == 0:
+        raise ConfigError("--workers 0 scores in-process; it cannot be combined with --ray-address")
+    from evomerge.execution.ray import ray_executor
+
+    return ray_executor("auto" if workers is None else workers, address=ray_address, sources=sources,
+                        builder_factory=None if builder_factory is default_builder else builder_factory,
+                        pipelined=pipelined)
+
+
+def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
+               quiet: bool = False, builder_factory=default_builder, config_path: str | None = None,
+               workers: int | str | None = None, ray_address: str | None = None, sources: str = "path",
+               executor_factory=None) -> SearchOutcome:
+    """``evomerge search``: a new search, or ``resume=True`` to continue the one in ``run_dir``.
+    ``workers``/``ray_address``: score on Ray workers (evomerge.execution.ray); default in-process."""
+    factory = executor_factory or make_executor_factory(workers, ray_address, sources=sources,
+                                                        builder_factory=builder_factory)
+    uses_ray = getattr(factory, "uses_ray", False)
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume needs the run folder")
+        run = RunFolder.open(run_dir)
+        frozen = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))
+        if frozen.background is None:  # a run folder from before background work: none
+            frozen = frozen.model_copy(update={"background": False})
+        if cfg is not None and cfg.background is None:
+            cfg = cfg.model_copy(update={"background": frozen.background})
+        if cfg is not None:
+            diff = _diff_keys(frozen.search_key(), cfg.search_key())
+            if diff:
+                raise ConfigError(f"the config differs from the run's frozen config in {', '.join(diff)}; "
+                                  "only the budget (and threads) may change on resume")
+        run.acquire()
+        if cfg is not None and (cfg.budget, cfg.threads) != (frozen.budget, frozen.threads):
+            frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
+            run.write_text("config.yaml", frozen.to_yaml())
+        cfg = frozen
+        evaluators = validate(cfg)
+    else:
+        if cfg is None:
+            raise ConfigError("a config is needed to start a search")
+        evaluators = validate(cfg)  # before the run folder exists: a bad config leaves nothing behind
+        if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
+            cfg = cfg.model_copy(update={"background": uses_ray})
+        run_dir = Path(run_dir or cfg.run_dir or default_run_dir(config_path))
+        run = RunFolder.create(run_dir, cfg.to_yaml())
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    display = Display(quiet=quiet, tasks=[t.name for t in cfg.tasks])
+    search = Search(cfg, run, display, factory)
+
+    def _on_signal(signum, frame):
+        search.stop_requested = True
+
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM,)}
+    try:
+        return search.run_loop(evaluators)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        display.close()
+        run.close()
