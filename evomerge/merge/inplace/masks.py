@@ -18,6 +18,27 @@ from evomerge.methods.sparsify import Sparsifier, della_ranks, uniforms
 MaskFn = Callable[[torch.Tensor, int, int], None]
 
 
+def _sort_key(delta: torch.Tensor) -> torch.Tensor:
+    # sparsify._sort_key: |x| in float32 (float64 stays), so the order matches the engine's.
+    w = delta.abs().reshape(-1)
+    return w if w.dtype == torch.float64 else w.float()
+
+
+def _abs_at(flat: torch.Tensor, index: int) -> float:
+    return abs(float(flat[index]))
+
+
+def _split_compare(a: torch.Tensor, out: torch.Tensor, split: int,
+                   before: Callable[..., torch.Tensor], after: Callable[..., torch.Tensor],
+                   value: float) -> None:
+    """out[:split] = before(a, value), out[split:] = after(a, value) (split clamped to a)."""
+    split = max(0, min(split, a.numel()))
+    if split > 0:
+        before(a[:split], value, out=out[:split])
+    if split < a.numel():
+        after(a[split:], value, out=out[split:])
+
+
 # --- precomputed once per source ---------------------------------------------------------------
 
 
@@ -164,30 +185,6 @@ def della_mask(e: Entry, u: torch.Tensor, ranks: torch.Tensor, density: float, e
         torch.index_select(table, 0, ranks[lo:hi], out=p)
         torch.lt(u[lo:hi], p, out=out)
     return mask_fn
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def _sort_key(delta: torch.Tensor) -> torch.Tensor:
-    # sparsify._sort_key: |x| in float32 (float64 stays), so the order matches the engine's.
-    w = delta.abs().reshape(-1)
-    return w if w.dtype == torch.float64 else w.float()
-
-
-def _abs_at(flat: torch.Tensor, index: int) -> float:
-    return abs(float(flat[index]))
-
-
-def _split_compare(a: torch.Tensor, out: torch.Tensor, split: int,
-                   before: Callable[..., torch.Tensor], after: Callable[..., torch.Tensor],
-                   value: float) -> None:
-    """out[:split] = before(a, value), out[split:] = after(a, value) (split clamped to a)."""
-    split = max(0, min(split, a.numel()))
-    if split > 0:
-        before(a[:split], value, out=out[:split])
-    if split < a.numel():
-        after(a[split:], value, out=out[split:])
 
 
 __all__ = ["MaskFn", "della_mask", "della_table", "fill_uniforms", "outlier_mask", "precompute",

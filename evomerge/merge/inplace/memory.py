@@ -248,5 +248,7 @@ def plan(models: Sequence[str], base_model: str | None, method: str, *,
                                    device=device)
 
 
-__all__ = ["CPU_CHUNK", "PLACEMENTS", "Entry", "MemoryPlan", "Placement", "Workspace",
-           "make_staging", "make_workspace", "memory_plan_from_shapes", "plan"]
+__all__ = ["CPU_CHUNK", "MAGNITUDE_SPARSIFIERS", "PLACEMENTS", "RANDOM_SPARSIFIERS", "Entry",
+           "MemoryPlan", "Placement", "Workspace", "check_supported", "element_size",
+           "index_dtype", "make_staging", "make_workspace", "memory_plan_from_shapes", "plan",
+           "probe_recipe", "work_dtype"]
