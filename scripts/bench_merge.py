@@ -46,7 +46,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from evomerge.merge.inplace.merger import InPlaceMerger  # noqa: E402
+from evomerge.merge.inplace import InPlaceMerger  # noqa: E402
 from evomerge.recipes.parameter_space import Recipe  # noqa: E402
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",

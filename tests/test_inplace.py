@@ -10,10 +10,10 @@ import pytest
 import torch
 from merge_helpers import model_family
 
-from evomerge.merge.inplace import merger as inplace_mod
-from evomerge.models import sources as sources_mod
 from evomerge.merge.engine import merge_state_dict
-from evomerge.merge.inplace.merger import InPlaceMerger, memory_plan_from_shapes, plan
+from evomerge.merge.inplace import InPlaceMerger, memory_plan_from_shapes, plan
+from evomerge.merge.inplace import fused as fused_mod
+from evomerge.models import sources as sources_mod
 from evomerge.recipes.parameter_space import Recipe
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
@@ -137,7 +137,7 @@ def test_a_failing_compile_falls_back_to_the_chunked_path(family, monkeypatch):
         def run(*args):
             raise RuntimeError("no C++ compiler")
         return run
-    monkeypatch.setattr(inplace_mod, "_kernel", no_compiler)
+    monkeypatch.setattr(fused_mod, "_kernel", no_compiler)
     merger = InPlaceMerger(family[1:], family[0], "ties", dtype="float32", fused=True)
     with pytest.warns(UserWarning, match="fused kernels failed"):
         assert_equal_to_engine(merger, models_recipe("ties", family, "float32"))
@@ -145,7 +145,7 @@ def test_a_failing_compile_falls_back_to_the_chunked_path(family, monkeypatch):
 
 
 def test_a_fused_kernel_that_differs_is_dropped(family, monkeypatch):
-    real = inplace_mod._kernel
+    real = fused_mod._kernel
 
     def off_by_one_ulp(name, fn, variant):
         compiled = real(name, fn, variant)
@@ -156,7 +156,7 @@ def test_a_fused_kernel_that_differs_is_dropped(family, monkeypatch):
                 target = args[0]
                 target.copy_(torch.nextafter(target, torch.full_like(target, 1e9)))
         return run
-    monkeypatch.setattr(inplace_mod, "_kernel", off_by_one_ulp)
+    monkeypatch.setattr(fused_mod, "_kernel", off_by_one_ulp)
     merger = InPlaceMerger(family[1:], family[0], "dare_ties", dtype="float32", fused=True)
     with pytest.warns(UserWarning, match="differs from the chunked path"):
         assert_equal_to_engine(merger, models_recipe("dare_ties", family, "float32"))
