@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from evomerge.methods import sparsify as sp
-from evomerge.methods.registry import TensorGroup, get_method, merge_group, method_names
+from evomerge.methods.registry import (
+    ParamScope,
+    TensorGroup,
+    get_method,
+    merge_group,
+    method_names,
+    registered_methods,
+)
+
+REQUIRED = "required"
 
 # --- helpers: the reference formulas, written plainly and elementwise ---------------------------
 
@@ -71,6 +82,75 @@ def test_registry_lists_methods_and_rejects_unknown():
         assert name in method_names()
     with pytest.raises(ValueError, match="unknown merge_method 'tie'.*ties"):
         get_method("tie")
+
+
+# name -> (arXiv id of its paper, parameters with defaults, requires_base, max_sources)
+_FAMILY = {"weight": REQUIRED, "density": 1.0, "rescale_mode": "l1", "lambda": 1.0,
+           "int8_mask": False}
+EXPECTED_METHODS = {
+    "linear": ("2203.05482", {"weight": REQUIRED, "normalize": True}, False, None),
+    "passthrough": (None, {"scale": None}, False, 1),
+    "task_arithmetic": ("2212.04089", {**_FAMILY, "normalize": False, "rescale": False}, True,
+                        None),
+    "ties": ("2306.01708", {**_FAMILY, "normalize": True, "rescale": False}, True, None),
+    "dare_ties": ("2311.03099", {**_FAMILY, "normalize": False, "rescale": True}, True, None),
+    "dare_linear": ("2311.03099", {**_FAMILY, "normalize": False, "rescale": True}, True, None),
+    "breadcrumbs": ("2312.06795", {**_FAMILY, "normalize": False, "rescale": False,
+                                   "gamma": 0.01}, True, None),
+    "breadcrumbs_ties": ("2312.06795", {**_FAMILY, "normalize": False, "rescale": False,
+                                        "gamma": 0.01}, True, None),
+    "della": ("2406.11617", {**_FAMILY, "normalize": True, "rescale": True, "epsilon": 0.15},
+              True, None),
+    "della_linear": ("2406.11617", {**_FAMILY, "normalize": False, "rescale": True,
+                                    "epsilon": 0.15}, True, None),
+}
+SHARED = {"normalize", "rescale", "rescale_mode", "lambda", "int8_mask"}
+
+
+def test_every_registered_method_and_its_metadata():
+    import evomerge.methods as methods_pkg
+
+    assert method_names() == sorted(EXPECTED_METHODS)
+    assert [m.name for m in registered_methods()] == sorted(EXPECTED_METHODS)
+    assert methods_pkg.get_method is get_method  # the package exports the registry's API
+    for method in registered_methods():
+        arxiv, params, requires_base, max_sources = EXPECTED_METHODS[method.name]
+        assert get_method(method.name) is method
+        module = importlib.import_module(f"evomerge.methods.{method.name}")
+        assert module.METHOD is method, "each method is its own module"
+        if arxiv is None:
+            assert method.paper is None
+        else:
+            assert method.paper.arxiv == arxiv and method.paper.title
+            assert method.paper.url == f"https://arxiv.org/abs/{arxiv}"
+        assert {p.name: (REQUIRED if p.required else p.default) for p in method.params} == params
+        for p in method.params:
+            want = (ParamScope.SHARED if p.name in SHARED
+                    else ParamScope.INPUT if method.name in ("linear", "passthrough")
+                    else ParamScope.NON_BASE)
+            assert p.scope is want, (method.name, p.name)
+        assert method.requires_base is requires_base and method.max_sources == max_sources
+
+
+@pytest.mark.parametrize("name", ["slerp", "nuslerp", "multislerp", "model_stock", "karcher",
+                                  "sce", "nearswap", "arcee_fusion"])
+def test_mergekit_methods_evomerge_lacks_are_named_as_unsupported(name):
+    with pytest.raises(ValueError) as err:
+        get_method(name)
+    message = str(err.value)
+    assert f"{name!r}" in message and "not supported by evomerge" in message
+    assert "unknown" not in message
+    assert "supported: " + ", ".join(method_names()) in message
+
+
+def test_an_unsupported_method_in_a_recipe_is_refused_by_name():
+    from evomerge.recipes.parameter_space import Recipe
+
+    with pytest.raises(ValueError, match="'slerp' is a mergekit method that is not supported by "
+                                         "evomerge; supported: breadcrumbs, "):
+        Recipe.from_dict({"merge_method": "slerp", "base_model": "a",
+                          "models": [{"model": "a"}, {"model": "b"}],
+                          "parameters": {"t": 0.5}})
 
 
 @pytest.mark.parametrize("name,normalize,rescale,extra", [
