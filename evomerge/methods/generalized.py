@@ -64,7 +64,9 @@ class TaskArithmeticMerge:
         if group.base is None:
             raise ValueError(f"{self.name} needs a base model ({group.name})")
         base = group.tensors[group.base]
-        keys = [k for k in group.tensors if k != group.base]
+        # Recipe order, whatever order the mapping was built in: the sums below do not depend on
+        # it, and each mask is keyed by its source's key, not by its position.
+        keys = sorted(k for k in group.tensors if k != group.base)
         if not keys:
             return base
         extras = [p.name for p in self.extras]

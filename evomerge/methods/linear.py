@@ -25,7 +25,7 @@ class LinearMerge:
     max_sources: int | None = None
 
     def merge(self, group, shared, per_source, *, mask_seed):
-        keys = list(group.tensors)
+        keys = sorted(group.tensors)  # recipe order, whatever order the mapping was built in
         first = group.tensors[keys[0]]
         if not first.is_floating_point():
             raise ValueError(f"linear merging needs floating-point tensors ({group.name})")
