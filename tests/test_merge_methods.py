@@ -259,6 +259,22 @@ def test_breadcrumbs_drops_outliers_and_small():
     assert torch.equal(sp.magnitude_outliers(delta, 1.0, 0.05), delta)
 
 
+@pytest.mark.parametrize("rescale", [None, *sp.RescaleMode])
+def test_breadcrumbs_density_zero_is_zeros_whatever_the_rescale(rescale):
+    delta = torch.randn(7, 9, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(sp.magnitude_outliers(delta, 0.0, 0.05, rescale), torch.zeros(7, 9))
+    assert torch.equal(sp.magnitude_outliers(delta, -0.1, 0.0, rescale), torch.zeros(7, 9))
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("rescale_mode", ["l1", "inverse_density"])
+def test_breadcrumbs_methods_at_density_zero_give_the_base(tensors, name, rescale_mode):
+    base, xs = tensors
+    out = run(name, base, xs, [1.0, 0.5, 0.7], [0.0] * 3, extra={"gamma": 0.05},
+              rescale=True, rescale_mode=rescale_mode)
+    assert torch.equal(out, base)
+
+
 def test_breadcrumbs_ties_method(tensors):
     base, xs = tensors
     ws, d, gamma = [1.0, 0.5, 0.7], 0.6, 0.1

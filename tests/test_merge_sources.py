@@ -10,8 +10,8 @@ import pytest
 import torch
 from merge_helpers import load_folder, model_family, save_model, tiny_config
 
-from evomerge.models import sources as sources_mod
 from evomerge.merge.engine import merge_state_dict, write_merged_model
+from evomerge.models import sources as sources_mod
 from evomerge.models.sources import MergeError
 from evomerge.recipes.parameter_space import Recipe
 
@@ -275,3 +275,21 @@ def test_tokenizer_source_model_fills_missing_rows(tmp_path, llama, extra_token_
             merged[name][:103], b[name] + 0.5 * (x1[name] - b[name]) + 0.5 * 0.01)
         # the token only one model has: every model gets that model's row -> the row itself
         torch.testing.assert_close(merged[name][103], torch.full((16,), 3.0))
+
+
+# --- sparsified deltas at the edges of their parameters -----------------------------------------
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_at_density_zero_merge_the_base_without_nan(llama, method):
+    base, ft1, ft2 = llama
+    expected = load_folder(base)
+    for rescale in ({}, {"rescale": True}, {"rescale": True, "rescale_mode": "inverse_density"}):
+        recipe = Recipe.from_dict({
+            "merge_method": method, "base_model": str(base), "parameters": rescale,
+            "models": [{"model": str(m), "parameters": {"weight": 0.7, "density": 0.0}}
+                       for m in (ft1, ft2)]})
+        merged = merge_state_dict(recipe)
+        assert all(torch.isfinite(v).all() for v in merged.values()), rescale
+        assert all(torch.equal(merged[k], expected[k]) for k in merged), rescale
+

@@ -125,9 +125,14 @@ def magnitude(delta: torch.Tensor, density: float,
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
                        rescale: RescaleMode | None = None) -> torch.Tensor:
-    """Breadcrumbs: drop the int(gamma*N) largest |delta|, then the smallest, keeping int(d*N)."""
+    """Breadcrumbs: drop the int(gamma*N) largest |delta|, then the smallest, keeping int(d*N).
+
+    Zeros for density <= 0 (as `magnitude`): nothing is kept, and no rescale divides by zero.
+    """
     if density >= 1:
         return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
     n = delta.numel()
     target = max(0, int(density * n))
     n_top = int(gamma * n)
