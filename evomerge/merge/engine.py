@@ -181,6 +181,7 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
                 pending, pending_bytes = {}, 0
 
         for name, tensor in iter_merged(plan, device=device, dtype=dtype):
+            _check_finite(name, tensor)
             size = tensor.numel() * tensor.element_size()
             if pending and pending_bytes + size > max_shard_size:
                 flush()
@@ -213,6 +214,18 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    """A merged model with NaN or infinite weights is never written (nor a part of it)."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    raise MergeError(
+        f"{name}: the merged tensor has non-finite values ({nan} NaN, {inf} infinite of "
+        f"{tensor.numel()}); nothing was written. Check the recipe's weights, lambda and dtype "
+        "for this tensor (a float16 or bfloat16 merge can overflow)"
+    )
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
