@@ -293,3 +293,31 @@ def test_breadcrumbs_at_density_zero_merge_the_base_without_nan(llama, method):
         assert all(torch.isfinite(v).all() for v in merged.values()), rescale
         assert all(torch.equal(merged[k], expected[k]) for k in merged), rescale
 
+
+def della_recipe(base: Path, fts: list[Path], params: list[dict]) -> Recipe:
+    return Recipe.from_dict({
+        "merge_method": "della", "base_model": str(base),
+        "models": [{"model": str(m), "parameters": {"weight": 0.5, **p}}
+                   for m, p in zip(fts, params, strict=True)]})
+
+
+def test_della_density_is_checked_against_each_sources_own_epsilon(llama, no_tensor_reads):
+    """0.1 - 0.15 < 0: the second source is refused by name before any tensor is read, while the
+    first one's density 0.1 is fine with its own epsilon 0.05."""
+    base, ft1, ft2 = llama
+    recipe = della_recipe(base, [ft1, ft2], [{"density": 0.1, "epsilon": 0.05},
+                                             {"density": 0.1, "epsilon": 0.15}])
+    with pytest.raises(MergeError) as err:
+        merge_state_dict(recipe)
+    message = str(err.value)
+    assert message.startswith(f"model {ft2}, tensor ") and f"model {ft1}," not in message
+    assert "density=0.1, epsilon=0.15" in message
+
+
+def test_della_accepts_a_density_that_only_another_sources_epsilon_would_refuse(llama):
+    base, ft1, ft2 = llama
+    recipe = della_recipe(base, [ft1, ft2], [{"density": 0.1, "epsilon": 0.05},
+                                             {"density": 0.5, "epsilon": 0.3}])
+    merged = merge_state_dict(recipe)
+    assert merged and all(torch.isfinite(v).all() for v in merged.values())
+

@@ -231,6 +231,11 @@ def _plan_jobs(recipe: Recipe, method: MergeMethod, slices: list[OutputSlice], s
                 # mergekit matches per-model filters against the input tensor's name.
                 value = resolve_parameter(parameter_scopes(recipe, s, k), p.name, inputs[k], t)
                 per_source[k][p.name] = _finish(p, value, f"model {src.model}, tensor {inputs[k]}")
+            if k != base:
+                try:  # each source's own values (della: its density against its epsilon)
+                    method.check_source_params(per_source[k])
+                except ValueError as err:
+                    raise MergeError(f"model {src.model}, tensor {inputs[k]}: {err}") from None
         return TensorJob(name=out_name, models=tuple(src.model for src in s.sources),
                          inputs=tuple(inputs), base=base, shared=shared, per_source=per_source)
 

@@ -83,6 +83,10 @@ class MergeMethod(Protocol):
     requires_base: bool
     max_sources: int | None
 
+    def check_source_params(self, params: Mapping[str, Any]) -> None:
+        """Raise ValueError if one source's resolved values for one tensor cannot be merged."""
+        ...
+
     def merge(
         self,
         group: TensorGroup,

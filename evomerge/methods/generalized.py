@@ -7,13 +7,15 @@ and extra parameters. Each method's own module (ties.py, ...) holds its instance
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import torch
 
 from evomerge.methods.base import Paper, ParamScope, ParamSpec
-from evomerge.methods.sparsify import RescaleMode, Sparsifier, sparsify
+from evomerge.methods.sparsify import RescaleMode, Sparsifier, check_della_density, sparsify
 
 
 class Consensus(StrEnum):
@@ -59,6 +61,11 @@ class TaskArithmeticMerge:
             *self.extras,
         )
         object.__setattr__(self, "params", params)
+
+    def check_source_params(self, params: Mapping[str, Any]) -> None:
+        """One source's resolved values for one tensor (della: density +- its own epsilon)."""
+        if self.sparsifier is Sparsifier.DELLA_MAGPRUNE and 0 < params["density"] < 1:
+            check_della_density(params["density"], params["epsilon"])
 
     def merge(self, group, shared, per_source, *, mask_seed):
         if group.base is None:

@@ -24,6 +24,9 @@ class LinearMerge:
     requires_base: bool = False
     max_sources: int | None = None
 
+    def check_source_params(self, params) -> None:
+        pass  # any number is a valid weight
+
     def merge(self, group, shared, per_source, *, mask_seed):
         keys = sorted(group.tensors)  # recipe order, whatever order the mapping was built in
         first = group.tensors[keys[0]]

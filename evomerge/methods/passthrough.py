@@ -17,6 +17,9 @@ class PassthroughMerge:
     requires_base: bool = False
     max_sources: int | None = 1
 
+    def check_source_params(self, params) -> None:
+        pass  # any number is a valid scale
+
     def merge(self, group, shared, per_source, *, mask_seed):
         ((key, tensor),) = group.tensors.items()
         scale = per_source[key].get("scale")

@@ -160,7 +160,8 @@ def check_della_density(density: float, epsilon: float) -> None:
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(
             f"della: density +/- epsilon must lie inside (0, 1); got density={density}, "
-            f"epsilon={epsilon}"
+            f"epsilon={epsilon} (keep probabilities {density - epsilon:g} to "
+            f"{density + epsilon:g})"
         )
 
 
