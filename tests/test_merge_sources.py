@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -320,4 +321,57 @@ def test_della_accepts_a_density_that_only_another_sources_epsilon_would_refuse(
                                              {"density": 0.5, "epsilon": 0.3}])
     merged = merge_state_dict(recipe)
     assert merged and all(torch.isfinite(v).all() for v in merged.values())
+
+
+# --- weight files that are not whole safetensors ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated", r"is truncated: its tensors need \d+ bytes, the file has \d+"),
+    ("header cut", r"is truncated: its header alone needs \d+ bytes, the file has 100"),
+    ("tiny", r"is 5 bytes long, too short for a safetensors header"),
+    ("not safetensors", r"is not a safetensors file \(its first 8 bytes"),
+    ("not json", r"is not a safetensors file \(its header is not JSON\)"),
+    ("trailing bytes", r"is not a valid safetensors file: 7 bytes follow its last tensor"),
+])
+def test_broken_safetensors_named_before_any_read(tmp_path, llama, no_tensor_reads, kind,
+                                                  message):
+    from safetensors import SafetensorError
+
+    base, ft1, _ = llama
+    broken = tmp_path / "broken"
+    shutil.copytree(ft1, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({
+        "truncated": data[: len(data) - 1000],
+        "header cut": data[:100],
+        "tiny": data[:5],
+        "not safetensors": b"version https://git-lfs.github.com/spec/v1\n" * 10,
+        "not json": (24).to_bytes(8, "little") + b"\xff" * 24 + b"\0" * 64,
+        "trailing bytes": data + b"garbage",
+    }[kind])
+    with pytest.raises(MergeError, match=f"^{re.escape(str(weights))} {message}"):
+        merge_state_dict(ta_recipe(base, [broken], weights=(1.0,)))
+    from evomerge.models.folders import ModelFolderError, check_model_dir
+
+    with pytest.raises(ModelFolderError, match=f"^{re.escape(str(weights))} {message}"):
+        check_model_dir(broken)
+    with pytest.raises(SafetensorError):  # what the library itself says
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt"):
+            pass
+
+
+def test_a_broken_shard_of_a_sharded_model_is_named(tmp_path, llama):
+    from transformers import AutoModelForCausalLM
+
+    base, ft1, _ = llama
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(ft1).save_pretrained(sharded, max_shard_size="20KB")
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(MergeError, match=f"^{re.escape(str(shard))} is truncated"):
+        merge_state_dict(ta_recipe(base, [sharded], weights=(1.0,)))
 
