@@ -10,10 +10,10 @@ import pytest
 import torch
 from merge_helpers import model_family
 
-from evomerge.merge.inplace import merger as inplace_mod
-from evomerge.models import sources as sources_mod
 from evomerge.merge.engine import merge_state_dict
+from evomerge.merge.inplace import merger as inplace_mod
 from evomerge.merge.inplace.merger import InPlaceMerger, memory_plan_from_shapes, plan
+from evomerge.models import sources as sources_mod
 from evomerge.recipes.parameter_space import Recipe
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
