@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,42 @@ def test_pickled_weights_only(zoo_dir, tmp_path, capsys):
                                                                  "parameters": {"weight": 1.0}}]})
     rc, _, err = run_cli(capsys, "merge", recipe, tmp_path / "out")
     assert rc == 2 and "pickled weights" in err and "--allow-pickle" in err
+
+
+def broken_weights(zoo_dir: Path, folder: Path, kind: str) -> Path:
+    """A copy of spec_add whose model.safetensors is cut in half, or not safetensors at all."""
+    shutil.copytree(zoo_dir / "spec_add", folder)
+    weights = folder / "model.safetensors"
+    if kind == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        weights.write_bytes(b"<html>404 Not Found</html>\n" * 40)
+    return weights
+
+
+BROKEN = {"truncated": r"is truncated: its tensors need \d+ bytes, the file has \d+",
+          "garbage": "is not a safetensors file"}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_safetensors_in_a_merge_recipe(zoo_dir, tmp_path, capsys, kind):
+    weights = broken_weights(zoo_dir, tmp_path / "broken", kind)
+    recipe = write_yaml(tmp_path / "r.yml", {"merge_method": "task_arithmetic",
+                                             "base_model": str(zoo_dir / "base"), "models": [
+        {"model": str(tmp_path / "broken"), "parameters": {"weight": 1.0}}]})
+    rc, _, err = run_cli(capsys, "merge", recipe, tmp_path / "out")
+    assert rc == 2 and re.search(f"^error: {re.escape(str(weights))} {BROKEN[kind]}", err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_safetensors_in_a_search_config(zoo_dir, tmp_path, capsys, kind):
+    weights = broken_weights(zoo_dir, tmp_path / "broken", kind)
+    cfg = search_config(zoo_dir, tmp_path, models=[str(zoo_dir / "spec_rev"), str(tmp_path / "broken")])
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and re.search(f"models\\.1: {re.escape(str(weights))} {BROKEN[kind]}", err), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_not_a_causal_lm(tmp_path, capsys):

@@ -69,6 +69,41 @@ def test_existing_out_dir_refused_without_force(tmp_path, zoo_dir, capsys):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_non_finite_merge_is_refused_naming_the_tensor(tmp_path, zoo_dir, capsys, existing):
+    """A recipe that overflows one tensor (float32 max is 3.4e38): an error naming that tensor,
+    and nothing written, neither a partial folder nor a staging folder; a previous folder stays."""
+    bad = "model.layers.1.post_attention_layernorm.weight"  # weights near 1: 2 * 3e38 overflows
+    cfg = tmp_path / "overflow.yml"
+    cfg.write_text(f"""\
+merge_method: linear
+models:
+  - model: {zoo_dir / 'spec_add'}
+    parameters:
+      weight: [{{filter: {bad}, value: 3.0e+38}}, {{value: 0.5}}]
+  - model: {zoo_dir / 'spec_rev'}
+    parameters:
+      weight: [{{filter: {bad}, value: 3.0e+38}}, {{value: 0.5}}]
+parameters: {{normalize: false}}
+dtype: float32
+""")
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "keep.txt").write_text("old")
+    args = ("merge", str(cfg), str(out), *(["--force"] if existing else []))
+    assert evomerge(*args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: the merged tensor has non-finite values")
+    assert "Traceback" not in err and err.count("\n") == 1
+    if existing:
+        assert files(out) == {"keep.txt": b"old"}
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["overflow.yml", *(["out"] if existing else [])])
+
+
 def test_failed_merge_keeps_the_old_folder(tmp_path, zoo_dir, monkeypatch, capsys):
     from evomerge.merge import engine
 

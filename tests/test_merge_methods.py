@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from evomerge.methods import sparsify as sp
-from evomerge.methods.registry import TensorGroup, get_method, merge_group, method_names
+from evomerge.methods.registry import (
+    ParamScope,
+    TensorGroup,
+    get_method,
+    merge_group,
+    method_names,
+    registered_methods,
+)
+
+REQUIRED = "required"
 
 # --- helpers: the reference formulas, written plainly and elementwise ---------------------------
 
@@ -71,6 +82,75 @@ def test_registry_lists_methods_and_rejects_unknown():
         assert name in method_names()
     with pytest.raises(ValueError, match="unknown merge_method 'tie'.*ties"):
         get_method("tie")
+
+
+# name -> (arXiv id of its paper, parameters with defaults, requires_base, max_sources)
+_FAMILY = {"weight": REQUIRED, "density": 1.0, "rescale_mode": "l1", "lambda": 1.0,
+           "int8_mask": False}
+EXPECTED_METHODS = {
+    "linear": ("2203.05482", {"weight": REQUIRED, "normalize": True}, False, None),
+    "passthrough": (None, {"scale": None}, False, 1),
+    "task_arithmetic": ("2212.04089", {**_FAMILY, "normalize": False, "rescale": False}, True,
+                        None),
+    "ties": ("2306.01708", {**_FAMILY, "normalize": True, "rescale": False}, True, None),
+    "dare_ties": ("2311.03099", {**_FAMILY, "normalize": False, "rescale": True}, True, None),
+    "dare_linear": ("2311.03099", {**_FAMILY, "normalize": False, "rescale": True}, True, None),
+    "breadcrumbs": ("2312.06795", {**_FAMILY, "normalize": False, "rescale": False,
+                                   "gamma": 0.01}, True, None),
+    "breadcrumbs_ties": ("2312.06795", {**_FAMILY, "normalize": False, "rescale": False,
+                                        "gamma": 0.01}, True, None),
+    "della": ("2406.11617", {**_FAMILY, "normalize": True, "rescale": True, "epsilon": 0.15},
+              True, None),
+    "della_linear": ("2406.11617", {**_FAMILY, "normalize": False, "rescale": True,
+                                    "epsilon": 0.15}, True, None),
+}
+SHARED = {"normalize", "rescale", "rescale_mode", "lambda", "int8_mask"}
+
+
+def test_every_registered_method_and_its_metadata():
+    import evomerge.methods as methods_pkg
+
+    assert method_names() == sorted(EXPECTED_METHODS)
+    assert [m.name for m in registered_methods()] == sorted(EXPECTED_METHODS)
+    assert methods_pkg.get_method is get_method  # the package exports the registry's API
+    for method in registered_methods():
+        arxiv, params, requires_base, max_sources = EXPECTED_METHODS[method.name]
+        assert get_method(method.name) is method
+        module = importlib.import_module(f"evomerge.methods.{method.name}")
+        assert module.METHOD is method, "each method is its own module"
+        if arxiv is None:
+            assert method.paper is None
+        else:
+            assert method.paper.arxiv == arxiv and method.paper.title
+            assert method.paper.url == f"https://arxiv.org/abs/{arxiv}"
+        assert {p.name: (REQUIRED if p.required else p.default) for p in method.params} == params
+        for p in method.params:
+            want = (ParamScope.SHARED if p.name in SHARED
+                    else ParamScope.INPUT if method.name in ("linear", "passthrough")
+                    else ParamScope.NON_BASE)
+            assert p.scope is want, (method.name, p.name)
+        assert method.requires_base is requires_base and method.max_sources == max_sources
+
+
+@pytest.mark.parametrize("name", ["slerp", "nuslerp", "multislerp", "model_stock", "karcher",
+                                  "sce", "nearswap", "arcee_fusion"])
+def test_mergekit_methods_evomerge_lacks_are_named_as_unsupported(name):
+    with pytest.raises(ValueError) as err:
+        get_method(name)
+    message = str(err.value)
+    assert f"{name!r}" in message and "not supported by evomerge" in message
+    assert "unknown" not in message
+    assert "supported: " + ", ".join(method_names()) in message
+
+
+def test_an_unsupported_method_in_a_recipe_is_refused_by_name():
+    from evomerge.recipes.parameter_space import Recipe
+
+    with pytest.raises(ValueError, match="'slerp' is a mergekit method that is not supported by "
+                                         "evomerge; supported: breadcrumbs, "):
+        Recipe.from_dict({"merge_method": "slerp", "base_model": "a",
+                          "models": [{"model": "a"}, {"model": "b"}],
+                          "parameters": {"t": 0.5}})
 
 
 @pytest.mark.parametrize("name,normalize,rescale,extra", [
@@ -179,6 +259,22 @@ def test_breadcrumbs_drops_outliers_and_small():
     assert torch.equal(sp.magnitude_outliers(delta, 1.0, 0.05), delta)
 
 
+@pytest.mark.parametrize("rescale", [None, *sp.RescaleMode])
+def test_breadcrumbs_density_zero_is_zeros_whatever_the_rescale(rescale):
+    delta = torch.randn(7, 9, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(sp.magnitude_outliers(delta, 0.0, 0.05, rescale), torch.zeros(7, 9))
+    assert torch.equal(sp.magnitude_outliers(delta, -0.1, 0.0, rescale), torch.zeros(7, 9))
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("rescale_mode", ["l1", "inverse_density"])
+def test_breadcrumbs_methods_at_density_zero_give_the_base(tensors, name, rescale_mode):
+    base, xs = tensors
+    out = run(name, base, xs, [1.0, 0.5, 0.7], [0.0] * 3, extra={"gamma": 0.05},
+              rescale=True, rescale_mode=rescale_mode)
+    assert torch.equal(out, base)
+
+
 def test_breadcrumbs_ties_method(tensors):
     base, xs = tensors
     ws, d, gamma = [1.0, 0.5, 0.7], 0.6, 0.1
@@ -234,15 +330,75 @@ def test_dare_rescale_modes_and_edges():
     assert torch.equal(sp.random(delta, 0.0, mask_seed=1, mask_key="k"), torch.zeros_like(delta))
 
 
-def test_dare_method_is_independent_of_tensor_order(tensors):
-    base, xs = tensors
-    one = run("dare_ties", base, xs, [1.0, 0.5, 0.7], [0.5] * 3, mask_seed=11)
-    # The same tensor merged after other tensors, in another group order, gives the same result.
-    run("dare_linear", base * 2, xs, [1.0, 1.0, 1.0], [0.3] * 3, mask_seed=11)
-    again = run("dare_ties", base, xs, [1.0, 0.5, 0.7], [0.5] * 3, mask_seed=11)
-    assert torch.equal(one, again)
-    assert not torch.equal(one, run("dare_ties", base, xs, [1.0, 0.5, 0.7], [0.5] * 3,
-                                    mask_seed=12))
+def _group(name, base, xs, order):
+    """A group whose mapping is filled in `order` (keys are the sources' recipe positions)."""
+    tensors = {0: base, **{i + 1: x for i, x in enumerate(xs)}}
+    return TensorGroup(name=name, tensors={k: tensors[k] for k in order}, base=0)
+
+
+ORDER_METHODS = {"linear": {}, "task_arithmetic": {}, "ties": {"density": 0.5},
+                 "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.3},
+                 "breadcrumbs": {"density": 0.6, "gamma": 0.1},
+                 "della": {"density": 0.5, "epsilon": 0.1}}
+
+
+@pytest.mark.parametrize("name", sorted(ORDER_METHODS))
+def test_method_is_independent_of_tensor_and_input_order(name):
+    """Reordering the tensors merged, and the order in which a group's inputs arrive, changes
+    nothing (masks are keyed by mask seed, source key and tensor name, never by position)."""
+    g = torch.Generator().manual_seed(5)
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight",
+             "model.norm.weight"]
+    shapes = [(16, 8), (8, 8), (8,)]
+    groups = {}
+    for n, shape in zip(names, shapes, strict=True):
+        base = torch.randn(shape, generator=g)
+        groups[n] = (base, [base + torch.randn(shape, generator=g) * s for s in (0.5, 1.0, 0.8)])
+    method = get_method(name)
+    shared = defaults(name)
+    weights = [1.0, 0.5, 0.7]
+    per = {0: {"weight": 0.3}} | {i + 1: {"weight": w, **ORDER_METHODS[name]}
+                                   for i, w in enumerate(weights)}
+
+    def merge_all(tensor_order, input_order):
+        return {n: merge_group(method, _group(n, *groups[n], input_order), shared, per,
+                               mask_seed=11) for n in tensor_order}
+
+    reference = merge_all(names, [0, 1, 2, 3])
+    for tensor_order, input_order in [(names[::-1], [0, 1, 2, 3]),
+                                      ([names[1], names[2], names[0]], [3, 1, 0, 2]),
+                                      (names, [2, 3, 0, 1])]:
+        again = merge_all(tensor_order, input_order)
+        assert list(again) == tensor_order  # the merges really ran in the new order
+        for n in names:
+            assert torch.equal(again[n], reference[n]), (n, tensor_order, input_order)
+    # The mask seed does reach the random sparsifiers.
+    if name in ("dare_ties", "dare_linear", "della"):
+        other = merge_group(method, _group(names[0], *groups[names[0]], [0, 1, 2, 3]), shared,
+                            per, mask_seed=12)
+        assert not torch.equal(other, reference[names[0]])
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "breadcrumbs"])
+def test_deterministic_methods_do_not_depend_on_source_order(name):
+    """Without random masks, listing the sources in another order merges the same model (up to
+    the rounding of a sum taken in another order)."""
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(12, 6, generator=g)
+    xs = [base + torch.randn(12, 6, generator=g) * s for s in (0.5, 1.0, 0.8)]
+    weights = [1.0, 0.5, 0.7]
+    params = ORDER_METHODS[name]
+    method = get_method(name)
+
+    def merge(perm):
+        tensors = {0: base, **{i + 1: xs[j] for i, j in enumerate(perm)}}
+        per = {0: {"weight": 0.3}} | {i + 1: {"weight": weights[j], **params}
+                                       for i, j in enumerate(perm)}
+        return merge_group(method, TensorGroup("t", tensors, base=0), defaults(name), per)
+
+    reference = merge([0, 1, 2])
+    for perm in ([2, 0, 1], [1, 2, 0], [2, 1, 0]):
+        torch.testing.assert_close(merge(perm), reference, rtol=1e-6, atol=1e-6)
 
 
 def test_dare_linear_against_formula(tensors):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 from merge_helpers import load_folder, model_family, save_model, tiny_config
 
-from evomerge.models import sources as sources_mod
 from evomerge.merge.engine import merge_state_dict, write_merged_model
+from evomerge.models import sources as sources_mod
 from evomerge.models.sources import MergeError
 from evomerge.recipes.parameter_space import Recipe
 
@@ -275,3 +276,102 @@ def test_tokenizer_source_model_fills_missing_rows(tmp_path, llama, extra_token_
             merged[name][:103], b[name] + 0.5 * (x1[name] - b[name]) + 0.5 * 0.01)
         # the token only one model has: every model gets that model's row -> the row itself
         torch.testing.assert_close(merged[name][103], torch.full((16,), 3.0))
+
+
+# --- sparsified deltas at the edges of their parameters -----------------------------------------
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_at_density_zero_merge_the_base_without_nan(llama, method):
+    base, ft1, ft2 = llama
+    expected = load_folder(base)
+    for rescale in ({}, {"rescale": True}, {"rescale": True, "rescale_mode": "inverse_density"}):
+        recipe = Recipe.from_dict({
+            "merge_method": method, "base_model": str(base), "parameters": rescale,
+            "models": [{"model": str(m), "parameters": {"weight": 0.7, "density": 0.0}}
+                       for m in (ft1, ft2)]})
+        merged = merge_state_dict(recipe)
+        assert all(torch.isfinite(v).all() for v in merged.values()), rescale
+        assert all(torch.equal(merged[k], expected[k]) for k in merged), rescale
+
+
+def della_recipe(base: Path, fts: list[Path], params: list[dict]) -> Recipe:
+    return Recipe.from_dict({
+        "merge_method": "della", "base_model": str(base),
+        "models": [{"model": str(m), "parameters": {"weight": 0.5, **p}}
+                   for m, p in zip(fts, params, strict=True)]})
+
+
+def test_della_density_is_checked_against_each_sources_own_epsilon(llama, no_tensor_reads):
+    """0.1 - 0.15 < 0: the second source is refused by name before any tensor is read, while the
+    first one's density 0.1 is fine with its own epsilon 0.05."""
+    base, ft1, ft2 = llama
+    recipe = della_recipe(base, [ft1, ft2], [{"density": 0.1, "epsilon": 0.05},
+                                             {"density": 0.1, "epsilon": 0.15}])
+    with pytest.raises(MergeError) as err:
+        merge_state_dict(recipe)
+    message = str(err.value)
+    assert message.startswith(f"model {ft2}, tensor ") and f"model {ft1}," not in message
+    assert "density=0.1, epsilon=0.15" in message
+
+
+def test_della_accepts_a_density_that_only_another_sources_epsilon_would_refuse(llama):
+    base, ft1, ft2 = llama
+    recipe = della_recipe(base, [ft1, ft2], [{"density": 0.1, "epsilon": 0.05},
+                                             {"density": 0.5, "epsilon": 0.3}])
+    merged = merge_state_dict(recipe)
+    assert merged and all(torch.isfinite(v).all() for v in merged.values())
+
+
+# --- weight files that are not whole safetensors ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated", r"is truncated: its tensors need \d+ bytes, the file has \d+"),
+    ("header cut", r"is truncated: its header alone needs \d+ bytes, the file has 100"),
+    ("tiny", r"is 5 bytes long, too short for a safetensors header"),
+    ("not safetensors", r"is not a safetensors file \(its first 8 bytes"),
+    ("not json", r"is not a safetensors file \(its header is not JSON\)"),
+    ("trailing bytes", r"is not a valid safetensors file: 7 bytes follow its last tensor"),
+])
+def test_broken_safetensors_named_before_any_read(tmp_path, llama, no_tensor_reads, kind,
+                                                  message):
+    from safetensors import SafetensorError
+
+    base, ft1, _ = llama
+    broken = tmp_path / "broken"
+    shutil.copytree(ft1, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({
+        "truncated": data[: len(data) - 1000],
+        "header cut": data[:100],
+        "tiny": data[:5],
+        "not safetensors": b"version https://git-lfs.github.com/spec/v1\n" * 10,
+        "not json": (24).to_bytes(8, "little") + b"\xff" * 24 + b"\0" * 64,
+        "trailing bytes": data + b"garbage",
+    }[kind])
+    with pytest.raises(MergeError, match=f"^{re.escape(str(weights))} {message}"):
+        merge_state_dict(ta_recipe(base, [broken], weights=(1.0,)))
+    from evomerge.models.folders import ModelFolderError, check_model_dir
+
+    with pytest.raises(ModelFolderError, match=f"^{re.escape(str(weights))} {message}"):
+        check_model_dir(broken)
+    with pytest.raises(SafetensorError):  # what the library itself says
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt"):
+            pass
+
+
+def test_a_broken_shard_of_a_sharded_model_is_named(tmp_path, llama):
+    from transformers import AutoModelForCausalLM
+
+    base, ft1, _ = llama
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(ft1).save_pretrained(sharded, max_shard_size="20KB")
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(MergeError, match=f"^{re.escape(str(shard))} is truncated"):
+        merge_state_dict(ta_recipe(base, [sharded], weights=(1.0,)))
+

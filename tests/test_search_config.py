@@ -96,3 +96,29 @@ def test_cli_reports_one_line(zoo_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(p)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "tasks.0.name: unknown lm-eval task 'zoo_addd' (did you mean zoo_add?)" in r.stderr
+
+
+# ------------------------------------------------------------------ della: density against epsilon
+def della_space(**parameters) -> dict:
+    return {"method": "della", "parameters": {"weight": {"low": 0.0, "high": 1.0}, **parameters}}
+
+
+def test_della_density_bounds_use_the_searched_epsilon():
+    from evomerge.search.spaces.parameter import SearchSpace
+
+    # A source's epsilon may reach 0.3: density 0.2 - 0.3 < 0 is refused ...
+    with pytest.raises(ValueError, match=r"parameters\.density: bounds \[0\.2, 0\.8\] leave "
+                                         r"della's valid range \(0\.3, 0\.7\) for density "
+                                         r"\(epsilon up to 0\.3\)"):
+        SearchSpace.model_validate(della_space(density={"low": 0.2, "high": 0.8},
+                                               epsilon={"low": 0.05, "high": 0.3}))
+    # ... while with epsilon at most 0.1, density from 0.12 is fine (the default 0.15 is not
+    # what any source uses here).
+    space = SearchSpace.model_validate(della_space(density={"low": 0.12, "high": 0.85},
+                                                   epsilon={"low": 0.01, "high": 0.1}))
+    assert space.parameters["density"].low == 0.12
+    # Not searched, every source's epsilon is the default 0.15.
+    with pytest.raises(ValueError, match=r"\(0\.15, 0\.85\) for density \(epsilon up to 0\.15\)"):
+        SearchSpace.model_validate(della_space(density={"low": 0.12, "high": 0.85}))
+    SearchSpace.model_validate(della_space(density={"low": 0.16, "high": 0.84}))
+

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from evomerge.methods.registry import uses_random_masks
 
 if TYPE_CHECKING:
-    from evomerge.merge.engine import MergePlan
+    from evomerge.merge.plan import MergePlan
 
 
 def sha256_file(path: Path) -> str:

@@ -125,9 +125,14 @@ def magnitude(delta: torch.Tensor, density: float,
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
                        rescale: RescaleMode | None = None) -> torch.Tensor:
-    """Breadcrumbs: drop the int(gamma*N) largest |delta|, then the smallest, keeping int(d*N)."""
+    """Breadcrumbs: drop the int(gamma*N) largest |delta|, then the smallest, keeping int(d*N).
+
+    Zeros for density <= 0 (as `magnitude`): nothing is kept, and no rescale divides by zero.
+    """
     if density >= 1:
         return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
     n = delta.numel()
     target = max(0, int(density * n))
     n_top = int(gamma * n)
@@ -155,7 +160,8 @@ def check_della_density(density: float, epsilon: float) -> None:
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(
             f"della: density +/- epsilon must lie inside (0, 1); got density={density}, "
-            f"epsilon={epsilon}"
+            f"epsilon={epsilon} (keep probabilities {density - epsilon:g} to "
+            f"{density + epsilon:g})"
         )
 
 

@@ -39,6 +39,61 @@ def read_model_config(path: str | Path) -> dict:
         raise ModelFolderError(f"{cfg_path} is not valid JSON: {e}") from None
 
 
+_MAX_HEADER = 100_000_000  # safetensors refuses larger headers
+
+
+def safetensors_problem(file: str | Path) -> str | None:
+    """What makes ``file`` unreadable as safetensors (truncated, or not safetensors at all), or None.
+
+    Reads the 8-byte length and the JSON header only, and checks that the tensors' byte ranges
+    end exactly at the end of the file, as the safetensors library does when it opens one.
+    """
+    file = Path(file)
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return (f"is {size} bytes long, too short for a safetensors header (truncated, or not "
+                    "a safetensors file)")
+        n = int.from_bytes(prefix, "little")
+        if n > _MAX_HEADER:
+            return ("is not a safetensors file (its first 8 bytes are not the length of a "
+                    "safetensors header)")
+        if 8 + n > size:
+            return f"is truncated: its header alone needs {8 + n} bytes, the file has {size}"
+        header = f.read(n)
+    try:
+        meta = json.loads(header)
+    except (UnicodeDecodeError, ValueError):
+        return "is not a safetensors file (its header is not JSON)"
+    if not isinstance(meta, dict):
+        return "is not a safetensors file (its header is not a JSON object)"
+    end = 0
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)):
+            return f"is not a valid safetensors file (tensor {name!r} has no data_offsets)"
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        return (f"is truncated: its tensors need {8 + n + end} bytes, the file has {size} (an "
+                "interrupted download or copy?)")
+    if 8 + n + end < size:
+        return (f"is not a valid safetensors file: {size - 8 - n - end} bytes follow its last "
+                "tensor")
+    return None
+
+
+def check_weight_files(path: str | Path) -> None:
+    """Every ``*.safetensors`` file in a model folder is complete (headers only, nothing loaded)."""
+    for file in sorted(Path(path).expanduser().glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise ModelFolderError(f"{file} {problem}")
+
+
 def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """Validates a model folder without loading weights; returns its config.json as a dict."""
     config = read_model_config(path)
@@ -56,6 +111,7 @@ def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remot
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         AutoConfig.for_model(**{k: v for k, v in config.items() if k != "model_type"}, model_type=model_type)
     has_st = any(path.glob("*.safetensors"))
+    check_weight_files(path)
     has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
     if not has_st:
         if has_pickle and not allow_pickle:

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from evomerge.core.errors import MergeError
+from evomerge.models.folders import safetensors_problem
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 # Non-layer tensors indexed by token id (their rows follow the tokenizer).
@@ -166,6 +167,14 @@ def _safetensors_dtype(code: str) -> torch.dtype:
     return _ST_DTYPES.get(code, torch.float32)
 
 
+def _check_safetensors(files: Iterable[Path]) -> None:
+    """A truncated or foreign file is named before the safetensors library fails on it."""
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise MergeError(f"{file} {problem}")
+
+
 def _weight_index(path: Path, name: str,
                   allow_pickle: bool) -> tuple[dict[str, Path], tuple[Path, ...], bool]:
     for index_name, pickled in (("model.safetensors.index.json", False),
@@ -179,9 +188,12 @@ def _weight_index(path: Path, name: str,
             missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
             if missing:
                 raise MergeError(f"{name}: {index_name} names missing shards: {missing}")
+            if not pickled:
+                _check_safetensors(sorted(set(files.values())))
             return files, (index, *sorted(set(files.values()))), pickled
     safetensors = sorted(path.glob("*.safetensors"))
     if safetensors:
+        _check_safetensors(safetensors)
         files = {}
         for file in safetensors:
             with safe_open(file, framework="pt") as f:

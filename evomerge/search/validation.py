@@ -1,5 +1,6 @@
-"""Checks of a search config that read files but no weights: the sources' config.json (they exist
-and agree; the granularity divides the layer count) and the tasks (names and metrics exist in the
+"""Checks of a search config that read files but no weights: the sources' config.json and
+safetensors headers (they exist, the weight files are whole, and they agree; the granularity
+divides the layer count) and the tasks (names and metrics exist in the
 lm-eval task configs). They run before a run folder is created, so a bad config leaves nothing.
 """
 
@@ -11,10 +12,13 @@ from evomerge.search.spaces.dataflow import DfsSpace
 
 
 def _read_config_json(name: str, field: str) -> dict:
-    from evomerge.models.folders import ModelFolderError, read_model_config
+    """config.json, after checking that the folder's safetensors files are whole (headers only)."""
+    from evomerge.models.folders import ModelFolderError, check_weight_files, read_model_config
 
     try:
-        return read_model_config(name)
+        config = read_model_config(name)
+        check_weight_files(name)
+        return config
     except ModelFolderError as e:
         raise ConfigError(f"{field}: {e}") from None
 

@@ -14,11 +14,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from evomerge.methods.registry import ParamScope, get_method
+from evomerge.methods.registry import ParamScope, get_method, param_spec
 
 # Valid ranges of searchable parameters (low inclusive?, high inclusive?), per merge-math.md.
 # density: magnitude/breadcrumbs keep int(d*N) elements, so d must stay in (0, 1]; della needs
-# d +- epsilon strictly inside (0, 1), checked against the space's epsilon below.
+# d +- epsilon strictly inside (0, 1), checked against the epsilon that applies below.
 PARAMETER_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "weight": (-math.inf, math.inf, True, True),
     "density": (0.0, 1.0, False, True),
@@ -121,9 +121,15 @@ class SearchSpace(_Strict):
 
     def _check_range(self, where: str, name: str, rng: ParamRange) -> None:
         lo, hi, lo_incl, hi_incl = PARAMETER_RANGES.get(name, (-math.inf, math.inf, True, True))
-        if name == "density" and self.method in ("della", "della_linear"):
-            eps = float(self.fixed.get("epsilon", 0.15))
+        epsilon = param_spec(get_method(self.method), "epsilon")
+        if name == "density" and epsilon is not None:
+            # della: every source's density d needs d +- its own epsilon inside (0, 1). Epsilon
+            # is a per-model parameter: searched, any source's can reach the range's high end;
+            # else every source has the method's default.
+            searched = self.parameters.get("epsilon")
+            eps = searched.high if searched is not None else float(epsilon.default)
             lo, hi, lo_incl, hi_incl = eps, 1.0 - eps, False, False
+            name = f"density (epsilon up to {eps:g})"
         if rng.low < lo or (rng.low == lo and not lo_incl) or rng.high > hi or (rng.high == hi and not hi_incl):
             interval = f"{'[' if lo_incl else '('}{lo}, {hi}{']' if hi_incl else ')'}"
             raise ValueError(f"{where}: bounds [{rng.low}, {rng.high}] leave {self.method}'s valid range "
