@@ -33,6 +33,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check evomerge tests scripts evals
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -45,9 +45,9 @@ from evomerge.search.racing import stage_cost  # noqa: E402
 from evomerge.zoo.build import ZooParams, build_zoo, read_manifest  # noqa: E402
 
 
-def item_evaluations(records: list[dict]) -> int:
-    return sum(sum((r.get("items_scored") or {}).values()) for r in records
-               if r["type"] in ("reference", "candidate", "rescore"))
+def item_evaluations(records: list) -> int:
+    return sum(sum((r.items_scored or {}).values()) for r in records
+               if r.type in ("reference", "candidate", "rescore"))
 
 
 def main() -> int:
@@ -96,7 +96,7 @@ def main() -> int:
                 wall = time.perf_counter() - t1
                 records = RunFolder.open(out.run_dir).records()
                 final = records[-1]
-                test = statistics.fmean(v["acc"] for v in final["test_metrics"].values())
+                test = statistics.fmean(v["acc"] for v in final.test_metrics.values())
                 items = item_evaluations(records)
                 results[name].append((items, wall, test, out.best_fitness))
                 print(f"seed {seed} {name}: {items} item-evaluations, {wall:.0f} s, winner dev "

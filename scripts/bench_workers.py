@@ -103,11 +103,11 @@ def measure(run_dir: Path, workers: int) -> dict:
     from evomerge.runs.folder import RunFolder
 
     recs = RunFolder.open(run_dir).records()
-    ref = next(r for r in recs if r["type"] == "reference")
+    ref = next(r for r in recs if r.type == "reference")
     final = recs[-1]
-    wall = final["time"] - ref["time"]
-    work = [r for r in recs if r["type"] in ("candidate", "rescore", "test") and r.get("timings")]
-    busy = sum(r["timings"]["merge_s"] + r["timings"]["eval_s"] for r in work)
+    wall = final.time - ref.time
+    work = [r for r in recs if r.type in ("candidate", "rescore", "test") and getattr(r, "timings", None)]
+    busy = sum(r.timings["merge_s"] + r.timings["eval_s"] for r in work)
     return {"wall": wall, "busy": busy / (workers * wall), "jobs": len(work)}
 
 

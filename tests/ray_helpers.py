@@ -45,7 +45,7 @@ def ray_processes(tmp: str) -> list[psutil.Process]:
 
 
 def worker_pids(run_dir: Path) -> set[int]:
-    return {int(r["worker"].rsplit(":", 1)[1]) for r in RunFolder.open(run_dir).records()
+    return {int(r.worker.rsplit(":", 1)[1]) for r in RunFolder.open(run_dir).records()
             if ":" in str(r.get("worker", ""))}
 
 

@@ -75,11 +75,11 @@ def dfs_run(zoo_dir, tmp_path_factory):
 def test_dfs_search_improves_on_its_start(dfs_run):
     run_dir, _ = dfs_run
     records = RunFolder.open(run_dir).records()
-    ref = next(r for r in records if r["type"] == "reference")
+    ref = next(r for r in records if r.type == "reference")
     final = records[-1]
-    assert final["type"] == "final" and final["fitness"] > ref["fitness"]  # both on the full dev split
+    assert final.type == "final" and final.fitness > ref.fitness  # both on the full dev split
     best = load_recipe(run_dir / "best.yaml")
-    assert isinstance(best, PathRecipe) and best.hash() == final["recipe_hash"]
+    assert isinstance(best, PathRecipe) and best.hash() == final.recipe_hash
     mk = yaml.safe_load((run_dir / "best.mergekit.yaml").read_text())
     assert mk["merge_method"] == "passthrough" and len(mk["slices"]) == len(best.path)
 
@@ -94,7 +94,7 @@ def test_dfs_killed_three_times_equals_uninterrupted(dfs_run, tmp_path):
         kill_when(p, lambda t=target: lines(run_dir / LOG) >= t, rng)
     run_to_end("--resume", str(run_dir))
     got = RunFolder.open(run_dir).records()
-    keys = [(r["generation"], r["index"]) for r in got if r["type"] == "candidate"]
+    keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
     assert len(keys) == len(set(keys)) == 40  # no evaluation lost or repeated
     assert history(got) == expected
 

@@ -193,6 +193,19 @@ def test_equal_with_extreme_densities(family):
     assert_equal_to_engine(merger, recipe)
 
 
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_at_density_zero_is_finite_and_equals_the_engine(family, method):
+    """Density 0 keeps nothing; the inverse-density rescale must not divide by it (it gave NaN)."""
+    merger = InPlaceMerger(family[1:], family[0], method, dtype="float32", chunk=50)
+    models = [{"model": m, "parameters": {"weight": 1.0, "density": d, "gamma": 0.01}}
+              for m, d in zip(family[1:], (0.0, 0.5, 0.0), strict=True)]
+    recipe = Recipe.from_dict({"merge_method": method, "base_model": family[0], "models": models,
+                               "dtype": "float32", "parameters": {"rescale": True, "rescale_mode": "inverse_density"}})
+    state = merger.build(recipe).state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert_equal_to_engine(merger, recipe)
+
+
 @pytest.mark.parametrize("arch,tied", [("gpt2", True), ("qwen2", True), ("mistral", False)])
 def test_equal_to_engine_for_other_architectures(tmp_path, arch, tied):
     fam = [str(p) for p in model_family(tmp_path, arch, n=2, tied=tied)]

@@ -125,38 +125,38 @@ def test_racing_promotes_the_right_candidates(zoo_dir, tmp_path):
     records = RunFolder.open(tmp_path / "run").records()
     n = 500  # dev items per zoo task
     for g in range(3):
-        st = {k: {r["index"]: r for r in records if r["type"] == "candidate" and r["generation"] == g
-                  and r["stage"] == k} for k in range(3)}
+        st = {k: {r.index: r for r in records if r.type == "candidate" and r.generation == g
+                  and r.stage == k} for k in range(3)}
         assert sorted(st[0]) == list(range(8))
         for k in (1, 2):  # the promoted are exactly the best half of the stage before (ties: index)
             prev = st[k - 1]
-            ranked = sorted(prev, key=lambda i: (-prev[i]["fitness"], i))
+            ranked = sorted(prev, key=lambda i: (-prev[i].fitness, i))
             assert sorted(st[k]) == sorted(ranked[: racing.n_keep(len(prev), 0.5)])
         # nested items: each stage scores only its new items
-        assert all(r["items"] == {"zoo_add": 8, "zoo_sub": 8} and r["items_scored"] == r["items"] for r in st[0].values())
-        assert all(r["items_scored"] == {"zoo_add": 16, "zoo_sub": 16} for r in st[1].values())
-        assert all(r["items"] == {"zoo_add": n, "zoo_sub": n} and r["items_scored"] == {"zoo_add": n - 24, "zoo_sub": n - 24}
+        assert all(r.items == {"zoo_add": 8, "zoo_sub": 8} and r.items_scored == r.items for r in st[0].values())
+        assert all(r.items_scored == {"zoo_add": 16, "zoo_sub": 16} for r in st[1].values())
+        assert all(r.items == {"zoo_add": n, "zoo_sub": n} and r.items_scored == {"zoo_add": n - 24, "zoo_sub": n - 24}
                    for r in st[2].values())
-        gen = next(r for r in records if r["type"] == "generation" and r["generation"] == g)
-        told, reached = gen["racing"]["told"], gen["racing"]["stage"]
+        gen = next(r for r in records if r.type == "generation" and r.generation == g)
+        told, reached = gen.racing.told, gen.racing.stage
         for i in range(8):
             assert reached[i] == max(k for k in range(3) if i in st[k])
-            assert gen["racing"]["items"][i] == sum(sum(st[k][i]["items_scored"].values()) for k in range(3) if i in st[k])
+            assert gen.racing.items[i] == sum(sum(st[k][i].items_scored.values()) for k in range(3) if i in st[k])
             for j in range(8):
                 if reached[i] > reached[j]:
                     assert told[i] > told[j]
         # a stage score equals the constructed fitness on that stage's items
         r = st[0][0]
-        q = r["genome"][:2]
-        assert r["metrics"]["zoo_add"]["acc"] == pytest.approx(np.mean(
+        q = r.genome[:2]
+        assert r.metrics["zoo_add"]["acc"] == pytest.approx(np.mean(
             [FakeExecutor.u(0, d) < q[0] for d in _stage_items(cfg, g, 0, 8)]))
     # the last stage is the whole dev split: re-scoring is served from the cache; every item counted
-    rescore = [r for r in records if r["type"] == "rescore"]
-    assert rescore and all(r["cached_from"] is not None and r["items_scored"] == {} for r in rescore)
-    spent = sum(sum(r["items_scored"].values()) for r in records if "items_scored" in r)
+    rescore = [r for r in records if r.type == "rescore"]
+    assert rescore and all(r.cached_from is not None and r.items_scored == {} for r in rescore)
+    spent = sum(sum(r.items_scored.values()) for r in records if hasattr(r, "items_scored"))
     assert spent == FakeExecutor.items_scored
-    last_gen = [r for r in records if r["type"] == "generation"][-1]
-    assert last_gen["item_evaluations"] == spent
+    last_gen = [r for r in records if r.type == "generation"][-1]
+    assert last_gen.item_evaluations == spent
 
 
 def test_status_of_a_racing_run(zoo_dir, tmp_path, capsys):
@@ -267,14 +267,14 @@ def test_pareto_front_is_non_dominated(nsga_run):
     front = json.loads((nsga_run / PARETO).read_text())
     assert front["objectives"] == ["zoo_add:acc", "zoo_rev:acc", "zoo_sub:acc"]
     members = front["front"]
-    cands = [r for r in RunFolder.open(nsga_run).records() if r["type"] == "candidate" and r["status"] == "ok"]
-    vec = lambda r: [r["metrics"][t]["acc"] for t in ("zoo_add", "zoo_rev", "zoo_sub")]  # noqa: E731
+    cands = [r for r in RunFolder.open(nsga_run).records() if r.type == "candidate" and r.status == "ok"]
+    vec = lambda r: [r.metrics[t]["acc"] for t in ("zoo_add", "zoo_rev", "zoo_sub")]  # noqa: E731
     assert members
     for m in members:
         assert not any(dominates(vec(c), m["objectives"]) for c in cands)
     keys = {(m["generation"], m["index"]) for m in members}
     for c in cands:  # every other candidate is dominated by (or equal to) a front member
-        if (c["generation"], c["index"]) not in keys:
+        if (c.generation, c.index) not in keys:
             assert any(dominates(m["objectives"], vec(c)) or m["objectives"] == vec(c) for m in members)
 
 
@@ -358,4 +358,4 @@ def test_racing_search_killed_equals_uninterrupted(zoo_dir, tmp_path):
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     assert history(RunFolder.open(run_dir).records()) == expected
-    assert not math.isnan(RunFolder.open(run_dir).records()[-1]["fitness"])
+    assert not math.isnan(RunFolder.open(run_dir).records()[-1].fitness)

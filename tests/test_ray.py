@@ -57,11 +57,11 @@ def test_two_workers_and_in_process_give_the_same_history(zoo_dir, local_ray, re
     expected = history(RunFolder.open(reference).records())
     got = RunFolder.open(tmp_path / "ray2").records()
     assert history(got) == expected
-    assert {r["worker"].split("@")[0] for r in got if r["type"] == "candidate"} == {"w0", "w1"}
-    kinds = [r["type"] for r in got]
+    assert {r.worker.split("@")[0] for r in got if r.type == "candidate"} == {"w0", "w1"}
+    kinds = [r.type for r in got]
     assert kinds.count("candidate") == 8 and kinds.count("test") >= 1 and kinds[-1] == "final"
-    assert got[-1]["test_metrics"] == next(r["metrics"] for r in got if r["type"] == "test"
-                                           and r["recipe_hash"] == got[-1]["recipe_hash"])
+    assert got[-1].test_metrics == next(r.metrics for r in got if r.type == "test"
+                                           and r.recipe_hash == got[-1].recipe_hash)
     # in-process, the background work runs at each generation's barrier: the same history again
     run_search(SearchConfig.from_dict(tiny_config(zoo_dir)), run_dir=tmp_path / "local", quiet=True, workers=0)
     assert history(RunFolder.open(tmp_path / "local").records()) == expected
@@ -75,7 +75,7 @@ def test_a_killed_worker_reruns_its_candidate(zoo_dir, local_ray, reference, tmp
     assert (tmp_path / "kill-0-1").read_text() == "x"
     assert "died while scoring candidate g0/1" in capfd.readouterr().err
     got = RunFolder.open(tmp_path / "run").records()
-    keys = [(r["generation"], r["index"]) for r in got if r["type"] == "candidate"]
+    keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
     assert len(keys) == len(set(keys)) == 8  # every candidate exactly once
     assert history(got) == history(RunFolder.open(reference).records())
 
@@ -86,11 +86,11 @@ def test_a_candidate_whose_worker_dies_twice_gets_the_penalty(zoo_dir, local_ray
     run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "run", quiet=True, workers=2)
     local_ray.update(worker_pids(tmp_path / "run"))
     got = RunFolder.open(tmp_path / "run").records()
-    cands = {(r["generation"], r["index"]): r for r in got if r["type"] == "candidate"}
-    assert len(cands) == 4 and sum(r["type"] == "candidate" for r in got) == 4
+    cands = {(r.generation, r.index): r for r in got if r.type == "candidate"}
+    assert len(cands) == 4 and sum(r.type == "candidate" for r in got) == 4
     bad = cands[(0, 2)]
     assert bad["status"] == "failed" and bad["fitness"] == -1.0 and "died twice" in bad["reason"]
-    assert all(r["status"] == "ok" for k, r in cands.items() if k != (0, 2)) and got[-1]["type"] == "final"
+    assert all(r.status == "ok" for k, r in cands.items() if k != (0, 2)) and got[-1].type == "final"
 
 
 def test_sigterm_with_ray_workers_then_resume(zoo_dir, reference, tmp_path):
@@ -124,7 +124,7 @@ def test_sigterm_with_ray_workers_then_resume(zoo_dir, reference, tmp_path):
                        timeout=600, start_new_session=True)
     assert r.returncode == 0, r.stdout + r.stderr
     got = RunFolder.open(run_dir).records()
-    keys = [(r["generation"], r["index"]) for r in got if r["type"] == "candidate"]
+    keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
     assert len(keys) == len(set(keys)) == 8
     assert history(got) == history(RunFolder.open(reference).records())
 
@@ -140,7 +140,7 @@ def test_racing_on_two_workers_equals_in_process(zoo_dir, local_ray, tmp_path):
     run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "local", quiet=True, workers=0)
     got = RunFolder.open(tmp_path / "ray2").records()
     assert history(got) == history(RunFolder.open(tmp_path / "local").records())
-    stages = [r for r in got if r["type"] == "candidate"]
-    assert {r["stage"] for r in stages} == {0, 1, 2}
+    stages = [r for r in got if r.type == "candidate"]
+    assert {r.stage for r in stages} == {0, 1, 2}
     # stage 1 scored only the 4 items that stage 0 had not
-    assert all(r["items_scored"] == {"zoo_rev": 4} for r in stages if r["stage"] == 1)
+    assert all(r.items_scored == {"zoo_rev": 4} for r in stages if r.stage == 1)

@@ -93,8 +93,8 @@ def test_submit_then_jobs_then_status(ray_head, zoo_dir, tmp_path):
     pids.update(worker_pids(run_dir) if records else ())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "submitted evomerge-test-1" in r.stdout and "job evomerge-test-1: SUCCEEDED" in r.stdout
-    assert records[-1]["type"] == "final"
-    assert all(r["worker"].startswith("w0@") for r in records if r["type"] == "candidate")
+    assert records[-1].type == "final"
+    assert all(r.worker.startswith("w0@") for r in records if r.type == "candidate")
 
     r = cli(env, "jobs", "--address", address)
     assert r.returncode == 0, r.stderr

@@ -53,7 +53,7 @@ def test_readme_examples_run_as_written(zoo_dir, tmp_path):
     from evomerge.runs.folder import RunFolder
 
     final = RunFolder.open(tmp_path / "runs/quickstart").records()[-1]
-    assert final["type"] == "final" and set(final["test_metrics"]) == {"zoo_add", "zoo_rev", "zoo_sub"}
+    assert final.type == "final" and set(final.test_metrics) == {"zoo_add", "zoo_rev", "zoo_sub"}
     r = subprocess.run(["lm_eval", "--model", "hf", "--model_args",
                         "pretrained=artifacts/quickstart_winner,dtype=float32", "--include_path", "evals",
                         "--tasks", "zoo_add,zoo_rev,zoo_sub", "--device", "cpu", "--batch_size", "32",
@@ -61,5 +61,5 @@ def test_readme_examples_run_as_written(zoo_dir, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(next((tmp_path / "lmeval_out").rglob("results*.json")).read_text())["results"]
-    for task, metrics in final["test_metrics"].items():
+    for task, metrics in final.test_metrics.items():
         assert abs(results[task]["acc,none"] - metrics["acc"]) <= 1e-6, (task, results[task], metrics)

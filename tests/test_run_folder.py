@@ -5,13 +5,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
-from evomerge.runs.folder import LOG, RunFolder, RunFolderError, history, read_records
+from evomerge.runs.folder import LOG, RunFolder, RunFolderError, history, parse_log, read_records
+from evomerge.search.records import LOG_FORMAT, EvalRecord, FinalRecord, to_json
 
-RECORDS = [{"type": "candidate", "generation": 0, "index": i, "genome": [0.1 * i, 1 / 3],
-            "fitness": 0.5 + i / 7, "metrics": {"zoo_add": {"acc": 0.25}}, "time": 1.5 + i} for i in range(4)]
+
+def cand(g, i, fitness=0.5, **kw) -> EvalRecord:
+    base = dict(type="candidate", generation=g, index=i, genome=[0.1 * i, 1 / 3], recipe_hash=f"h{g}-{i}",
+                eval_key="k", fitness=fitness, status="ok", reason=None, metrics={"zoo_add": {"acc": 0.25}},
+                items={"zoo_add": 8}, items_scored={"zoo_add": 8}, cached_from=None,
+                timings={"merge_s": 0.1, "eval_s": 0.2}, worker="local", time=1.5 + i)
+    return EvalRecord(**{**base, **kw})
+
+
+RECORDS = [cand(0, i, 0.5 + i / 7) for i in range(4)]
 
 
 def test_log_torn_at_every_byte_reads_only_complete_records(tmp_path):
@@ -21,10 +31,11 @@ def test_log_torn_at_every_byte_reads_only_complete_records(tmp_path):
     run.close()
     data = (tmp_path / "run" / LOG).read_bytes()
     ends = [i + 1 for i, b in enumerate(data) if b == ord("\n")]
+    assert len(ends) == 1 + len(RECORDS)  # the format header, then one line a record
     for cut in range(len(data) + 1):
-        records, end = read_records(data[:cut])
+        lines, end = read_records(data[:cut])
         n_complete = sum(1 for e in ends if e <= cut)
-        assert records == RECORDS[:n_complete], cut
+        assert parse_log(lines) == RECORDS[:max(0, n_complete - 1)], cut
         assert end == (ends[n_complete - 1] if n_complete else 0)
 
 
@@ -44,21 +55,53 @@ def test_append_after_a_torn_tail_cuts_it_off(tmp_path):
 def test_floats_round_trip_bit_for_bit(tmp_path):
     run = RunFolder.create(tmp_path / "run", "x: 1\n")
     genome = [0.1 + 0.2, 1 / 3, 2.0 ** -40, 0.9999999999999999]
-    run.append({"type": "candidate", "genome": genome})
+    run.append(cand(0, 0, genome=genome, fitness=1 / 3))
     run.close()
-    assert RunFolder.open(tmp_path / "run").records()[0]["genome"] == genome
+    back = RunFolder.open(tmp_path / "run").records()[0]
+    assert back.genome == genome and back.fitness == 1 / 3
+
+
+def test_records_are_typed_and_their_json_is_the_first_format(tmp_path):
+    """Each record type reads back as itself; the JSON keys are those of format 1 (no header)."""
+    final = FinalRecord(generations=1, evaluations=4, generation=0, index=3, recipe_hash="h0-3", fitness=0.9,
+                        metrics={"zoo_add": {"acc": 0.9}}, test_metrics={"zoo_add": {"acc": 0.8}}, time=9.0)
+    old_log = "".join(json.dumps(to_json(r)) + "\n" for r in [*RECORDS, final])
+    assert '"stage"' not in old_log and '"elapsed_s"' not in old_log  # optional fields left out when None
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text("x: 1\n")
+    (tmp_path / "old" / LOG).write_text(old_log)
+    records = RunFolder.open(tmp_path / "old").records()
+    assert records == [*RECORDS, final]
+    assert isinstance(records[-1], FinalRecord) and records[-1].test_metrics["zoo_add"]["acc"] == 0.8
+
+
+def test_a_log_from_a_newer_format_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("x: 1\n")
+    header = {"type": "header", "format": LOG_FORMAT + 1, "evomerge": "9.0"}
+    (tmp_path / "run" / LOG).write_text(json.dumps(header) + "\n" + json.dumps(to_json(RECORDS[0])) + "\n")
+    with pytest.raises(RunFolderError, match="upgrade evomerge"):
+        RunFolder.open(tmp_path / "run").records()
+
+
+def test_a_record_with_a_nan_is_refused_before_it_is_written(tmp_path):
+    run = RunFolder.create(tmp_path / "run", "x: 1\n")
+    run.append(RECORDS[0])
+    with pytest.raises(ValueError):
+        run.append(cand(0, 1, metrics={"zoo_add": {"ppl": float("nan")}}))
+    run.close()
+    assert RunFolder.open(tmp_path / "run").records() == RECORDS[:1]
 
 
 def test_history_drops_volatile_fields():
-    a = [dict(r, time=1.0, worker="w1", host="h") for r in RECORDS]
-    b = [dict(r, time=2.0, worker="w2", host="k") for r in RECORDS]
-    assert history(a) == history(b) and a != b
+    a = [replace(r, time=1.0, worker="w1") for r in RECORDS]
+    b = [replace(r, time=2.0, worker="w2", timings={"merge_s": 9.0, "eval_s": 9.0}) for r in RECORDS]
+    assert [to_json(r) for r in a] != [to_json(r) for r in b]  # the records differ ...
+    assert history(a) == history(b)  # ... only in volatile fields
+    assert history(a) != history([replace(r, fitness=0.0) for r in RECORDS])
 
 
 def test_history_orders_evaluations_between_barriers():
-    def cand(g, i):
-        return {"type": "candidate", "generation": g, "index": i, "fitness": i}
-
     gen0 = {"type": "generation", "generation": 0}
     a = [cand(0, 0), cand(0, 1), cand(0, 2), gen0, cand(1, 0), cand(1, 1)]
     b = [cand(0, 2), cand(0, 0), cand(0, 1), gen0, cand(1, 1), cand(1, 0)]
@@ -85,4 +128,3 @@ def test_create_refuses_an_existing_run(tmp_path):
         RunFolder.create(tmp_path / "run", "x: 1\n")
     with pytest.raises(RunFolderError, match="not a run folder"):
         RunFolder.open(tmp_path)
-    json.dumps(RECORDS)

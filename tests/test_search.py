@@ -72,17 +72,17 @@ def reference_run(zoo_dir, tmp_path_factory):
 def test_search_writes_a_complete_run_folder(reference_run):
     run_dir, _, out = reference_run
     records = RunFolder.open(run_dir).records()
-    kinds = [r["type"] for r in records]
+    kinds = [r.type for r in records]
     assert kinds.count("reference") == 1 and kinds.count("candidate") == 12 and kinds.count("generation") == 3
     assert kinds.count("rescore") == 2 and kinds[-1] == "final"
-    cands = [r for r in records if r["type"] == "candidate"]
-    assert all(sum(r["items"].values()) == 72 for r in cands)  # 24 items per task, seeded subsets
+    cands = [r for r in records if r.type == "candidate"]
+    assert all(sum(r.items.values()) == 72 for r in cands)  # 24 items per task, seeded subsets
     final = records[-1]
-    rescored = [r for r in records if r["type"] == "rescore"]
-    assert final["fitness"] == max(r["fitness"] for r in rescored)
-    assert all(sum(r["items"].values()) == 1500 for r in rescored)  # the full dev split
+    rescored = [r for r in records if r.type == "rescore"]
+    assert final.fitness == max(r.fitness for r in rescored)
+    assert all(sum(r.items.values()) == 1500 for r in rescored)  # the full dev split
     best = Recipe.load(run_dir / "best.yaml")
-    assert best.hash() == final["recipe_hash"]
+    assert best.hash() == final.recipe_hash
     mk = yaml.safe_load((run_dir / "best.mergekit.yaml").read_text())
     assert "mask_seed" not in mk and mk["merge_method"] == "task_arithmetic" and len(mk["slices"]) == 2
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == 5
@@ -118,7 +118,7 @@ def test_killed_five_times_equals_uninterrupted(reference_run, zoo_dir, tmp_path
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
     got = RunFolder.open(run_dir).records()
-    keys = [(r["generation"], r["index"]) for r in got if r["type"] == "candidate"]
+    keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
     assert len(keys) == len(set(keys)) == 12  # no evaluation lost or repeated
     assert history(got) == expected
 
@@ -162,15 +162,15 @@ def test_resume_rules(reference_run, zoo_dir, tmp_path):
     more = SearchConfig.from_dict(small_config(zoo_dir, budget={"generations": 4}))
     out = run_search(more, run_dir=copy, resume=True, quiet=True)
     recs = RunFolder.open(copy).records()
-    keys = [(r["generation"], r["index"]) for r in recs if r["type"] == "candidate"]
+    keys = [(r.generation, r.index) for r in recs if r.type == "candidate"]
     assert len(keys) == len(set(keys)) == 16 and out.generations == 4
     assert history(recs[:n]) == history(RunFolder.open(ref_dir).records())
 
 
 def test_search_improves_on_its_start(reference_run):
     records = RunFolder.open(reference_run[0]).records()
-    ref = next(r for r in records if r["type"] == "reference")
-    assert records[-1]["fitness"] > ref["fitness"]  # both on the full dev split
+    ref = next(r for r in records if r.type == "reference")
+    assert records[-1].fitness > ref.fitness  # both on the full dev split
 
 
 def test_a_repeated_recipe_comes_from_the_cache(zoo_dir, tmp_path, monkeypatch):
@@ -196,12 +196,12 @@ def test_a_repeated_recipe_comes_from_the_cache(zoo_dir, tmp_path, monkeypatch):
     cfg = SearchConfig.from_dict(small_config(zoo_dir, budget={"generations": 2}, rescore_top_k=1,
                                               run_dir=str(tmp_path / "run")))
     run_search(cfg, quiet=True, builder_factory=lambda c: CountingBuilder(c.models, c.base_model, c.space.method))
-    recs = [r for r in RunFolder.open(tmp_path / "run").records() if r["type"] == "candidate"]
+    recs = [r for r in RunFolder.open(tmp_path / "run").records() if r.type == "candidate"]
     assert len(recs) == 8
     for r in recs:
-        first = next(c for c in recs if c["generation"] == r["generation"] and c["index"] == 0)
-        assert r["recipe_hash"] == first["recipe_hash"] and r["fitness"] == first["fitness"]
-        assert r["cached_from"] == (None if r["index"] == 0 else [r["generation"], 0])
+        first = next(c for c in recs if c.generation == r.generation and c.index == 0)
+        assert r.recipe_hash == first.recipe_hash and r.fitness == first.fitness
+        assert r.cached_from == (None if r.index == 0 else [r.generation, 0])
     # the reference, one build per generation, the rescore (its full-dev key is new), and the
     # winner once more for its test-split scores
     assert len(builds) == 1 + 2 + 1 + 1

@@ -1,7 +1,9 @@
 """Command line: each sub-command parses its arguments and calls one plain Python function.
 
-Errors that come from the user's input (a missing folder, an unknown task, a bad config) are
-printed as one ``error: ...`` line with exit code 2, never as a traceback.
+Errors that come from the user's input (a missing folder, an unknown task, a bad config: an
+`EvomergeError`, or a pydantic validation error) are printed as one ``error: ...`` line with exit
+code 2; an OS error (a full disk, a permission) as one line with exit code 1; anything else is a
+bug in evomerge and shows its traceback.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ import os
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from evomerge.cli.merge import add_parser as add_merge_parser
 from evomerge.core.env import quiet_libraries
+from evomerge.core.errors import EvomergeError, UsageError
 
 # Quiet, offline-friendly defaults; set before lm-eval, datasets or tqdm are imported.
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
+
 
 
 # ----------------------------------------------------------------------------- zoo
@@ -98,7 +103,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     if args.config is None and args.resume is None:
-        raise ValueError("give a CONFIG.yml to start a search, or --resume RUN_DIR")
+        raise UsageError("give a CONFIG.yml to start a search, or --resume RUN_DIR")
     from evomerge.runs.staged import StagedConfig, run_staged, staged_file
 
     # A config with `stages:` (PS+DFS) runs stage by stage; its run folder says so on resume.
@@ -166,7 +171,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     env = {}
     for kv in args.env:
         if "=" not in kv:
-            raise ValueError(f"--env expects KEY=VALUE, got {kv!r}")
+            raise UsageError(f"--env expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         env[k] = v
     job_id, run_dir, entry = sub.submit(args.config, args.address, run_dir=args.run_dir, workers=args.workers,
@@ -290,7 +295,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.weights is not None:
         if args.rank != 1:
-            raise ValueError("give --weights or --rank, not both")
+            raise UsageError("give --weights or --rank, not both")
         weights = parse_weights(args.weights)
         recipe, record = pick_from_front(args.run_dir, weights)
         note = f"Pareto pick of {args.run_dir} for weights {args.weights}: {describe(record)}"
@@ -302,7 +307,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(text, end="")
         return 0
     if args.out.exists() and not args.force:
-        raise FileExistsError(f"{args.out} exists; pass --force to overwrite it")
+        raise UsageError(f"{args.out} exists; pass --force to overwrite it")
     atomic_write_text(args.out, text)
     print(f"wrote {args.out} ({describe(record)})", file=sys.stderr)
     return 0
@@ -374,9 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         args.split = None
     try:
         return args.func(args)
-    except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except (EvomergeError, ValidationError) as e:  # the user's input; anything else is a bug: a traceback
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a permission problem: say it in one line
         print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)

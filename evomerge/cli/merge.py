@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from evomerge.core.errors import UsageError
+
 _DESCRIPTION = """\
 Merge the models named in a mergekit-style YAML recipe and write a Hugging Face folder
 (safetensors, config, tokenizer, generation config, and a model card holding the recipe, the
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             import torch
 
             if not torch.cuda.is_available():
-                raise ValueError(f"--device {args.device}: CUDA is not available here")
+                raise UsageError(f"--device {args.device}: CUDA is not available here")
         out = write_stages(stages, args.out_dir, device=args.device, dtype=args.dtype,
                            force=args.force, allow_pickle=args.allow_pickle,
                            max_shard_size=args.max_shard_size)

@@ -51,3 +51,15 @@ class RunFolderError(EvomergeError, ValueError):
 
 class JobError(EvomergeError, RuntimeError):
     """A Ray job or cluster request that failed (submit, jobs)."""
+
+
+class UsageError(EvomergeError, ValueError):
+    """Command-line arguments that do not fit together, or an output that would overwrite one."""
+
+
+class ExecutionError(EvomergeError, RuntimeError):
+    """Workers that could not start or all died (Ray), with what to check."""
+
+
+class ZooError(EvomergeError, ValueError):
+    """A zoo folder that is missing, or holds another build."""

@@ -1,0 +1,1 @@
+"""Layer 5: scoring a model: the Evaluator interface and its lm-eval backend, the tasks of a fitness, the fitness (weighted metrics on seeded subsets), per-item scores, and one trial (recipe -> merged model -> score)."""

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from evomerge.core.errors import UnknownTaskError
+from evomerge.core.errors import ConfigError, UnknownTaskError
 from evomerge.models.folders import check_model_dir, load_causal_lm, load_tokenizer
 
 REPO_EVALS = Path(__file__).resolve().parents[2] / "evals"
@@ -127,9 +127,9 @@ class LmEvalEvaluator:
                  num_fewshot: int | None = None, fewshot_seed: int = 1234,
                  include_paths: Sequence[str | Path] | None = None, log_samples: bool = False):
         if isinstance(batch_size, str) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer (got {batch_size!r}); 'auto' changes padding and scores")
+            raise ConfigError(f"batch_size must be a positive integer (got {batch_size!r}); 'auto' changes padding and scores")
         if not tasks:
-            raise ValueError("no tasks given")
+            raise ConfigError("no tasks given")
         self.tasks = list(tasks)
         self.split = split
         self.batch_size = batch_size
@@ -140,7 +140,7 @@ class LmEvalEvaluator:
         for name, task in self._task_dict["tasks"].items():
             if split:
                 if split not in task.dataset:
-                    raise ValueError(f"task {name!r} has no split {split!r} (it has {', '.join(task.dataset)})")
+                    raise ConfigError(f"task {name!r} has no split {split!r} (it has {', '.join(task.dataset)})")
                 # The scored split is read from the config when docs are requested, so this
                 # redirects the task to the chosen split.
                 task.set_config(key="test_split", value=split)

@@ -50,12 +50,13 @@ class ItemStore:
         self.data: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
 
     # ------------------------------------------------------------------ reading and writing
-    def load_logged(self, records: list[dict]) -> None:
+    def load_logged(self, records) -> None:
+        """Loads the per-item files that logged records name (``items_file``, ``items_key``)."""
         for r in records:
-            name = r.get("items_file")
-            if name and r.get("items_key") == self.base_key:
+            name = getattr(r, "items_file", None)
+            if name and r.items_key == self.base_key:
                 with np.load(self.root / name) as z:
-                    self._add(r["recipe_hash"], _unpack(z))
+                    self._add(r.recipe_hash, _unpack(z))
 
     def _add(self, recipe_hash: str, scores: dict[str, dict[str, list]]) -> None:
         per = self.data.setdefault(recipe_hash, {})

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from evomerge.core.errors import ConfigError, ExecutionError
 from evomerge.evaluation.trial import TrialResult
 from evomerge.execution.local import run_job
 from evomerge.search.jobs import BackgroundWork, EvalJob
@@ -186,7 +187,7 @@ class RayExecutor:
         import ray
 
         if sources not in ("path", "object_store"):
-            raise ValueError(f"sources must be 'path' or 'object_store', got {sources!r}")
+            raise ConfigError(f"sources must be 'path' or 'object_store', got {sources!r}")
         self.cfg, self.fitness, self.pipelined = cfg, fitness, pipelined
         self.penalty = cfg.penalty_fitness
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -257,13 +258,13 @@ class RayExecutor:
         if workers != "auto":
             n = int(workers)
             if n < 1:
-                raise ValueError("--workers must be at least 1 for Ray workers (0: in-process)")
+                raise ConfigError("--workers must be at least 1 for Ray workers (0: in-process)")
             return n
         if not self.gpu:
             return 1
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus < 1:
-            raise ValueError(f"device {self.cfg.device!r} needs GPUs, but the Ray cluster has none; use "
+            raise ConfigError(f"device {self.cfg.device!r} needs GPUs, but the Ray cluster has none; use "
                              "device: cpu with --workers N")
         return gpus
 
@@ -275,7 +276,7 @@ class RayExecutor:
         if waiting:
             self.close()
             need = f"{self.threads} CPU" + (" and 1 GPU" if self.gpu else "")
-            raise RuntimeError(f"{len(waiting)} of {len(refs)} Ray workers did not start within "
+            raise ExecutionError(f"{len(waiting)} of {len(refs)} Ray workers did not start within "
                                f"{START_TIMEOUT_S:.0f} s (each needs {need}; the cluster has "
                                f"{ray.cluster_resources()})")
         for ref in done:
@@ -283,7 +284,7 @@ class RayExecutor:
                 refs[ref].info = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 self.close()
-                raise RuntimeError(f"Ray worker {refs[ref].name} failed to start: {_cause(e)}") from None
+                raise ExecutionError(f"Ray worker {refs[ref].name} failed to start: {_cause(e)}") from None
 
     @property
     def worker_pids(self) -> list[int]:
@@ -303,7 +304,7 @@ class RayExecutor:
                     return
                 if not self._inflight:
                     if queue or self._bg_retry:
-                        raise RuntimeError("every Ray worker is gone (each died more than "
+                        raise ExecutionError("every Ray worker is gone (each died more than "
                                            f"{MAX_RESTARTS} times); see the Ray logs")
                     return
                 ref = ray.wait(list(self._inflight), num_returns=1)[0][0]
@@ -400,7 +401,7 @@ class RayExecutor:
         job = EvalJob("test", -1, 0, (), recipe, {}, TEST_KEY)
         for _, res in self.run([job]):
             if res.status != "ok":
-                raise RuntimeError(f"test-split evaluation failed: {res.reason}")
+                raise ExecutionError(f"test-split evaluation failed: {res.reason}")
             return res.metrics
         return {}
 

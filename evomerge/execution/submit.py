@@ -15,6 +15,8 @@ import shlex
 import time
 from pathlib import Path
 
+from evomerge.core.errors import JobError
+
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -31,7 +33,7 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as e:
-        raise ValueError(f"cannot reach Ray's job API at {address} (is it the dashboard address of a running "
+        raise JobError(f"cannot reach Ray's job API at {address} (is it the dashboard address of a running "
                          f"cluster, http://HEAD:8265?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 

@@ -1,0 +1,1 @@
+"""Layer 4: recipes built into models: the merge engine (a recipe -> a Hugging Face folder), the in-place merger (one resident model a search writes each candidate into), the data-flow builder, the writer of staged recipes, the model card."""

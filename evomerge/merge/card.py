@@ -32,9 +32,9 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
     if out["evomerge"] == "not installed":
-        import evomerge
+        from evomerge.core.version import __version__
 
-        out["evomerge"] = evomerge.__version__
+        out["evomerge"] = __version__
     return out
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.core.errors import ModelFolderError
+from evomerge.core.errors import ConfigError, ModelFolderError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,7 +20,7 @@ def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
 def read_model_config(path: str | Path) -> dict:

@@ -26,26 +26,36 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.core.errors import RunFolderError
 from evomerge.core.io import atomic_write_text
+from evomerge.core.version import __version__
 from evomerge.recipes.layer_path import AnyRecipe, load_recipe
 from evomerge.search.pareto import dominates, pareto_front  # noqa: F401  (re-exported)
-from evomerge.core.errors import RunFolderError
+from evomerge.search.records import Record, check_header, from_json, header, to_json
 
 CONFIG, LOG, OPTIMIZER, BEST, BEST_MK, LOCK, SESSIONS, PARETO = (
     "config.yaml", "log.jsonl", "optimizer.json", "best.yaml", "best.mergekit.yaml", "lock", "sessions.jsonl",
     "pareto.json")
 # Fields that differ between runs with the same history (see conventions: "same history").
-VOLATILE_FIELDS = ("time", "worker", "host", "timings")
+VOLATILE_FIELDS = ("time", "worker", "host", "timings", "elapsed_s")
 
 
 def read_records(data: bytes) -> tuple[list[dict], int]:
-    """Complete records of a log's bytes, and the byte length they span."""
+    """Complete JSON lines of a log's bytes (the header included), and the byte length they span."""
     end = data.rfind(b"\n") + 1
     records = []
     for line in data[:end].split(b"\n"):
         if line.strip():
             records.append(json.loads(line))
     return records, end
+
+
+def parse_log(lines: list[dict]) -> list[Record]:
+    """Typed records of a log's JSON lines; the header (format 2 on) is checked and left out."""
+    if lines and lines[0].get("type") == "header":
+        check_header(lines[0])
+        lines = lines[1:]
+    return [from_json(d) for d in lines]
 
 
 # Records written at fixed points of the loop; between two of them, evaluation records may arrive in
@@ -57,10 +67,10 @@ BARRIER_TYPES = ("generation", "final")
 ORDER_FREE_TYPES = ("rescore", "test")
 
 
-def history(records: list[dict]) -> list[dict]:
-    """Records without their volatile fields, evaluation records in a canonical order between the
-    barriers, background records (ORDER_FREE_TYPES) sorted at the end: equal for runs with the
-    same history."""
+def history(records: list) -> list[dict]:
+    """Records (typed, or their JSON) without their volatile fields, evaluation records in a
+    canonical order between the barriers, background records (ORDER_FREE_TYPES) sorted at the end:
+    equal for runs with the same history."""
     out, block, free = [], [], []
 
     def flush():
@@ -69,7 +79,7 @@ def history(records: list[dict]) -> list[dict]:
         block.clear()
 
     for r in records:
-        r = {k: v for k, v in r.items() if k not in VOLATILE_FIELDS}
+        r = {k: v for k, v in (r if isinstance(r, dict) else to_json(r)).items() if k not in VOLATILE_FIELDS}
         if r["type"] in ORDER_FREE_TYPES:
             free.append(r)
         elif r["type"] in BARRIER_TYPES:
@@ -141,22 +151,27 @@ class RunFolder:
     def config_dict(self) -> dict:
         return yaml.safe_load(self.config_text())
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[Record]:
+        """The log's complete records, typed (search.records), in log order."""
         p = self.path / LOG
-        return read_records(p.read_bytes())[0] if p.is_file() else []
+        return parse_log(read_records(p.read_bytes())[0]) if p.is_file() else []
 
-    def append(self, record: dict) -> None:
-        """Appends one record and fsyncs it; the first call cuts off a torn tail."""
+    def append(self, record: Record) -> None:
+        """Appends one record and fsyncs it; the first call cuts off a torn tail, and writes the
+        format header into a new log. A record with a non-finite number is refused (JSON has none)."""
         if self._lock_fd is None:
             raise RuntimeError("append without holding the run folder's lock")
         if self._log is None:
             p = self.path / LOG
+            end = 0
             if p.is_file():
                 _, end = read_records(p.read_bytes())
                 with open(p, "r+b") as f:
                     f.truncate(end)
             self._log = open(p, "ab")
-        self._log.write(json.dumps(record, allow_nan=False).encode() + b"\n")
+            if end == 0:
+                self._log.write(json.dumps(header(__version__)).encode() + b"\n")
+        self._log.write(json.dumps(to_json(record), allow_nan=False).encode() + b"\n")
         self._log.flush()
         os.fsync(self._log.fileno())
 

@@ -13,21 +13,23 @@ import os
 import shutil
 from pathlib import Path
 
-from evomerge.search.config import SearchConfig
-from evomerge.runs.export import describe, recipe_from_run
+from evomerge.core.errors import UsageError
 from evomerge.core.io import atomic_write_text, fsync_dir
+from evomerge.runs.export import describe, recipe_from_run
 from evomerge.runs.folder import RunFolder
+from evomerge.search.config import SearchConfig
+from evomerge.search.records import EvalRecord
 
 
-def _card_section(run_dir: Path, rank: int, record: dict, cfg: SearchConfig, test: dict, dtype: str) -> str:
+def _card_section(run_dir: Path, rank: int, record: EvalRecord, cfg: SearchConfig, test: dict, dtype: str) -> str:
     lines = ["", "## Search", "",
              f"Found by `evomerge search` in `{run_dir}` (rank {rank}: {describe(record)}).", "",
              "| task | metric | weight | search split | search score |", "|---|---|---|---|---|"]
     for t in cfg.tasks:
-        v = record["metrics"].get(t.name, {}).get(t.metric)
+        v = record.metrics.get(t.name, {}).get(t.metric)
         lines.append(f"| {t.name} | {t.metric} | {t.weight:g} | {t.split or 'default'} | "
                      f"{'-' if v is None else f'{v:.4f}'} |")
-    lines += ["", f"Fitness (weighted sum): {record['fitness']:.4f}.", ""]
+    lines += ["", f"Fitness (weighted sum): {record.fitness:.4f}.", ""]
     if test:
         lines += [f"### Test split ({dtype}, batch size {cfg.batch_size})", "", "| task | metrics |", "|---|---|"]
         lines += [f"| {task} | {', '.join(f'{k} {v:.4f}' for k, v in m.items())} |" for task, m in test.items()]
@@ -43,7 +45,7 @@ def materialize(run_dir: str | Path, out: str | Path, *, rank: int = 1, dtype: s
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+        raise UsageError(f"{out} exists; pass --force to replace it")
     recipe, record = recipe_from_run(run_dir, rank)
     cfg = SearchConfig.from_dict(RunFolder.open(run_dir).config_dict())
     dtype = dtype or getattr(recipe, "dtype", None) or cfg.dtype

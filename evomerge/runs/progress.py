@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from evomerge.search.records import EvalRecord
+
 
 class Display:
     def __init__(self, quiet: bool, tasks: list[str]):
@@ -18,60 +20,60 @@ class Display:
         self.n_new = 0  # candidates evaluated in this session (for the time estimate)
         self.evaluations = 0
         self.gens_done = 0
-        self.best: dict | None = None
-        self.ref: dict | None = None
+        self.best: EvalRecord | None = None
+        self.ref: EvalRecord | None = None
         self.max_generations = 0
         self.popsize = 0
 
     def message(self, text: str) -> None:
         self.console.print(text, highlight=False)
 
-    def start(self, max_generations, popsize: int, records: list[dict]) -> None:
+    def start(self, max_generations, popsize: int, records: list) -> None:
         self.max_generations, self.popsize = max_generations, popsize
-        cands = [r for r in records if r["type"] == "candidate"]
-        self.evaluations = sum(1 for r in cands if not r.get("stage"))
-        last = [r for r in cands if _last_stage(r)]
-        self.best = max(last, key=lambda r: r["fitness"]) if last else None
-        self.gens_done = sum(1 for r in records if r["type"] == "generation")
+        cands = [r for r in records if r.type == "candidate"]
+        self.evaluations = sum(1 for r in cands if not r.stage)
+        last = [r for r in cands if r.last_stage]
+        self.best = max(last, key=lambda r: r.fitness) if last else None
+        self.gens_done = sum(1 for r in records if r.type == "generation")
         if self.evaluations:
             self.message(f"resuming: {self.evaluations} evaluations and {self.gens_done} generations in the log")
         if not self.quiet and self.console.is_terminal:
             self.live = Live(self._panel(), console=self.console, refresh_per_second=4)
             self.live.start()
 
-    def reference(self, rec: dict) -> None:
+    def reference(self, rec) -> None:
         self.ref = rec
-        self.message(f"starting point: fitness {rec['fitness']:.4f} on the full dev split")
+        self.message(f"starting point: fitness {rec.fitness:.4f} on the full dev split")
 
-    def candidate(self, rec: dict) -> None:
-        if rec["type"] != "candidate":
+    def candidate(self, rec) -> None:
+        if rec.type != "candidate":
             return
-        if not rec.get("stage"):  # racing: a candidate counts once, at its first stage
+        if not rec.stage:  # racing: a candidate counts once, at its first stage
             self.evaluations += 1
             self.n_new += 1
-        if _last_stage(rec) and (self.best is None or rec["fitness"] > self.best["fitness"]):
+        if rec.last_stage and (self.best is None or rec.fitness > self.best.fitness):
             self.best = rec
-        if rec["status"] != "ok":
-            self.message(f"candidate g{rec['generation']}/{rec['index']} failed: {rec['reason']}")
+        if not rec.ok:
+            self.message(f"candidate g{rec.generation}/{rec.index} failed: {rec.reason}")
         if self.live:
             self.live.update(self._panel())
 
-    def generation(self, rec: dict, best: dict) -> None:
-        self.gens_done = rec["generation"] + 1
+    def generation(self, rec, best) -> None:
+        self.gens_done = rec.generation + 1
         if self.live:
             self.live.update(self._panel())
         else:
-            self.message(f"generation {rec['generation']}: evaluations {rec['evaluations']}, median "
-                         f"{rec['median']:.4f}, max {rec['max']:.4f}, best {best['fitness']:.4f} "
+            self.message(f"generation {rec.generation}: evaluations {rec.evaluations}, median "
+                         f"{rec.median:.4f}, max {rec.max:.4f}, best {best.fitness:.4f} "
                          f"{self._per_task(best)}{self._timing()}")
 
-    def final(self, rec: dict) -> None:
+    def final(self, rec) -> None:
         self.close()
-        self.message(f"winner (full dev split): fitness {rec['fitness']:.4f} {self._per_task(rec)}, from "
-                     f"generation {rec['generation']}, candidate {rec['index']}")
+        self.message(f"winner (full dev split): fitness {rec.fitness:.4f} {self._per_task(rec)}, from "
+                     f"generation {rec.generation}, candidate {rec.index}")
 
-    def _per_task(self, rec: dict) -> str:
-        parts = [f"{t} {next(iter(m.values())):.3f}" for t, m in rec.get("metrics", {}).items() if m]
+    def _per_task(self, rec) -> str:
+        parts = [f"{t} {next(iter(m.values())):.3f}" for t, m in rec.metrics.items() if m]
         return f"({', '.join(parts)})" if parts else ""
 
     def _timing(self) -> str:
@@ -87,9 +89,9 @@ class Display:
         t.add_row("generation", f"{self.gens_done} / {self.max_generations}")
         t.add_row("evaluations", str(self.evaluations))
         if self.ref:
-            t.add_row("starting point", f"{self.ref['fitness']:.4f}")
+            t.add_row("starting point", f"{self.ref.fitness:.4f}")
         if self.best:
-            t.add_row("best fitness", f"{self.best['fitness']:.4f} {self._per_task(self.best)}")
+            t.add_row("best fitness", f"{self.best.fitness:.4f} {self._per_task(self.best)}")
         t.add_row("time", self._timing().lstrip("; ") or "-")
         return t
 
@@ -98,7 +100,3 @@ class Display:
             self.live.stop()
             self.live = None
 
-
-def _last_stage(rec: dict) -> bool:
-    """An evaluation on a candidate's full search subset (racing: the last stage's)."""
-    return rec.get("stage") is None or rec["stage"] == (rec.get("stages") or 1) - 1

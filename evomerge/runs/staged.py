@@ -30,26 +30,25 @@ finished stages are read back, not run again.
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from evomerge.core.errors import ConfigError
-from evomerge.search.staged import StagedConfig, stage_ref, staged_file, validate_stages  # noqa: F401
-from evomerge.recipes.layer_path import PathRecipe, load_recipe, recipe_from_dict, rename_models
 from evomerge.core.io import atomic_write_text
+from evomerge.recipes.layer_path import PathRecipe, load_recipe, recipe_from_dict, rename_models
 from evomerge.runs.folder import BEST, BEST_MK, CONFIG, RunFolder
+from evomerge.search.staged import StagedConfig, stage_ref, staged_file, validate_stages  # noqa: F401
+
 
 def run_staged(cfg: StagedConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
                quiet: bool = False, config_path: str | None = None, **executor_kw):
     """``evomerge search`` on a staged config; returns the last stage's outcome (its run_dir is
     the staged folder, where best.yaml holds every stage the final model needs)."""
+    from evomerge.merge.writer import write_model
     from evomerge.runs.start import run_search
     from evomerge.search.config import default_run_dir
-    from evomerge.merge.writer import write_model
 
     if resume:
         if run_dir is None:
@@ -57,7 +56,13 @@ def run_staged(cfg: StagedConfig | None, *, run_dir: str | Path | None = None, r
         top = RunFolder.open(run_dir)
         frozen = StagedConfig.from_dict(yaml.safe_load(top.config_text()), str(Path(run_dir) / CONFIG))
         top.acquire()
-        if cfg is not None:  # each stage's run_search refuses changes other than the budget
+        if cfg is not None:  # only the budget (and threads) may change: checked before it is written
+            try:
+                validate_stages(cfg)
+                _check_changes(frozen, cfg)
+            except BaseException:
+                top.close()
+                raise
             top.write_text(CONFIG, cfg.to_yaml())
         cfg = cfg or frozen
     else:
@@ -85,10 +90,24 @@ def run_staged(cfg: StagedConfig | None, *, run_dir: str | Path | None = None, r
         top.close()
 
 
+def _check_changes(frozen: StagedConfig, cfg: StagedConfig) -> None:
+    """A staged resume may change each stage's budget (and threads), nothing else."""
+    from evomerge.runs.start import _diff_keys
+
+    if frozen.names != cfg.names:
+        raise ConfigError(f"the config's stages {cfg.names} differ from the run's frozen stages {frozen.names}; "
+                          "only the budget (and threads) may change on resume")
+    for i, name in enumerate(cfg.names):
+        diff = _diff_keys(frozen.stage_config(i, None).search_key(), cfg.stage_config(i, None).search_key())
+        if diff:
+            raise ConfigError(f"stage {name}: the config differs from the run's frozen config in "
+                              f"{', '.join(diff)}; only the budget (and threads) may change on resume")
+
+
 def _write_best(cfg: StagedConfig, root: Path) -> None:
     """The last stage's recipe with every stage it needs, as named documents."""
     from evomerge.recipes.fold import passthrough_recipe
-    from evomerge.runs.export import mergekit_yaml
+    from evomerge.recipes.mergekit import mergekit_yaml
 
     needed: list[int] = []
 

@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from evomerge.search.config import SearchConfig
 from evomerge.evaluation.report import Table
 from evomerge.runs.folder import RunFolder, RunFolderError
+from evomerge.search.config import SearchConfig
+from evomerge.search.records import EvalRecord, FinalRecord
 
 PLOT = "fitness.png"
 PARETO_PLOT = "pareto.png"
@@ -22,7 +23,7 @@ PARETO_PLOT = "pareto.png"
 class RunStatus:
     run_dir: Path
     config: SearchConfig
-    records: list[dict]
+    records: list
     generations: int
     max_generations: float
     popsize: int | None
@@ -30,15 +31,21 @@ class RunStatus:
     failed: int
     cached: int
     busy_s: float
-    reference: dict | None
-    best: dict | None  # best candidate by search (subset) fitness
-    final: dict | None  # the winner after re-scoring, when the search finished
+    reference: EvalRecord | None
+    best: EvalRecord | None  # best candidate by search (subset) fitness
+    final: FinalRecord | None  # the winner after re-scoring, when the search finished
     item_evaluations: int = 0  # items scored (every task, every evaluation; reused items not counted)
     stage_evaluations: int = 0  # racing: evaluations of candidates at stages after the first
 
     @property
     def finished(self) -> bool:
-        return self.final is not None and self.final["generations"] >= self.max_generations
+        if self.final is None:
+            return False
+        if self.final.generations >= self.max_generations:
+            return True
+        limit = self.config.budget.time_limit_s  # a time budget spent (or, in an old log, any final)
+        spent = self.final.elapsed_s
+        return limit is not None and (spent is None or spent >= limit)
 
     @property
     def seconds_per_candidate(self) -> float | None:
@@ -57,35 +64,35 @@ def read_status(run_dir: str | Path) -> RunStatus:
     run = RunFolder.open(run_dir)
     cfg = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))
     records = run.records()
-    stage_recs = [r for r in records if r["type"] == "candidate"]
-    cands = [r for r in stage_recs if not r.get("stage")]  # one per candidate (racing: its first stage)
-    last = [r for r in stage_recs if r.get("stage") is None or r["stage"] == (r.get("stages") or 1) - 1]
-    gens = [r for r in records if r["type"] == "generation"]
-    popsize = gens[0]["popsize"] if gens and "popsize" in gens[0] else cfg.optimizer.popsize
+    stage_recs = [r for r in records if r.type == "candidate"]
+    cands = [r for r in stage_recs if not r.stage]  # one per candidate (racing: its first stage)
+    last = [r for r in stage_recs if r.last_stage]
+    gens = [r for r in records if r.type == "generation"]
+    popsize = gens[0].popsize if gens else cfg.optimizer.popsize
     b = cfg.budget
     limits = [math.inf]
     if b.generations:
         limits.append(b.generations)
     if b.evaluations and popsize:
         limits.append(math.ceil(b.evaluations / popsize))
-    evaluated = [r for r in records if r["type"] in ("reference", "candidate", "rescore")]
-    busy = sum(r["timings"]["merge_s"] + r["timings"]["eval_s"] for r in evaluated if "timings" in r)
+    evaluated = [r for r in records if r.type in ("reference", "candidate", "rescore")]
+    busy = sum(r.timings.get("merge_s", 0) + r.timings.get("eval_s", 0) for r in evaluated)
     return RunStatus(
         run_dir=Path(run_dir), config=cfg, records=records, generations=len(gens), max_generations=min(limits),
-        popsize=popsize, evaluations=len(cands), failed=sum(r["status"] != "ok" for r in cands),
-        cached=sum(bool(r.get("cached_from")) for r in cands), busy_s=busy,
-        reference=next((r for r in records if r["type"] == "reference"), None),
-        best=max(last, key=lambda r: r["fitness"]) if last else None,
-        final=next((r for r in reversed(records) if r["type"] == "final"), None),
-        item_evaluations=sum(sum((r.get("items_scored") or {}).values()) for r in evaluated),
+        popsize=popsize, evaluations=len(cands), failed=sum(not r.ok for r in cands),
+        cached=sum(bool(r.cached_from) for r in cands), busy_s=busy,
+        reference=next((r for r in records if r.type == "reference"), None),
+        best=max(last, key=lambda r: r.fitness) if last else None,
+        final=next((r for r in reversed(records) if r.type == "final"), None),
+        item_evaluations=sum(sum((r.items_scored or {}).values()) for r in evaluated),
         stage_evaluations=len(stage_recs) - len(cands),
     )
 
 
-def _metric_line(rec: dict, cfg: SearchConfig) -> str:
+def _metric_line(rec, cfg: SearchConfig) -> str:
     parts = []
     for t in cfg.tasks:
-        v = rec.get("metrics", {}).get(t.name, {}).get(t.metric)
+        v = rec.metrics.get(t.name, {}).get(t.metric)
         if v is not None:
             parts.append(f"{t.name} {t.metric} {v:.3f}")
     return ", ".join(parts)
@@ -104,16 +111,16 @@ def status_table(st: RunStatus) -> Table:
     if st.item_evaluations:
         rows.append(["item evaluations", f"{st.item_evaluations} (items scored, all tasks; reused items not counted)"])
     if st.reference:
-        rows.append(["starting point", f"{st.reference['fitness']:.4f} (full dev)"])
+        rows.append(["starting point", f"{st.reference.fitness:.4f} (full dev)"])
     if st.best and st.config.optimizer.name == "nsga2":
         front = read_pareto(st.run_dir)
         if front is not None:
             rows.append(["Pareto front", f"{len(front['front'])} non-dominated candidates (pareto.json; "
                          "pick one with evomerge export --weights)"])
     if st.best:
-        rows.append(["best (search subsets)", f"{st.best['fitness']:.4f}: {_metric_line(st.best, cfg)}"])
+        rows.append(["best (search subsets)", f"{st.best.fitness:.4f}: {_metric_line(st.best, cfg)}"])
     if st.final:
-        rows.append(["winner (full dev)", f"{st.final['fitness']:.4f}: {_metric_line(st.final, cfg)}"])
+        rows.append(["winner (full dev)", f"{st.final.fitness:.4f}: {_metric_line(st.final, cfg)}"])
     per = st.seconds_per_candidate
     if per:
         rows.append(["speed", f"{60 / per:.1f} evaluations per minute ({per:.2f} s each)"])
@@ -126,7 +133,7 @@ def status_table(st: RunStatus) -> Table:
 def plot_fitness(st: RunStatus, path: Path | None = None) -> Path | None:
     """Best-so-far and population median per generation, and one line per task (best-so-far
     candidate's metric). Returns the PNG's path, or None when no generation is complete."""
-    gens = [r for r in st.records if r["type"] == "generation"]
+    gens = [r for r in st.records if r.type == "generation"]
     if not gens:
         return None
     import matplotlib
@@ -135,17 +142,17 @@ def plot_fitness(st: RunStatus, path: Path | None = None) -> Path | None:
     import matplotlib.pyplot as plt
 
 
-    cands = {(r["generation"], r["index"]): r for r in st.records if r["type"] == "candidate"}
-    xs = [g["generation"] for g in gens]
-    best_recs = [cands[(g["best"]["generation"], g["best"]["index"])] for g in gens]
+    cands = {(r.generation, r.index): r for r in st.records if r.type == "candidate"}
+    xs = [g.generation for g in gens]
+    best_recs = [cands[(g.best.generation, g.best.index)] for g in gens]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(xs, [g["best"]["fitness"] for g in gens], "-o", lw=2, ms=3, label="best so far (fitness)")
-    ax.plot(xs, [g["median"] for g in gens], "--", lw=1.5, label="population median")
+    ax.plot(xs, [g.best.fitness for g in gens], "-o", lw=2, ms=3, label="best so far (fitness)")
+    ax.plot(xs, [g.median for g in gens], "--", lw=1.5, label="population median")
     for t in st.config.tasks:
-        ys = [r["metrics"].get(t.name, {}).get(t.metric, float("nan")) for r in best_recs]
+        ys = [r.metric(t.name, t.metric) for r in best_recs]
         ax.plot(xs, ys, lw=1, alpha=0.8, label=f"{t.name} {t.metric} (best so far)")
     if st.reference:
-        ax.axhline(st.reference["fitness"], color="grey", lw=0.8, ls=":", label="starting point")
+        ax.axhline(st.reference.fitness, color="grey", lw=0.8, ls=":", label="starting point")
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness / metric")
     ax.set_title(f"{st.run_dir.name}: {st.evaluations} evaluations")
@@ -183,8 +190,8 @@ def plot_pareto(st: RunStatus, path: Path | None = None) -> Path | None:
 
     tasks = st.config.tasks
     names = front["objectives"]
-    pts = [[r["metrics"].get(t.name, {}).get(t.metric, float("nan")) for t in tasks]
-           for r in st.records if r["type"] == "candidate" and r["status"] == "ok"]
+    pts = [[r.metric(t.name, t.metric) for t in tasks]
+           for r in st.records if r.type == "candidate" and r.ok]
     fpts = sorted(m["objectives"] for m in front["front"])
     pairs = list(itertools.combinations(range(len(names)), 2))
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), dpi=110, squeeze=False)

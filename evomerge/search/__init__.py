@@ -1,0 +1,1 @@
+"""Layer 6: the search itself, with no file layout and no executor of its own: the config schema, the search spaces and genome codecs, the optimizers, the ask/tell loop, racing, background work, one ranking, the typed run records, and the interfaces (jobs, journal) that the layers above implement."""

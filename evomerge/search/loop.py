@@ -1,13 +1,16 @@
-"""The search loop: ask -> trial -> tell -> checkpoint, with exact resume.
+"""The search loop: ask -> evaluate -> tell -> checkpoint, with exact resume.
 
 Resume replays the run log: a fresh optimizer (same seed) is asked for each logged generation and
 must return the logged genomes bit for bit (else the code, config or platform changed and the run
 cannot continue exactly); it is then told the logged fitness. Candidates already in the log are
 never evaluated again, so a search killed at any moment loses at most the candidate in flight.
 
-With ``racing`` a generation is several batches (stages, evomerge/racing.py); each stage's records
+With ``racing`` a generation is several batches (stages, search/racing.py); each stage's records
 carry ``stage`` and the promotion is a function of the logged scores, so the replay re-runs the
-race from the log. Evaluations reuse per-item scores already in the run folder (evomerge/items.py).
+race from the log. Evaluations reuse per-item scores already in the run folder (evaluation/items.py).
+
+The loop writes through a `RunJournal` (runs.RunFolder) and reports to a `SearchObserver`
+(runs.progress.Display); executors (search/jobs.py) build and score the jobs it hands out.
 """
 
 from __future__ import annotations
@@ -27,14 +30,22 @@ from evomerge.models.folders import load_tokenizer
 from evomerge.models.sources import load_source
 from evomerge.recipes.layer_path import AnyRecipe
 from evomerge.recipes.mergekit import mergekit_yaml
-from evomerge.search import racing
-from evomerge.search.background import SearchBackground, pick_winner, top_candidates
+from evomerge.search import racing, ranking
+from evomerge.search.background import SearchBackground
 from evomerge.search.codecs.parameter import make_codec
 from evomerge.search.config import SearchConfig
 from evomerge.search.jobs import EvalJob, SearchStopped
 from evomerge.search.journal import RunJournal, SearchObserver
 from evomerge.search.optimizers import make_optimizer
 from evomerge.search.pareto import pareto_front
+from evomerge.search.records import (
+    CandidateRef,
+    EvalRecord,
+    FinalRecord,
+    GenerationRecord,
+    RaceSummary,
+    TestRecord,
+)
 
 
 @dataclass
@@ -52,8 +63,15 @@ def _genome_list(x: np.ndarray) -> list[float]:
     return [float(v) for v in x]
 
 
+def _timings(res: TrialResult) -> dict[str, float]:
+    return {"merge_s": round(res.merge_s, 4), "eval_s": round(res.eval_s, 4)}
+
+
 class Search:
-    """One search in one run folder. ``run()`` returns when the budget is spent."""
+    """One search in one run journal. ``run_loop()`` returns when the budget is spent.
+
+    Background work (background.py) uses the public methods ``job``, ``cached``, ``log``,
+    ``log_test``, ``check_stop`` and ``top_candidates``."""
 
     def __init__(self, cfg: SearchConfig, run: RunJournal, display: SearchObserver, executor_factory):
         self.cfg, self.run, self.display = cfg, run, display
@@ -61,14 +79,13 @@ class Search:
         self.stop_requested = False
 
     # ------------------------------------------------------------------ set-up
-    def _setup(self, evaluators) -> None:
+    def _setup(self, evaluators, records: list) -> None:
         cfg = self.cfg
-        space = cfg.space
         self.codec = make_codec(cfg, load_source)  # the space's kind picks it: parameter space or data flow
         o = cfg.optimizer
         self.multi = o.name == "nsga2"
         kw = {"n_objectives": len(cfg.tasks)} if self.multi else {}
-        self.optimizer = make_optimizer(o.name, self.codec.x0, o.sigma0 or space.sigma0, o.popsize, cfg.seed,
+        self.optimizer = make_optimizer(o.name, self.codec.x0, o.sigma0 or cfg.space.sigma0, o.popsize, cfg.seed,
                                         sampler=o.sampler, sampler_args=o.sampler_args, **kw)
         self.fitness = FitnessFunction(cfg.tasks, evaluators, cfg.seed)
         self.items = ItemStore(self.run.path, self.fitness, self._extra())
@@ -79,26 +96,33 @@ class Search:
         if b.evaluations:
             gens.append(math.ceil(b.evaluations / self.optimizer.popsize))
         self.max_generations = min(gens)
-        self.deadline = time.monotonic() + b.time_limit_s if b.time_limit_s else math.inf
+        # A time budget counts the time of earlier sessions (up to their last generation or final).
+        logged = [r.elapsed_s for r in records if r.type in ("generation", "final") and r.elapsed_s is not None]
+        self.spent_before = max(logged, default=0.0)
+        self.session_start = time.monotonic()
+        self.time_limit = b.time_limit_s or math.inf
 
-    def _budget_left(self, generation: int) -> bool:
-        return generation < self.max_generations and time.monotonic() < self.deadline
+    def elapsed(self) -> float:
+        """Search time so far, this session and the earlier ones."""
+        return self.spent_before + time.monotonic() - self.session_start
+
+    def _time_left(self) -> bool:
+        return self.elapsed() < self.time_limit
 
     # ------------------------------------------------------------------ the loop
     def run_loop(self, evaluators) -> SearchOutcome:
-        self._setup(evaluators)
         records = self.run.records()
+        self._setup(evaluators, records)
         # (generation, index, stage) -> logged evaluation of a candidate (stage 0 without racing)
-        logged = {(r["generation"], r["index"], r.get("stage") or 0): r for r in records if r["type"] == "candidate"}
-        candidates: dict[tuple[int, int], dict] = {}  # (generation, index) -> its last evaluation
-        self.told: dict[tuple[int, int], float] = {}  # (generation, index) -> the value told to the optimizer
-        done_gens = {r["generation"]: r for r in records if r["type"] == "generation"}
-        finals = [r for r in records if r["type"] == "final"]
-        reference = next((r for r in records if r["type"] == "reference"), None)
-        if finals and finals[-1]["generations"] >= self.max_generations:
-            self.display.message(f"this run is finished: {finals[-1]['generations']} generations, "
-                                 f"best fitness {finals[-1]['fitness']:.4f}; raise the budget to continue it")
-            return self._outcome(records, finished=True)
+        logged = {(r.generation, r.index, r.depth): r for r in records if r.type == "candidate"}
+        candidates: dict[tuple[int, int], EvalRecord] = {}  # (generation, index) -> its last evaluation
+        done_gens = {r.generation for r in records if r.type == "generation"}
+        final = next((r for r in reversed(records) if r.type == "final"), None)
+        reference = next((r for r in records if r.type == "reference"), None)
+        if final is not None and (final.generations >= self.max_generations or not self._time_left()):
+            self.display.message(f"this run is finished: {final.generations} generations, "
+                                 f"best fitness {final.fitness:.4f}; raise the budget to continue it")
+            return self._outcome(records)
 
         tok = load_tokenizer(self.cfg.base_model or self.cfg.models[0], trust_remote_code=self.cfg.trust_remote_code)
         self.display.message("loading models...")
@@ -107,13 +131,13 @@ class Search:
             self.executor.should_stop = lambda: self.stop_requested
         self.display.start(self.max_generations, self.optimizer.popsize, records)
         # (recipe hash, settings key) -> the record that scored it: a repeated recipe is not re-evaluated
-        self.cache = {(r["recipe_hash"], r.get("eval_key")): r for r in records
-                      if r["type"] in ("reference", "candidate", "rescore") and r["status"] == "ok"}
+        self.cache = {(r.recipe_hash, r.eval_key): r for r in records
+                      if r.type in ("reference", "candidate", "rescore") and r.ok}
         self.items.load_logged(records)
         # items scored by the search's own evaluations; re-scoring (background work, which may run at any
         # time) is in the log's records but not in this count, so generation records do not depend on timing
-        self.items_spent = sum(sum((r.get("items_scored") or {}).values()) for r in records
-                               if r["type"] in ("reference", "candidate"))
+        self.items_spent = sum(sum((r.items_scored or {}).values()) for r in records
+                               if r.type in ("reference", "candidate"))
         # Background work (top-k re-scoring, test scores of a new best): in idle slots of a
         # pipelined executor, else at the end of each generation (see background.py).
         self.background = SearchBackground(self, records) if self.cfg.background else None
@@ -121,37 +145,41 @@ class Search:
         self._bg_run = self.background if pipelined else None
         try:
             if reference is None:
-                reference = self._evaluate([self._job("reference", -1, 0, self.codec.x0, None)])[(-1, 0)]
+                reference = self._evaluate([self.job("reference", -1, 0, self.codec.x0, None)])[(-1, 0)]
             self.display.reference(reference)
 
             g = 0
-            while self._budget_left(g):
+            # Logged generations are replayed whatever the time left; new ones need budget (a time
+            # budget runs at least one generation, so that there is a winner).
+            while g < self.max_generations and (g in done_gens or g == 0 or self._time_left()):
                 genomes = self.optimizer.ask()
                 for (lg, i, _), rec in logged.items():
-                    if lg == g and (i >= len(genomes) or _genome_list(genomes[i]) != rec["genome"]):
+                    if lg == g and (i >= len(genomes) or _genome_list(genomes[i]) != rec.genome):
                         raise RunFolderError(
                             f"resume: the optimizer does not reproduce the logged genome of generation {g}, "
                             f"candidate {i}; the code, the config or the platform changed, so this run "
                             "cannot continue exactly")
                 if self.cfg.racing is not None:
                     gen, race = self._race(g, genomes, logged)
+                    told = race.told
                 else:
-                    todo = [self._job("candidate", g, i, x, g) for i, x in enumerate(genomes)
+                    todo = [self.job("candidate", g, i, x, g) for i, x in enumerate(genomes)
                             if (g, i, 0) not in logged]
                     gen = {i: logged[(g, i, 0)] for i in range(len(genomes)) if (g, i, 0) in logged}
                     gen.update({i: r for (_, i), r in self._evaluate(todo).items()})
                     race = None
+                    told = [gen[i].fitness for i in range(len(genomes))]
                 gen_records = [gen[i] for i in range(len(genomes))]
-                told = race["told"] if race else [r["fitness"] for r in gen_records]
                 for i, r in enumerate(gen_records):
                     candidates[(g, i)] = r
-                    self.told[(g, i)] = told[i]
                 if self.multi:
                     self.optimizer.tell(genomes, self._objectives(gen_records))
                 else:
                     self.optimizer.tell(genomes, np.array(told, dtype=np.float64))
                 if g not in done_gens:
-                    self._end_generation(g, gen_records, candidates, race)
+                    self._end_generation(g, gen_records, told, candidates, race)
+                elif g + 1 not in done_gens:  # the last logged generation: its checkpoint may be stale
+                    self._checkpoint(candidates)
                 if self.background is not None:
                     self.background.plan(g, candidates)
                     if not pipelined:
@@ -162,62 +190,64 @@ class Search:
             self._rescore(candidates, g)
         finally:
             self.executor.close()
-        return self._outcome(self.run.records(), finished=True)
+        return self._outcome(self.run.records())
 
     def _extra(self) -> dict:
         cfg = self.cfg
         return {"dtype": cfg.dtype, "batch_size": cfg.batch_size, "device": cfg.device}
 
-    def _job(self, kind: str, generation: int, index: int, genome: np.ndarray,
-             subset_generation: int | None, samples=None, stage: int | None = None) -> EvalJob:
+    def job(self, kind: str, generation: int, index: int, genome, subset_generation: int | None,
+            samples=None, stage: int | None = None) -> EvalJob:
+        """The job that scores ``genome``: on generation ``subset_generation``'s item subset, or
+        on ``samples``, or (both None) on the whole dev split."""
         if samples is None:
             samples = self.fitness.samples(subset_generation)
         key = self.fitness.settings_key(samples, self._extra())
+        genome = np.asarray(genome, dtype=np.float64)
         return EvalJob(kind, generation, index, tuple(_genome_list(genome)), self.codec.to_recipe(genome),
                        samples, key, stage)
 
-    def _race(self, g: int, genomes: np.ndarray, logged: dict) -> tuple[dict[int, dict], dict]:
+    def _race(self, g: int, genomes: np.ndarray, logged: dict) -> tuple[dict[int, EvalRecord], RaceSummary]:
         """One generation of racing: stage by stage, each a batch of its own; returns each candidate's
         last evaluation and the race's summary (told values, stage reached, items spent)."""
         rc = self.cfg.racing
         n_stages = len(rc.stages)
         alive = list(range(len(genomes)))
-        last: dict[int, dict] = {}
+        last: dict[int, EvalRecord] = {}
         reached: dict[int, int] = {}
         spent = [0] * len(genomes)
         for k, n in enumerate(rc.stages):
             samples = self.fitness.stage_samples(g, n)
-            todo = [self._job("candidate", g, i, genomes[i], None, samples=samples, stage=k)
+            todo = [self.job("candidate", g, i, genomes[i], None, samples=samples, stage=k)
                     for i in alive if (g, i, k) not in logged]
             results = {i: logged[(g, i, k)] for i in alive if (g, i, k) in logged}
             results.update({i: r for (_, i), r in self._evaluate(todo).items()})
             for i in alive:
                 last[i], reached[i] = results[i], k
-                spent[i] += sum((results[i].get("items_scored") or {}).values())
+                spent[i] += sum((results[i].items_scored or {}).values())
             if k < n_stages - 1:
-                alive = racing.promote({i: (results[i]["status"], results[i]["fitness"]) for i in alive}, rc.keep)
-        told = racing.told_values(reached, {i: r["fitness"] for i, r in last.items()}, n_stages)
-        race = {"told": [told[i] for i in range(len(genomes))], "stage": [reached[i] for i in range(len(genomes))],
-                "items": spent}
-        return last, race
+                alive = racing.promote({i: (results[i].status, results[i].fitness) for i in alive}, rc.keep)
+        told = racing.told_values(reached, {i: r.fitness for i, r in last.items()}, n_stages)
+        n = len(genomes)
+        return last, RaceSummary([told[i] for i in range(n)], [reached[i] for i in range(n)], spent)
 
-    def _objectives(self, gen_records: list[dict]) -> np.ndarray:
+    def _objectives(self, gen_records: list[EvalRecord]) -> np.ndarray:
         """One maximized objective per task (its metric); failed candidates get the penalty."""
         pen = self.cfg.penalty_fitness
-        return np.array([[r["metrics"].get(t.name, {}).get(t.metric, pen) if r["status"] == "ok" else pen
-                          for t in self.cfg.tasks] for r in gen_records], dtype=np.float64)
+        return np.array([[r.metric(t.name, t.metric, pen) if r.ok else pen for t in self.cfg.tasks]
+                         for r in gen_records], dtype=np.float64)
 
-    def _evaluate(self, jobs: list[EvalJob]) -> dict[tuple[int, int], dict]:
+    def _evaluate(self, jobs: list[EvalJob]) -> dict[tuple[int, int], EvalRecord]:
         """Scores a batch of jobs (a recipe already scored with the same settings is served from the
         cache, also within the batch) and appends each record to the log as its result arrives.
         Items of a recipe already scored (an earlier stage, another generation's subset) are not
-        scored again: the executor gets only the missing items, and the driver combines."""
+        scored again: the executor gets only the missing items, and the loop combines."""
         out, todo, repeats = {}, {}, []
         for job in jobs:
             ck = (job.recipe.hash(), job.eval_key)
             hit = self.cache.get(ck)
             if hit is not None:
-                out[(job.generation, job.index)] = self._record(job, self._cached(hit), hit)
+                out[(job.generation, job.index)] = self.log(job, self.cached(hit), hit)
             elif ck in todo:
                 repeats.append(job)
             else:
@@ -227,23 +257,23 @@ class Search:
             missing, reused = self.items.plan(job.recipe.hash(), job.samples)
             if reused and all(v is not None and len(v) == 0 for v in missing.values()):
                 res = self.items.combine(job.recipe.hash(), job.samples, None, self.cfg.penalty_fitness)
-                out[(job.generation, job.index)] = self._record(job, res, None, scored={})
+                out[(job.generation, job.index)] = self.log(job, res, None, scored={})
                 continue
             full[(job.generation, job.index)] = job
             send.append(replace(job, samples=missing) if reused else job)
         for sent, res in self._run(send):
             job = full[(sent.generation, sent.index)]
             out[(job.generation, job.index)] = self._finish(job, sent, res)
-            self._check_stop()
+            self.check_stop()
         for job in repeats:  # the same recipe twice in one batch: the second is served from the first
             hit = self.cache.get((job.recipe.hash(), job.eval_key))
             if hit is not None:
-                out[(job.generation, job.index)] = self._record(job, self._cached(hit), hit)
+                out[(job.generation, job.index)] = self.log(job, self.cached(hit), hit)
             else:
                 out[(job.generation, job.index)] = self._finish(job, job, next(self.executor.run([job]))[1])
         return out
 
-    def _finish(self, job: EvalJob, sent: EvalJob, res: TrialResult) -> dict:
+    def _finish(self, job: EvalJob, sent: EvalJob, res: TrialResult) -> EvalRecord:
         """A result on ``sent``'s items (the missing ones of ``job``) made into ``job``'s record."""
         scored = dict(res.items)
         if sent is not job:
@@ -254,7 +284,7 @@ class Search:
             else:
                 combined.item_scores = res.item_scores
                 res = combined
-        return self._record(job, res, None, scored=scored)
+        return self.log(job, res, None, scored=scored)
 
     def _run(self, jobs: list[EvalJob]):
         """The executor's run; background work is offered only to a pipelined executor (so an
@@ -269,32 +299,32 @@ class Search:
             for _ in self.executor.run([], background=self.background):
                 pass
 
-    def _check_stop(self) -> None:
+    def check_stop(self) -> None:
         if self.stop_requested:
             raise SearchStopped()
 
     @staticmethod
-    def _cached(hit: dict) -> TrialResult:
-        return TrialResult(hit["recipe_hash"], hit["fitness"], hit["status"], hit["reason"], hit["metrics"],
-                           hit["items"])
+    def cached(hit: EvalRecord) -> TrialResult:
+        """A logged evaluation as the result of scoring its recipe again."""
+        return TrialResult(hit.recipe_hash, hit.fitness, hit.status, hit.reason, hit.metrics, hit.items)
 
-    def _record(self, job: EvalJob, res: TrialResult, hit: dict | None, scored: dict | None = None) -> dict:
+    def log(self, job: EvalJob, res: TrialResult, hit: EvalRecord | None,
+            scored: dict | None = None) -> EvalRecord:
+        """Logs ``job``'s evaluation (``hit``: the record it was served from) and returns it."""
         items_file = None
         if hit is None and res.status == "ok" and res.item_scores:
             name = f"{job.kind}-g{job.generation}-i{job.index}" + (f"-s{job.stage}" if job.stage is not None else "")
             items_file = self.items.save(name + ".npz", res.recipe_hash, res.item_scores)
         scored = {} if hit is not None else dict(res.items if scored is None else scored)
-        rec = {"type": job.kind, "generation": job.generation, "index": job.index, "genome": list(job.genome),
-               "recipe_hash": res.recipe_hash, "eval_key": job.eval_key, "fitness": res.fitness,
-               "status": res.status, "reason": res.reason, "metrics": res.metrics, "items": res.items,
-               "items_scored": scored, "cached_from": [hit["generation"], hit["index"]] if hit is not None else None,
-               "timings": {"merge_s": round(res.merge_s, 4), "eval_s": round(res.eval_s, 4)},
-               "worker": res.worker, "time": time.time()}
-        if job.stage is not None:
-            rec["stage"] = job.stage
-            rec["stages"] = len(self.cfg.racing.stages) if self.cfg.racing else None
-        if items_file:
-            rec["items_file"], rec["items_key"] = items_file, self.items.base_key
+        racing_on = job.stage is not None
+        rec = EvalRecord(
+            type=job.kind, generation=job.generation, index=job.index, genome=list(job.genome),
+            recipe_hash=res.recipe_hash, eval_key=job.eval_key, fitness=res.fitness, status=res.status,
+            reason=res.reason, metrics=res.metrics, items=res.items, items_scored=scored,
+            cached_from=[hit.generation, hit.index] if hit is not None else None, timings=_timings(res),
+            worker=res.worker, time=time.time(), stage=job.stage,
+            stages=(len(self.cfg.racing.stages) if self.cfg.racing else None) if racing_on else None,
+            items_file=items_file, items_key=self.items.base_key if items_file else None)
         if job.kind in ("reference", "candidate"):
             self.items_spent += sum(scored.values())
         self.run.append(rec)
@@ -303,56 +333,45 @@ class Search:
         self.display.candidate(rec)
         return rec
 
-    def _rank(self, r: dict) -> float:
-        """The value a candidate is ranked by: what the optimizer was told (racing: eliminated
-        candidates below those that went further), else its fitness."""
-        return self.told.get((r["generation"], r["index"]), r["fitness"])
-
-    def _test_record(self, job: EvalJob, res: TrialResult) -> dict:
-        """A background test-split evaluation (for reports only, never for decisions)."""
-        rec = {"type": "test", "generation": job.generation, "index": job.index, "genome": list(job.genome),
-               "recipe_hash": res.recipe_hash, "fitness": res.fitness if math.isfinite(res.fitness) else None,
-               "status": res.status, "reason": res.reason, "metrics": res.metrics,
-               "timings": {"merge_s": round(res.merge_s, 4), "eval_s": round(res.eval_s, 4)},
-               "worker": res.worker, "time": time.time()}
+    def log_test(self, job: EvalJob, res: TrialResult) -> TestRecord:
+        """Logs a background test-split evaluation (for reports only, never for decisions)."""
+        rec = TestRecord(job.generation, job.index, list(job.genome), res.recipe_hash,
+                         res.fitness if math.isfinite(res.fitness) else None, res.status, res.reason,
+                         res.metrics, _timings(res), res.worker, time.time())
         self.run.append(rec)
         return rec
 
-    def top_candidates(self, records) -> list[dict]:
-        """The ``rescore_top_k`` best distinct recipes among candidate records, by the value told
-        (with racing: only candidates that reached its last stage, if any did)."""
-        pool = list(records)
-        if self.cfg.racing is not None:  # the race decided: only candidates that reached its last stage
-            last = [r for r in pool if r.get("stage") == len(self.cfg.racing.stages) - 1]
-            pool = last or pool
-        return top_candidates(pool, self.cfg.rescore_top_k, rank=self._rank)
+    def top_candidates(self, records) -> list[EvalRecord]:
+        """The ``rescore_top_k`` best distinct recipes among candidate records (search.ranking)."""
+        return ranking.top_candidates(records, self.cfg.rescore_top_k)
 
-    def _best(self, candidates: dict) -> dict:
-        return max(candidates.values(), key=lambda r: (self._rank(r), -r["generation"], -r["index"]))
-
-    def _end_generation(self, g: int, gen_records: list[dict], candidates: dict, race: dict | None = None) -> None:
-        best = self._best(candidates)
-        fit = [self._rank(r) for r in gen_records]
-        rec = {"type": "generation", "generation": g, "popsize": len(gen_records), "evaluations": len(candidates),
-               "best": {"generation": best["generation"], "index": best["index"], "fitness": best["fitness"]},
-               "median": float(np.median(fit)), "max": float(np.max(fit)), "item_evaluations": self.items_spent,
-               "time": time.time()}
-        if race is not None:  # per candidate: the value told, the last stage reached, the items it cost
-            rec["racing"] = race
+    def _end_generation(self, g: int, gen_records: list[EvalRecord], told: list[float], candidates: dict,
+                        race: RaceSummary | None) -> None:
+        best = ranking.best_of(candidates.values())
+        rec = GenerationRecord(
+            generation=g, popsize=len(gen_records), evaluations=len(candidates),
+            best=CandidateRef(best.generation, best.index, best.fitness), median=float(np.median(told)),
+            max=float(np.max(told)), item_evaluations=self.items_spent, time=time.time(),
+            elapsed_s=round(self.elapsed(), 3), racing=race)
         self.run.append(rec)
+        self._checkpoint(candidates)
+        self.display.generation(rec, best)
+
+    def _checkpoint(self, candidates: dict) -> None:
+        """The optimizer's state, the best so far and (NSGA-II) the Pareto front, after a generation."""
         self.run.write_optimizer(self.optimizer.state_dict())
         if self.multi:
             self._write_pareto(candidates)
-        self._write_best(np.array(best["genome"]), f"best so far: generation {best['generation']}, candidate "
-                         f"{best['index']}, subset fitness {best['fitness']:.4f}")
-        self.display.generation(rec, best)
+        best = ranking.best_of(candidates.values())
+        self._write_best(np.array(best.genome), f"best so far: generation {best.generation}, candidate "
+                         f"{best.index}, subset fitness {best.fitness:.4f}")
 
     def _write_pareto(self, candidates: dict) -> None:
         objectives = [f"{t.name}:{t.metric}" for t in self.cfg.tasks]
-        ok = sorted((r for r in candidates.values() if r["status"] == "ok"), key=lambda r: (r["generation"], r["index"]))
+        ok = sorted((r for r in candidates.values() if r.ok), key=lambda r: (r.generation, r.index))
         vecs = self._objectives(ok).tolist() if ok else []
-        front = [{"generation": r["generation"], "index": r["index"], "recipe_hash": r["recipe_hash"],
-                  "genome": r["genome"], "objectives": v, "fitness": r["fitness"], "metrics": r["metrics"]}
+        front = [{"generation": r.generation, "index": r.index, "recipe_hash": r.recipe_hash,
+                  "genome": r.genome, "objectives": v, "fitness": r.fitness, "metrics": r.metrics}
                  for r, v in zip(ok, vecs, strict=True)]
         self.run.write_pareto({"objectives": objectives, "front": pareto_front(front)})
 
@@ -361,25 +380,23 @@ class Search:
         self.run.write_best(f"# {note}\n" + recipe.to_yaml(), mergekit_yaml(recipe, note))
 
     def _rescore(self, candidates: dict, generations: int) -> None:
-        """Top-k distinct recipes re-scored on the full dev split; the best one is the winner.
-        With racing only candidates that reached the last stage are considered."""
-        records = self.run.records()
-        rescored = {r["recipe_hash"]: r for r in records if r["type"] == "rescore"}
+        """Top-k distinct recipes re-scored on the full dev split; the best one is the winner."""
+        rescored = {r.recipe_hash: r for r in self.run.records() if r.type == "rescore"}
         top = self.top_candidates(candidates.values())
         if not top:
             raise RunFolderError("every candidate failed; see the reasons in the log (evomerge status)")
         self.display.message(f"re-scoring the top {len(top)} candidates on the full dev split...")
-        jobs = [self._job("rescore", r["generation"], r["index"], np.array(r["genome"]), None)
-                for r in top if r["recipe_hash"] not in rescored]
+        jobs = [self.job("rescore", r.generation, r.index, r.genome, None)
+                for r in top if r.recipe_hash not in rescored]
         for rec in self._evaluate(jobs).values():
-            rescored[rec["recipe_hash"]] = rec
-        win = pick_winner([rescored[r["recipe_hash"]] for r in top])
-        self._write_best(np.array(win["genome"]), f"winner: generation {win['generation']}, candidate "
-                         f"{win['index']}, full-dev fitness {win['fitness']:.4f}")
-        final = {"type": "final", "generations": generations, "evaluations": len(candidates),
-                 "generation": win["generation"], "index": win["index"], "recipe_hash": win["recipe_hash"],
-                 "fitness": win["fitness"], "metrics": win["metrics"],
-                 "test_metrics": self._test_metrics(np.array(win["genome"])), "time": time.time()}
+            rescored[rec.recipe_hash] = rec
+        win = ranking.pick_winner([rescored[r.recipe_hash] for r in top])
+        self._write_best(np.array(win.genome), f"winner: generation {win.generation}, candidate "
+                         f"{win.index}, full-dev fitness {win.fitness:.4f}")
+        final = FinalRecord(generations=generations, evaluations=len(candidates), generation=win.generation,
+                            index=win.index, recipe_hash=win.recipe_hash, fitness=win.fitness,
+                            metrics=win.metrics, test_metrics=self._test_metrics(np.array(win.genome)),
+                            time=time.time(), elapsed_s=round(self.elapsed(), 3))
         self.run.append(final)
         self.display.final(final)
 
@@ -389,15 +406,15 @@ class Search:
         record of the same recipe is reused."""
         recipe = self.codec.to_recipe(genome)
         done = self.background.tested.get(recipe.hash()) if self.background is not None else None
-        if done is not None and done["status"] == "ok":
-            return done["metrics"]
+        if done is not None and done.status == "ok":
+            return done.metrics
         return self.executor.test_metrics(recipe)
 
-    def _outcome(self, records: list[dict], finished: bool) -> SearchOutcome:
-        final = next((r for r in reversed(records) if r["type"] == "final"), None)
-        ref = next((r for r in records if r["type"] == "reference"), None)
-        gens = sum(1 for r in records if r["type"] == "generation")
-        evals = len({(r["generation"], r["index"]) for r in records if r["type"] == "candidate"})
+    def _outcome(self, records: list) -> SearchOutcome:
+        final = next((r for r in reversed(records) if r.type == "final"), None)
+        ref = next((r for r in records if r.type == "reference"), None)
+        gens = sum(1 for r in records if r.type == "generation")
+        evals = len({(r.generation, r.index) for r in records if r.type == "candidate"})
         recipe = self.run.read_best() if final else None
-        return SearchOutcome(self.run.path, gens, evals, final["fitness"] if final else None, recipe, finished,
-                             ref["fitness"] if ref else None)
+        return SearchOutcome(self.run.path, gens, evals, final.fitness if final else None, recipe, True,
+                             ref.fitness if ref else None)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evomerge.core.errors import ZooError
 from evomerge.core.io import atomic_write_text
 from evomerge.zoo import skills as skills_mod
 from evomerge.zoo.skills import SKILLS, SPECIALIST_SKILLS, Item, sample_items
@@ -69,7 +70,7 @@ def cache_key(params: ZooParams) -> str:
 def read_manifest(zoo_dir: str | Path) -> dict:
     path = Path(zoo_dir) / "zoo.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{zoo_dir} is not a zoo folder (no zoo.json); build one with `evomerge zoo --out {zoo_dir}`")
+        raise ZooError(f"{zoo_dir} is not a zoo folder (no zoo.json); build one with `evomerge zoo --out {zoo_dir}`")
     return json.loads(path.read_text())
 
 
@@ -107,10 +108,10 @@ def build_zoo(out: str | Path, params: ZooParams = ZooParams(), force: bool = Fa
             log(f"zoo at {out} is up to date (key {key})")
             return out
         if not force:
-            raise FileExistsError(f"{out} holds a zoo built with other parameters or code "
+            raise ZooError(f"{out} holds a zoo built with other parameters or code "
                                   f"(key {existing.get('key')} != {key}); pass --force to rebuild it")
     elif out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not a zoo folder; pass --force to replace it")
+        raise ZooError(f"{out} exists and is not a zoo folder; pass --force to replace it")
 
     t_start = time.perf_counter()
     prev_threads = torch.get_num_threads()

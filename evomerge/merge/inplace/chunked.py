@@ -263,10 +263,10 @@ class ChunkedMath:
         delta = inputs[row]
         if sp is None or density >= 1:
             return Row(self.ws, delta, "dense")
+        if density <= 0 or e.numel == 0:  # nothing kept (and no rescale divides by the density)
+            return Row(self.ws, delta, "zero")
         if sp is Sparsifier.MAGNITUDE_OUTLIERS:
             mask_fn = outlier_mask(e, row, density, params["gamma"], delta, self.ws)
-        elif density <= 0 or e.numel == 0:
-            return Row(self.ws, delta, "zero")
         elif sp is Sparsifier.MAGNITUDE:
             mask_fn = topk_mask(e, row, density, delta, self.ws)
         elif sp is Sparsifier.RANDOM:

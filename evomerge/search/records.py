@@ -1,0 +1,189 @@
+"""The run log's records, typed: what a search writes for each evaluation, generation and its end.
+
+This module is the only one that turns records into JSON and back (``to_json`` / ``from_json``);
+everything else reads attributes. The JSON form of each record is that of the first log format
+(no key was renamed), so run folders written before these types existed read back unchanged.
+
+    reference   the starting point (the space's x0), scored like a candidate (generation -1)
+    candidate   one genome of a generation (with racing: one record per stage it reached)
+    rescore     a top candidate re-scored on the full dev split (background work, the final pick)
+    test        a would-be winner's test-split scores (reports only, never decisions)
+    generation  a generation told to the optimizer: its best so far, median, the race's summary
+    final       the winner after the last generation, with its test-split metrics
+
+The log's first line is a header that names the format version (``LOG_FORMAT``); a log without
+one is format 1, the same records. A log from a newer format is refused (see ``check_header``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Literal
+
+from evomerge.core.errors import RunFolderError
+
+LOG_FORMAT = 2  # 1: today's records without a header; 2: the same records after a header line
+EvalKind = Literal["reference", "candidate", "rescore"]
+Metrics = dict[str, dict[str, float]]  # task -> metric -> value
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One scored recipe: the starting point, a candidate (one racing stage of it) or a re-score."""
+
+    type: EvalKind
+    generation: int
+    index: int
+    genome: list[float]
+    recipe_hash: str
+    eval_key: str | None
+    fitness: float
+    status: str  # "ok" or "failed"
+    reason: str | None
+    metrics: Metrics
+    items: dict[str, int]  # task -> items the fitness was computed on
+    items_scored: dict[str, int]  # task -> items scored for this record (0 when served from reuse)
+    cached_from: list[int] | None  # [generation, index] of the record a repeated recipe came from
+    timings: dict[str, float]
+    worker: str | None
+    time: float
+    stage: int | None = None  # racing: the stage of this record, and how many stages the race has
+    stages: int | None = None
+    items_file: str | None = None  # per-item scores in RUN_DIR/items/ (evaluation.items)
+    items_key: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def depth(self) -> int:
+        """The racing stage this score comes from (0 without racing): more items, more weight."""
+        return self.stage or 0
+
+    @property
+    def last_stage(self) -> bool:
+        """Scored on the race's last stage (always, without racing)."""
+        return self.stage is None or self.stage == (self.stages or 1) - 1
+
+    def metric(self, task: str, metric: str, default: float = math.nan) -> float:
+        return self.metrics.get(task, {}).get(metric, default)
+
+
+@dataclass(frozen=True)
+class TestRecord:
+    """Test-split scores of a recipe (reports only): ``fitness`` is None when a task has no test split."""
+
+    __test__ = False  # not a pytest class
+
+    generation: int
+    index: int
+    genome: list[float]
+    recipe_hash: str
+    fitness: float | None
+    status: str
+    reason: str | None
+    metrics: Metrics
+    timings: dict[str, float]
+    worker: str | None
+    time: float
+    type: Literal["test"] = "test"
+
+
+@dataclass(frozen=True)
+class CandidateRef:
+    generation: int
+    index: int
+    fitness: float
+
+
+@dataclass(frozen=True)
+class RaceSummary:
+    """Per candidate of a racing generation: the value told, the last stage reached, its items."""
+
+    told: list[float]
+    stage: list[int]
+    items: list[int]
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    generation: int
+    popsize: int
+    evaluations: int  # distinct candidates so far
+    best: CandidateRef  # the best candidate so far (search.ranking)
+    median: float
+    max: float
+    item_evaluations: int  # items scored by the search's own evaluations so far
+    time: float
+    elapsed_s: float | None = None  # search time so far, all sessions (a time budget's count)
+    racing: RaceSummary | None = None
+    type: Literal["generation"] = "generation"
+
+
+@dataclass(frozen=True)
+class FinalRecord:
+    generations: int
+    evaluations: int
+    generation: int
+    index: int
+    recipe_hash: str
+    fitness: float  # the winner's full-dev fitness
+    metrics: Metrics
+    test_metrics: Metrics
+    time: float
+    elapsed_s: float | None = None
+    type: Literal["final"] = "final"
+
+
+Record = EvalRecord | TestRecord | GenerationRecord | FinalRecord
+_OPTIONAL = {"stage", "stages", "items_file", "items_key", "racing", "elapsed_s"}  # left out of the JSON when None
+
+
+def to_json(record: Record) -> dict[str, Any]:
+    """The record as the log stores it (keys in field order, ``type`` first)."""
+    data = asdict(record)
+    out: dict[str, Any] = {"type": data.pop("type")}
+    for k, v in data.items():
+        if not (k in _OPTIONAL and v is None):
+            out[k] = v
+    return out
+
+
+def _build(cls, data: dict[str, Any], **nested):
+    names = {f.name for f in fields(cls)}
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
+    if missing:
+        raise RunFolderError(f"a {data.get('type')!r} record lacks {', '.join(missing)}")
+    kw = {k: v for k, v in data.items() if k in names}
+    kw.update(nested)
+    return cls(**kw)
+
+
+def from_json(data: dict[str, Any]) -> Record:
+    """A log line's record; unknown keys (a newer minor field) are ignored, a missing one refused."""
+    kind = data.get("type")
+    if kind in ("reference", "candidate", "rescore"):
+        return _build(EvalRecord, data)
+    if kind == "test":
+        return _build(TestRecord, data)
+    if kind == "generation":
+        race = data.get("racing")
+        return _build(GenerationRecord, data, best=CandidateRef(**data["best"]),
+                      racing=RaceSummary(**race) if race else None)
+    if kind == "final":
+        return _build(FinalRecord, data)
+    raise RunFolderError(f"unknown record type {kind!r} in the run log")
+
+
+def header(version: str) -> dict[str, Any]:
+    """The log's first line: its format, and the evomerge version that started the run."""
+    return {"type": "header", "format": LOG_FORMAT, "evomerge": version}
+
+
+def check_header(data: dict[str, Any]) -> None:
+    fmt = data.get("format")
+    if not isinstance(fmt, int) or fmt > LOG_FORMAT:
+        raise RunFolderError(f"this run log has format {fmt!r}, written by evomerge {data.get('evomerge')}; "
+                             f"this evomerge reads formats up to {LOG_FORMAT}: upgrade evomerge to resume it")
