@@ -126,7 +126,7 @@ def test_failed_merge_keeps_the_old_folder(tmp_path, zoo_dir, monkeypatch, capsy
 @pytest.mark.parametrize("text,message", [
     ("merge_method: nope\nmodels: [{model: x}]", "merge_method: unknown merge_method 'nope'"),
     ("merge_method: linear\nmodels: [{model: /no/such/model, parameters: {weight: 1}}]",
-     "model folder not found: /no/such/model"),
+     "model folder '/no/such/model' does not exist"),
 ])
 def test_errors_are_one_line(tmp_path, capsys, text, message):
     cfg = tmp_path / "r.yml"

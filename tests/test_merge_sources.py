@@ -154,7 +154,7 @@ def no_tensor_reads(monkeypatch):
 
 def test_missing_folder_no_config_not_causal(tmp_path, llama, no_tensor_reads):
     base, ft1, _ = llama
-    with pytest.raises(MergeError, match="model folder not found: .*nope"):
+    with pytest.raises(MergeError, match="model folder '.*nope' does not exist"):
         merge_state_dict(ta_recipe(base, [tmp_path / "nope"], weights=(1.0,)))
     empty = tmp_path / "empty"
     empty.mkdir()

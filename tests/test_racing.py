@@ -354,6 +354,9 @@ def test_racing_search_killed_equals_uninterrupted(zoo_dir, tmp_path):
             time.sleep(0.02)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+        # the kill landed mid-run: the process died of it, and the search had not finished
+        assert p.returncode == -signal.SIGKILL, f"the search exited ({p.returncode}) before the kill"
+        assert not any(r.type == "final" for r in RunFolder.open(run_dir).records())
     p = cli("--resume", str(run_dir))
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out

@@ -114,6 +114,9 @@ def test_killed_five_times_equals_uninterrupted(reference_run, zoo_dir, tmp_path
             time.sleep(0.02)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+        # the kill landed mid-run: the process died of it, and the search had not finished
+        assert p.returncode == -signal.SIGKILL, f"the search exited ({p.returncode}) before the kill"
+        assert not any(r.type == "final" for r in RunFolder.open(run_dir).records())
     p = cli("--resume", str(run_dir))
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out

@@ -96,3 +96,22 @@ def test_zoo_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(FileExistsError, match="not a zoo folder"):
         build_zoo(tmp_path, TINY, log=lambda *a: None)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_training_reports_every_step_for_the_progress_bar(capsys):
+    """The zoo build's bar (evomerge zoo) follows train()'s per-step callback."""
+    from evomerge.zoo.build import _base_batch, _steps_bar
+    from evomerge.zoo.tokenizer import build_tokenizer
+    from evomerge.zoo.train import TrainConfig, new_model, train
+
+    tok = build_tokenizer()
+    shape = ModelShape(layers=1, hidden=16, intermediate=32, heads=2)
+    steps: list[int] = []
+    train(new_model(tok, shape, 0), tok, TrainConfig(steps=3, lr=1e-3, batch=4, warmup=1), shape.seq_len,
+          _base_batch((1, 1, 1, 1)), seed=0, on_step=steps.append)
+    assert steps == [1, 2, 3]
+    with _steps_bar(False, "base", 3) as off:
+        assert off is None  # no bar: the build passes no callback
+    with _steps_bar(True, "base", 3) as on:
+        for s in (1, 2, 3):
+            on(s)

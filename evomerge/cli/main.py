@@ -34,7 +34,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from evomerge.zoo.build import ZooParams, build_zoo
 
     quiet_libraries()
-    build_zoo(args.out, ZooParams(seed=args.seed, threads=args.threads), force=args.force)
+    build_zoo(args.out, ZooParams(seed=args.seed, threads=args.threads), force=args.force,
+              progress=True)  # a bar of training steps on a terminal
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from evomerge.core.errors import ConfigError
 from evomerge.evaluation.fitness import FitnessFunction, Samples
 from evomerge.recipes.parameter_space import Recipe
 
@@ -82,14 +83,19 @@ def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunctio
 def test_metrics(recipe: Recipe, builder: CandidateBuilder, tasks, tokenizer, batch_size: int) -> dict[str, dict[str, float]]:
     """A recipe's scores on each task's held-out ``test`` split, where the task has one.
     For reports only: test scores never enter the search's decisions."""
+    return test_split_metrics(builder.build(recipe), tokenizer, tasks, batch_size)
+
+
+def test_split_metrics(model: torch.nn.Module, tokenizer, tasks, batch_size: int) -> dict[str, dict[str, float]]:
+    """A model's metrics on each task's ``test`` split (tasks without one are left out): the one
+    test-split scoring of a search's winner, its background test records and materialize."""
     from evomerge.evaluation.evaluator import LmEvalEvaluator
 
-    model = builder.build(recipe)
     out = {}
     for t in tasks:
         try:
             ev = LmEvalEvaluator([t.name], split="test", batch_size=batch_size, num_fewshot=t.num_fewshot)
-        except ValueError:  # no test split
+        except ConfigError:  # no test split
             continue
         out[t.name] = ev.evaluate(model, tokenizer)[t.name].metrics
     return out

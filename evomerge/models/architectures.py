@@ -59,11 +59,23 @@ def arch_spec(config: dict[str, Any], where: str = "model") -> ArchSpec:
     return spec
 
 
-def num_layers(config: dict[str, Any]) -> int:
-    for key in ("num_hidden_layers", "n_layer"):
+# The config.json keys that hold the layer count, in the order they are looked up.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def layer_count(config: dict[str, Any]) -> tuple[str | None, int | None]:
+    """The key that holds a config's layer count and its value, (None, None) when none does."""
+    for key in LAYER_COUNT_KEYS:
         if key in config:
-            return int(config[key])
-    raise ArchitectureError(f"config has no layer count (model_type {config.get('model_type')!r})")
+            return key, int(config[key])
+    return None, None
+
+
+def num_layers(config: dict[str, Any]) -> int:
+    key, n = layer_count(config)
+    if n is None:
+        raise ArchitectureError(f"config has no layer count (model_type {config.get('model_type')!r})")
+    return n
 
 
 def per_layer_keys(config: dict[str, Any]) -> list[str]:

@@ -27,7 +27,8 @@ def read_model_config(path: str | Path) -> dict:
     """A model folder's config.json, with a clear error for a missing folder or file."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ModelFolderError(f"model folder {str(path)!r} does not exist")
+        raise ModelFolderError(f"model folder {str(path)!r} does not exist (evomerge reads local folders; "
+                               "hub downloads are not supported)")
     if not path.is_dir():
         raise ModelFolderError(f"{str(path)!r} is not a folder (a model is a Hugging Face folder with config.json and weights)")
     cfg_path = path / "config.json"
@@ -94,6 +95,22 @@ def check_weight_files(path: str | Path) -> None:
             raise ModelFolderError(f"{file} {problem}")
 
 
+def causal_lm_problem(config: dict) -> str | None:
+    """Why a config.json does not describe a causal LM, or None when it does: a ``*ForCausalLM`` /
+    ``*LMHeadModel`` architecture, or (no architectures listed) a causal-LM model_type. The one rule
+    for loading and merging."""
+    archs = config.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if not archs and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return None
+    return (f"is not a causal language model (model_type {model_type!r}, architectures "
+            f"{', '.join(archs) or 'none'})")
+
+
 def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """Validates a model folder without loading weights; returns its config.json as a dict."""
     config = read_model_config(path)
@@ -105,9 +122,9 @@ def check_model_dir(path: str | Path, *, allow_pickle: bool = False, trust_remot
     if config.get("auto_map") and not trust_remote_code:
         raise ModelFolderError(f"{str(path)!r} needs its own Python code (auto_map in config.json); pass "
                                "--trust-remote-code only if you trust that code")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (config.get("auto_map") and trust_remote_code):
-        arch = ", ".join(config.get("architectures") or []) or "unknown architecture"
-        raise ModelFolderError(f"{str(path)!r} is not a causal language model (model_type {model_type!r}, {arch})")
+    problem = causal_lm_problem(config)
+    if problem and not (config.get("auto_map") and trust_remote_code):
+        raise ModelFolderError(f"{str(path)!r}: {problem}")
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         AutoConfig.for_model(**{k: v for k, v in config.items() if k != "model_type"}, model_type=model_type)
     has_st = any(path.glob("*.safetensors"))

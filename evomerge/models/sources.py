@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from evomerge.core.errors import MergeError
-from evomerge.models.folders import safetensors_problem
+from evomerge.core.errors import MergeError, ModelFolderError
+from evomerge.models.architectures import layer_count
+from evomerge.models.folders import causal_lm_problem, read_model_config, safetensors_problem
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 # Non-layer tensors indexed by token id (their rows follow the tokenizer).
 _VOCAB_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "embed_out", "lm_head")
 # Non-layer tensors that come before the layers (mergekit's pre_weights); the rest come after.
 _PRE_NAMES = ("embed", "wte", "wpe")
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -116,26 +116,13 @@ class SourceModel:
 def load_source(name: str, *, allow_pickle: bool = False) -> SourceModel:
     """Index a model folder; raises MergeError with a message for each kind of bad input."""
     path = Path(name).expanduser()
-    if not path.exists():
-        raise MergeError(
-            f"model folder not found: {name} (evomerge reads local folders; hub downloads are "
-            "not supported)"
-        )
-    if not path.is_dir():
-        raise MergeError(f"not a model folder: {name}")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise MergeError(f"{name} has no config.json; is it a Hugging Face model folder?")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise MergeError(f"{name}/config.json is not readable JSON: {err}") from None
-    archs = config.get("architectures") or []
-    if not archs:
-        raise MergeError(f"{name}/config.json names no architectures; cannot tell if it is a "
-                         "causal language model")
-    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        raise MergeError(f"{name} is not a causal language model (architectures: {archs})")
+    try:  # the one config.json reader and causal-LM rule (models/folders.py), as MergeErrors
+        config = read_model_config(path)
+    except ModelFolderError as err:
+        raise MergeError(str(err)) from None
+    problem = causal_lm_problem(config)
+    if problem:
+        raise MergeError(f"{name}: {problem}")
 
     files, weight_files, pickled = _weight_index(path, name, allow_pickle)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -231,7 +218,7 @@ def _layout(name: str, config: Mapping[str, Any], tensor_names: list[str]) -> La
     if len(prefixes) != 1:
         raise MergeError(f"{name}: cannot find one stack of layers in the tensor names "
                          f"(prefixes: {sorted(prefixes) or 'none'})")
-    key, n_config = _first_key(config, _LAYER_KEYS)
+    key, n_config = layer_count(config)
     n = len(layers)
     if sorted(layers) != list(range(n)):
         raise MergeError(f"{name}: layer indices are not 0..{n - 1}: {sorted(layers)}")
@@ -248,7 +235,7 @@ def _layout(name: str, config: Mapping[str, Any], tensor_names: list[str]) -> La
 
 
 def num_layers_key(config: Mapping[str, Any]) -> str | None:
-    return _first_key(config, _LAYER_KEYS)[0]
+    return layer_count(dict(config))[0]
 
 
 # --- tokenizers ---------------------------------------------------------------------------------

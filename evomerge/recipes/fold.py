@@ -14,12 +14,10 @@ last's, so a recipe whose ``embeddings`` / ``head`` name other models cannot be 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
-from evomerge.core.errors import FoldError
+from evomerge.core.errors import FoldError, ModelFolderError
 from evomerge.models.architectures import (
     ArchitectureError,
     ArchSpec,
@@ -27,6 +25,7 @@ from evomerge.models.architectures import (
     num_layers,
     per_layer_keys,
 )
+from evomerge.models.folders import read_model_config
 from evomerge.recipes.layer_path import PathRecipe
 from evomerge.recipes.parameter_space import Recipe
 
@@ -88,10 +87,10 @@ def read_configs(recipe: PathRecipe) -> dict[str, dict]:
     """config.json of every model the recipe reads (no weights)."""
     out = {}
     for name in recipe.referenced_models():
-        path = Path(name) / "config.json"
-        if not path.is_file():
-            raise FoldError(f"{name}: no config.json (model folder missing?)")
-        out[name] = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            out[name] = read_model_config(name)
+        except ModelFolderError as e:
+            raise FoldError(str(e)) from None
     return out
 
 

@@ -27,11 +27,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.core.validation import format_errors
 from evomerge.recipes.parameter_space import (
     DType,
     Recipe,
     RecipeError,
-    format_validation_error,
     read_recipe_file,
     recipe_yaml_dict,
 )
@@ -111,7 +111,7 @@ class PathRecipe(_Frozen):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise RecipeError(f"{source}: {format_validation_error(err)}") from None
+            raise RecipeError(f"{source}: {format_errors(err, cls)}") from None
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<recipe>") -> PathRecipe:

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from evomerge.core.errors import RecipeError
+from evomerge.core.validation import format_errors
 from evomerge.methods.registry import MergeMethod, ParamScope, get_method, param_spec
 
 Scalar = bool | int | float | str
@@ -267,7 +268,7 @@ class Recipe(_WithParameters):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise RecipeError(f"{source}: {format_validation_error(err)}") from None
+            raise RecipeError(f"{source}: {format_errors(err, cls)}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:
@@ -355,17 +356,6 @@ def _canonical(data: Any, in_params: bool = False) -> Any:
     if in_params and isinstance(data, int) and not isinstance(data, bool):
         return float(data)
     return data
-
-
-def format_validation_error(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
 
 
 class _Dumper(yaml.SafeDumper):

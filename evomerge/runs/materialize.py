@@ -39,7 +39,7 @@ def _card_section(run_dir: Path, rank: int, record: EvalRecord, cfg: SearchConfi
 
 def materialize(run_dir: str | Path, out: str | Path, *, rank: int = 1, dtype: str | None = None,
                 device: str = "cpu", force: bool = False, score_test: bool = True) -> tuple[Path, dict]:
-    from evomerge.evaluation.evaluator import LmEvalEvaluator
+    from evomerge.evaluation.trial import test_split_metrics
     from evomerge.merge.writer import write_model
     from evomerge.models.folders import load_causal_lm, load_tokenizer
 
@@ -58,12 +58,7 @@ def materialize(run_dir: str | Path, out: str | Path, *, rank: int = 1, dtype: s
         if score_test:
             model = load_causal_lm(staging, device=device, dtype=dtype)
             tok = load_tokenizer(staging)
-            for t in cfg.tasks:
-                try:
-                    ev = LmEvalEvaluator([t.name], split="test", batch_size=cfg.batch_size, num_fewshot=t.num_fewshot)
-                except ValueError:
-                    continue  # the task has no test split
-                test[t.name] = ev.evaluate(model, tok)[t.name].metrics
+            test = test_split_metrics(model, tok, cfg.tasks, cfg.batch_size)
         card = staging / "README.md"
         atomic_write_text(card, card.read_text() + _card_section(run_dir, rank, record, cfg, test, dtype))
         old = out.parent / f".{out.name}.replaced-{os.getpid()}"

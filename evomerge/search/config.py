@@ -9,7 +9,6 @@ Validation happens in three steps, all before any model weights are read:
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +25,7 @@ from pydantic import (
 )
 
 from evomerge.core.errors import ConfigError
+from evomerge.core.validation import format_errors
 from evomerge.evaluation.tasks import TaskConfig
 from evomerge.search.optimizers import OPTIMIZERS
 from evomerge.search.spaces.dataflow import DfsSpace
@@ -239,43 +239,6 @@ def load_space(ref: str) -> SearchSpace | DfsSpace:
                 raise ValueError(f"{p}: {format_errors(e, kind)}") from None
     known = sorted(p.stem for p in REPO_SPACES.glob("*.yaml"))
     raise FileNotFoundError(f"search space {ref!r} not found (as a path, or a name among {', '.join(known)})")
-
-
-def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Valid keys at ``loc`` (for suggesting the nearest one to an unknown key)."""
-    cls: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int) or cls is None:
-            continue
-        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
-        if field is None:
-            return []
-        ann = field.annotation
-        args = getattr(ann, "__args__", ()) or ()
-        nxt = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if nxt is None:
-            inner = [a for arg in args for a in (getattr(arg, "__args__", ()) or ())]
-            nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        cls = nxt
-    return list(cls.model_fields) if cls is not None and hasattr(cls, "model_fields") else []
-
-
-def format_errors(err: ValidationError, model: type[BaseModel]) -> str:
-    msgs = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (
-            p.startswith(("function-", "tagged-union")) or p in ("str", "SearchSpace", "DfsSpace"))))
-        where = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _fields_of(model, loc), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            msgs.append(f"{where}: unknown key{hint}")
-        elif e["type"] == "missing":
-            msgs.append(f"{where}: required field is missing")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            msgs.append(f"{where}: {msg}")
-    return "; ".join(dict.fromkeys(msgs))
 
 
 # ------------------------------------------------------------------ checks beyond the schema

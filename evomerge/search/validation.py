@@ -7,6 +7,7 @@ lm-eval task configs). They run before a run folder is created, so a bad config 
 from __future__ import annotations
 
 from evomerge.core.errors import ConfigError
+from evomerge.models.architectures import LAYER_COUNT_KEYS, layer_count
 from evomerge.search.config import SearchConfig
 from evomerge.search.spaces.dataflow import DfsSpace
 
@@ -21,13 +22,6 @@ def _read_config_json(name: str, field: str) -> dict:
         return config
     except ModelFolderError as e:
         raise ConfigError(f"{field}: {e}") from None
-
-
-def _num_layers(config: dict) -> int | None:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if key in config:
-            return int(config[key])
-    return None
 
 
 def check_sources(cfg: SearchConfig) -> int:
@@ -50,11 +44,11 @@ def check_sources(cfg: SearchConfig) -> int:
                               "trust_remote_code: true in the config only if you trust that code")
     ref_field, ref_name, ref = configs[0]
     for field, name, c in configs[1:]:
-        for key in ("model_type", "hidden_size", "num_hidden_layers", "n_layer", "n_embd"):
+        for key in ("model_type", "hidden_size", *LAYER_COUNT_KEYS, "n_embd"):
             if c.get(key) != ref.get(key):
                 raise ConfigError(f"{field}: {name!r} has {key}={c.get(key)!r} but {ref_field} "
                                   f"{ref_name!r} has {ref.get(key)!r}")
-    n_layers = _num_layers(ref)
+    n_layers = layer_count(ref)[1]
     k = space.granularity.layers_per_group
     if n_layers and k != "all" and n_layers % k:
         raise ConfigError(f"search_space.granularity.layers_per_group: {k} does not divide the "
