@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from evomerge.recipes.layer_path import PathRecipe
-from evomerge.methods.registry import get_method, uses_random_masks
 from evomerge.recipes.mergekit import mergekit_yaml  # noqa: F401  (re-exported)
 from evomerge.recipes.parameter_space import Recipe
+
 
 def ranked_candidates(records: list[dict]) -> list[dict]:
     """Distinct successful recipes, best first: those re-scored on the full dev split (by that
@@ -40,9 +38,9 @@ def ranked_candidates(records: list[dict]) -> list[dict]:
 
 def recipe_from_run(run_dir: str | Path, rank: int = 1) -> tuple[Recipe, dict]:
     """The rank-th best recipe of a run (1 = the winner) and the log record that scored it."""
+    from evomerge.runs.folder import RunFolder, RunFolderError
     from evomerge.search.codecs.parameter import make_codec
     from evomerge.search.config import SearchConfig
-    from evomerge.runs.folder import RunFolder, RunFolderError
 
     run = RunFolder.open(run_dir)
     ranked = ranked_candidates(run.records())
@@ -82,9 +80,9 @@ def pick_from_front(run_dir: str | Path, weights: dict[str, float]) -> tuple[Rec
     (tasks not named weigh 0; ties: the earliest candidate), and its front entry."""
     import json
 
+    from evomerge.runs.folder import PARETO, RunFolder, RunFolderError
     from evomerge.search.codecs.parameter import make_codec
     from evomerge.search.config import SearchConfig
-    from evomerge.runs.folder import PARETO, RunFolder, RunFolderError
 
     run = RunFolder.open(run_dir)
     cfg = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))

@@ -13,10 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
-from evomerge.search.config import SearchConfig
-from evomerge.runs.export import describe, recipe_from_run
 from evomerge.core.io import atomic_write_text, fsync_dir
+from evomerge.runs.export import describe, recipe_from_run
 from evomerge.runs.folder import RunFolder
+from evomerge.search.config import SearchConfig
 
 
 def _card_section(run_dir: Path, rank: int, record: dict, cfg: SearchConfig, test: dict, dtype: str) -> str:

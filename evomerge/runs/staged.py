@@ -30,26 +30,25 @@ finished stages are read back, not run again.
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from evomerge.core.errors import ConfigError
-from evomerge.search.staged import StagedConfig, stage_ref, staged_file, validate_stages  # noqa: F401
-from evomerge.recipes.layer_path import PathRecipe, load_recipe, recipe_from_dict, rename_models
 from evomerge.core.io import atomic_write_text
+from evomerge.recipes.layer_path import PathRecipe, load_recipe, recipe_from_dict, rename_models
 from evomerge.runs.folder import BEST, BEST_MK, CONFIG, RunFolder
+from evomerge.search.staged import StagedConfig, stage_ref, staged_file, validate_stages  # noqa: F401
+
 
 def run_staged(cfg: StagedConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
                quiet: bool = False, config_path: str | None = None, **executor_kw):
     """``evomerge search`` on a staged config; returns the last stage's outcome (its run_dir is
     the staged folder, where best.yaml holds every stage the final model needs)."""
+    from evomerge.merge.writer import write_model
     from evomerge.runs.start import run_search
     from evomerge.search.config import default_run_dir
-    from evomerge.merge.writer import write_model
 
     if resume:
         if run_dir is None:

@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from evomerge.search.config import SearchConfig
 from evomerge.evaluation.report import Table
 from evomerge.runs.folder import RunFolder, RunFolderError
+from evomerge.search.config import SearchConfig
 
 PLOT = "fitness.png"
 PARETO_PLOT = "pareto.png"
