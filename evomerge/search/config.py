@@ -10,6 +10,8 @@ Validation happens in three steps, all before any model weights are read:
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +35,19 @@ from evomerge.search.spaces.parameter import SearchSpace
 
 REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
+# Upper bounds on the sizes a config may ask for: far above any search this tool is meant for, low
+# enough that a typo (popsize: 1000000000) is refused at load time instead of exhausting memory.
+MAX_POPSIZE = 10_000
+MAX_GENERATIONS = 1_000_000
+MAX_EVALUATIONS = 10_000_000
+MAX_TIME_LIMIT_S = 366 * 24 * 3600.0  # a year
+MAX_ITEMS = 1_000_000  # tasks[].limit and racing stage sizes: items per task
+MAX_STAGES = 10
+MAX_RESCORE_TOP_K = 1_000
+MAX_BATCH_SIZE = 65_536
+MAX_THREADS = 1_024
+MAX_FEWSHOT = 1_000
+
 
 def _space_kind(v: Any) -> str:
     if isinstance(v, dict):
@@ -52,7 +67,7 @@ class _Strict(BaseModel):
 
 class OptimizerConfig(_Strict):
     name: str = Field("cma", description=f"one of {', '.join(OPTIMIZERS)}")
-    popsize: int | None = Field(None, ge=2, description="population per generation (default: 4 + 3 ln n)")
+    popsize: int | None = Field(None, ge=2, le=MAX_POPSIZE, description="population per generation (default: 4 + 3 ln n)")
     sigma0: float | None = Field(None, gt=0, le=1, description="initial step (default: the space's sigma0)")
     sampler: str = Field("CmaEsSampler", description="with name: optuna, an Optuna sampler class name")
     sampler_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the sampler")
@@ -92,20 +107,24 @@ class RacingConfig(_Strict):
     def _increasing(cls, v: list[int | None]) -> list[int | None]:
         if len(v) < 2:
             raise ValueError("racing needs at least two stages")
+        if len(v) > MAX_STAGES:
+            raise ValueError(f"at most {MAX_STAGES} stages (got {len(v)})")
         if any(n is None for n in v[:-1]):
             raise ValueError("only the last stage may be null (the whole split)")
         sizes = [n for n in v if n is not None]
         if any(n < 1 for n in sizes):
             raise ValueError(f"stage sizes must be >= 1 (got {v})")
+        if any(n > MAX_ITEMS for n in sizes):
+            raise ValueError(f"stage sizes must be <= {MAX_ITEMS} items (got {v}; null scores the whole split)")
         if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
             raise ValueError(f"stage sizes must increase strictly (got {v})")
         return v
 
 
 class BudgetConfig(_Strict):
-    generations: int | None = Field(None, gt=0)
-    evaluations: int | None = Field(None, gt=0, description="rounded up to whole generations")
-    time_limit_s: float | None = Field(None, gt=0, description="wall-clock limit; NOT reproducible")
+    generations: int | None = Field(None, gt=0, le=MAX_GENERATIONS)
+    evaluations: int | None = Field(None, gt=0, le=MAX_EVALUATIONS, description="rounded up to whole generations")
+    time_limit_s: float | None = Field(None, gt=0, le=MAX_TIME_LIMIT_S, description="wall-clock limit; NOT reproducible")
 
     @model_validator(mode="after")
     def _one(self) -> BudgetConfig:
@@ -126,8 +145,8 @@ class SearchConfig(_Strict):
     tasks: list[TaskConfig] = Field(min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
-    batch_size: int = Field(32, ge=1, description="fixed lm-eval batch size")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description="fixed lm-eval batch size")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="torch CPU threads")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     budget: BudgetConfig
     seed: int = Field(0, description="seeds the optimizer and the evaluation subsets")
@@ -136,7 +155,7 @@ class SearchConfig(_Strict):
                                         "promoting the better fraction; default: {stages: [30, 100, null], keep: "
                                         "0.25} when no task has a limit (and the optimizer is not nsga2), else off; "
                                         "null: off")
-    rescore_top_k: int = Field(3, ge=1, description="candidates re-scored on the full dev split at the end")
+    rescore_top_k: int = Field(3, ge=1, le=MAX_RESCORE_TOP_K, description="candidates re-scored on the full dev split at the end")
     penalty_fitness: float = Field(-1.0, description="fitness of a failed or non-finite candidate")
     background: bool | None = Field(None, description="during the search, re-score the top candidates on the "
                                     "full dev split and score each new best on the test split (work that "
@@ -166,6 +185,16 @@ class SearchConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"task(s) listed twice: {', '.join(sorted(dup))}")
+        for i, t in enumerate(v):
+            if t.limit is not None and t.limit > MAX_ITEMS:
+                raise ValueError(f"{i}.limit: at most {MAX_ITEMS} items (got {t.limit}; null scores the whole split)")
+            if t.num_fewshot is not None and t.num_fewshot > MAX_FEWSHOT:
+                raise ValueError(f"{i}.num_fewshot: at most {MAX_FEWSHOT} (got {t.num_fewshot})")
+            if not math.isfinite(t.weight):
+                raise ValueError(f"{i}.weight: must be a finite number (got {t.weight})")
+        if all(t.weight == 0 for t in v):
+            raise ValueError("every task has weight 0, so the fitness is 0 for every candidate; give at least "
+                             "one task a non-zero weight")
         return v
 
     @model_validator(mode="after")
@@ -260,6 +289,9 @@ def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(cls.model_fields) if cls is not None and hasattr(cls, "model_fields") else []
 
 
+_PATH = re.compile(r"[a-z_0-9]+(\.[a-z_0-9]+)*")
+
+
 def format_errors(err: ValidationError, model: type[BaseModel]) -> str:
     msgs = []
     for e in err.errors():
@@ -274,7 +306,11 @@ def format_errors(err: ValidationError, model: type[BaseModel]) -> str:
             msgs.append(f"{where}: required field is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            msgs.append(f"{where}: {msg}")
+            head = msg.split(": ", 1)[0]
+            if ": " in msg and _PATH.fullmatch(head):  # a validator that names the field itself
+                msgs.append(f"{where}.{msg}" if loc and head[0].isdigit() else msg if not loc else f"{where}: {msg}")
+            else:
+                msgs.append(f"{where}: {msg}")
     return "; ".join(dict.fromkeys(msgs))
 
 
