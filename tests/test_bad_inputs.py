@@ -242,3 +242,66 @@ def test_disk_full_during_materialize_leaves_nothing_partial(finished, tmp_path,
     assert rc == 1 and "No space left on device" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no staging or partial folder left behind"
     assert (old / "keep.txt").read_text() == "previous model"
+
+
+# ------------------------------------------------------------------ search: retries, hints, run_dir
+def test_a_search_that_failed_loading_models_can_be_retried(zoo_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(zoo_dir / "spec_add", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config.json is fine
+    cfg = write_yaml(tmp_path / "c.yml", search_config(zoo_dir, tmp_path, models=[str(broken), str(zoo_dir / "spec_rev")]))
+    rc, _, first = run_cli(capsys, "search", cfg, "--quiet")
+    assert rc == 2 and (tmp_path / "run" / "config.yaml").is_file()
+    assert not (tmp_path / "run" / "lock").exists()
+    rc, _, err = run_cli(capsys, "search", cfg, "--quiet")  # the same config: starts over, fails the same way
+    assert rc == 2 and "already holds a search" not in err and err == first
+    other = write_yaml(tmp_path / "d.yml", search_config(zoo_dir, tmp_path, models=[str(broken), str(zoo_dir / "spec_sub")]))
+    rc, _, err = run_cli(capsys, "search", other, "--resume", tmp_path / "run")
+    assert rc == 2 and "differs from the run's frozen config in models;" in err
+    assert f"it has no evaluations yet, so `evomerge search CONFIG --run-dir {tmp_path / 'run'}`" in err
+    rc, _, err = run_cli(capsys, "search", other, "--quiet")  # another config, nothing evaluated: starts over
+    assert rc == 2 and "already holds a search" not in err
+    assert str(zoo_dir / "spec_sub") in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_resume_with_another_config_says_what_to_do(finished, zoo_dir, tmp_path, capsys):
+    cfg = search_config(zoo_dir, tmp_path, seed=7)
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg), "--resume", finished)
+    assert rc == 2 and "differs from the run's frozen config in seed" in err
+    assert "choose another run_dir (--run-dir), or delete" in err
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", dict(cfg, run_dir=str(finished))))
+    assert rc == 2 and "already holds a search" in err and f"evomerge search --resume {finished}" in err
+    assert "delete the folder or choose another run_dir (--run-dir)" in err
+
+
+def test_search_hints_name_config_keys(zoo_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(zoo_dir / "spec_add", pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    cfg = search_config(zoo_dir, tmp_path, models=[str(pickled), str(zoo_dir / "spec_rev")])
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and "models.0:" in err and "set allow_pickle: true in the search config" in err
+    assert "--allow-pickle" not in err and not (tmp_path / "run").exists()
+
+    other_tok = tmp_path / "other_tok"
+    shutil.copytree(zoo_dir / "spec_rev", other_tok)
+    tok = AutoTokenizer.from_pretrained(other_tok)
+    tok.eos_token = "<|assistant|>"
+    tok.save_pretrained(other_tok)
+    cfg = search_config(zoo_dir, tmp_path, models=[str(zoo_dir / "spec_add"), str(other_tok)])
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and "models.1:" in err and "different tokenizers" in err
+    assert "in the recipe" not in err and "has no tokenizer_source" in err and not (tmp_path / "run").exists()
+
+
+def test_run_dir_that_is_a_file(zoo_dir, tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    cfg = write_yaml(tmp_path / "c.yml", search_config(zoo_dir, tmp_path, run_dir=str(tmp_path / "f")))
+    rc, _, err = run_cli(capsys, "search", cfg)
+    assert rc == 2 and f"run_dir (--run-dir) '{tmp_path / 'f'}' is a file, not a folder" in err
+    rc, _, err = run_cli(capsys, "search", cfg, "--run-dir", tmp_path / "f" / "sub")
+    assert rc == 2 and f"run_dir (--run-dir) '{tmp_path / 'f' / 'sub'}': cannot create it" in err

@@ -87,8 +87,14 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
         if cfg is not None:
             diff = _diff_keys(frozen.search_key(), cfg.search_key())
             if diff:
+                if not run.records():
+                    what = (f"it has no evaluations yet, so `evomerge search CONFIG --run-dir {run_dir}` (without "
+                            "--resume) starts it over with this config")
+                else:
+                    what = (f"to search with this config, choose another run_dir (--run-dir), or delete {run_dir} "
+                            "to start over")
                 raise ConfigError(f"the config differs from the run's frozen config in {', '.join(diff)}; "
-                                  "only the budget (and threads) may change on resume")
+                                  f"only the budget (and threads) may change on resume: {what}")
         run.acquire()
         if cfg is not None and (cfg.budget, cfg.threads) != (frozen.budget, frozen.threads):
             frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
