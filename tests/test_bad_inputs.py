@@ -191,6 +191,27 @@ def test_not_a_run_folder(tmp_path, capsys):
                 ["materialize", tmp_path, "--out", tmp_path / "m"]):
         rc, _, err = run_cli(capsys, *cmd)
         assert rc == 2 and "is not a run folder (no config.yaml)" in err, cmd
+    (tmp_path / "plain").write_text("")
+    for cmd in (["status", tmp_path / "plain"], ["export", tmp_path / "plain"],
+                ["search", "--resume", tmp_path / "plain"], ["materialize", tmp_path / "plain", "--out", tmp_path / "m"]):
+        rc, _, err = run_cli(capsys, *cmd)
+        assert rc == 2 and f"'{tmp_path / 'plain'}' is a file, not a run folder" in err, cmd
+        assert "does not exist" not in err
+
+
+def test_materialized_folder_has_the_modes_of_mkdir(finished, tmp_path, capsys):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        rc, _, _ = run_cli(capsys, "materialize", finished, "--out", tmp_path / "m", "--no-test")
+    finally:
+        os.umask(old)
+    assert rc == 0
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
 
 
 def test_run_folder_locked_by_a_live_search(finished, capsys):
