@@ -1,7 +1,8 @@
 """The run folder: everything about one search, written so that a kill at any byte loses nothing.
 
     RUN_DIR/
-      config.yaml          the frozen, resolved search config
+      config.yaml          the frozen, resolved search config (the search space inline)
+      tasks.json           the tasks' fingerprints, checked on resume (runs/frozen.py)
       lock                 the live search's lease (runs/lock.py): its pid, host, heartbeat
       log.jsonl            append-only, one JSON record a line, fsynced after each record
       optimizer.json       the optimizer's state snapshot after the last complete generation
