@@ -27,13 +27,15 @@ from pydantic import (
     model_validator,
 )
 
+from evomerge.core.data import data_dir
 from evomerge.core.errors import ConfigError
 from evomerge.evaluation.tasks import TaskConfig
 from evomerge.search.optimizers import OPTIMIZERS
 from evomerge.search.spaces.dataflow import DfsSpace
 from evomerge.search.spaces.parameter import SearchSpace
 
-REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+# the repository's search_spaces/, or the copy an installed wheel carries (core/data.py)
+REPO_SPACES = data_dir("search_spaces")
 
 # Upper bounds on the sizes a config may ask for: far above any search this tool is meant for, low
 # enough that a typo (popsize: 1000000000) is refused at load time instead of exhausting memory.
