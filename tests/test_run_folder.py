@@ -154,3 +154,11 @@ def test_a_run_dir_that_is_a_file(tmp_path):
         RunFolder.create(tmp_path / "f" / "run", "x: 1\n")
     with pytest.raises(RunFolderError, match=r"'.*f' is a file, not a run folder"):
         RunFolder.open(tmp_path / "f")
+
+
+def test_a_folder_with_results_but_no_log_does_not_start_over(tmp_path):
+    RunFolder.create(tmp_path / "run", "x: 1\n").close()
+    (tmp_path / "run" / "stages").mkdir()  # a staged search keeps its results in stages/, no log
+    with pytest.raises(RunFolderError, match=r"already holds a search \(stages\)"):
+        RunFolder.create(tmp_path / "run", "x: 2\n")
+    assert (tmp_path / "run" / "config.yaml").read_text() == "x: 1\n"

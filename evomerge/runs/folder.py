@@ -35,6 +35,8 @@ from evomerge.search.pareto import dominates, pareto_front  # noqa: F401  (re-ex
 CONFIG, LOG, OPTIMIZER, BEST, BEST_MK, LOCK, SESSIONS, PARETO = (
     "config.yaml", "log.jsonl", "optimizer.json", "best.yaml", "best.mergekit.yaml", "lock", "sessions.jsonl",
     "pareto.json")
+# What a run folder holds before its first record: it may start over (RunFolder.create).
+RESTARTABLE = (CONFIG, LOG, SESSIONS, "tasks.json")
 # Fields that differ between runs with the same history (see conventions: "same history").
 VOLATILE_FIELDS = ("time", "worker", "host", "timings")
 
@@ -110,16 +112,17 @@ class RunFolder:
                                      "choose another run_dir or empty it")
             lock = acquire_lock(run.path / LOCK, run.path)  # refused while a live search holds it
             n = _record_count(run.path)
-            if n:
+            # anything else (a staged search's stages/, items/, a checkpoint) is a search's result
+            others = sorted(p.name for p in run.path.iterdir() if p.name not in RESTARTABLE and p.name != LOCK)
+            if n or others:
                 lock.release()
-                raise RunFolderError(f"run folder {str(run.path)!r} already holds a search ({n} records); resume it "
+                held = f"{n} records" if n else ", ".join(others)
+                raise RunFolderError(f"run folder {str(run.path)!r} already holds a search ({held}); resume it "
                                      f"with `evomerge search --resume {run.path}` (a CONFIG given with it may raise "
                                      "the budget), or delete the folder or choose another run_dir (--run-dir) to "
                                      "start a new search")
             run._lock_fd = lock
             run._session()
-            for name in (OPTIMIZER, BEST, BEST_MK, PARETO):  # nothing was evaluated: nothing to keep
-                (run.path / name).unlink(missing_ok=True)
             atomic_write_text(run.path / CONFIG, config_yaml)
             return run
         try:
