@@ -12,7 +12,7 @@ import yaml
 from test_racing import Crash, fake_config, fake_search
 
 from evomerge.core.errors import ConfigError, RunFolderError
-from evomerge.runs.folder import LOG, RunFolder, history
+from evomerge.runs.folder import RunFolder, history
 from evomerge.search.config import REPO_SPACES
 
 EVALS = Path(__file__).resolve().parents[1] / "evals"
@@ -105,4 +105,3 @@ def test_a_run_folder_of_the_earlier_format_resumes(zoo_dir, tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     with pytest.raises(RunFolderError, match=r"names its search space instead of holding it: put the space back"):
         fake_search(None, resume=True, run_dir=run)
-    assert LOG
