@@ -228,6 +228,27 @@ def test_not_a_run_folder(tmp_path, capsys):
                 ["materialize", tmp_path, "--out", tmp_path / "m"]):
         rc, _, err = run_cli(capsys, *cmd)
         assert rc == 2 and "is not a run folder (no config.yaml)" in err, cmd
+    (tmp_path / "plain").write_text("")
+    for cmd in (["status", tmp_path / "plain"], ["export", tmp_path / "plain"],
+                ["search", "--resume", tmp_path / "plain"], ["materialize", tmp_path / "plain", "--out", tmp_path / "m"]):
+        rc, _, err = run_cli(capsys, *cmd)
+        assert rc == 2 and f"'{tmp_path / 'plain'}' is a file, not a run folder" in err, cmd
+        assert "does not exist" not in err
+
+
+def test_materialized_folder_has_the_modes_of_mkdir(finished, tmp_path, capsys):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        rc, _, _ = run_cli(capsys, "materialize", finished, "--out", tmp_path / "m", "--no-test")
+    finally:
+        os.umask(old)
+    assert rc == 0
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
 
 
 def test_run_folder_locked_by_a_live_search(finished, capsys):
@@ -279,3 +300,66 @@ def test_disk_full_during_materialize_leaves_nothing_partial(finished, tmp_path,
     assert rc == 1 and "No space left on device" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no staging or partial folder left behind"
     assert (old / "keep.txt").read_text() == "previous model"
+
+
+# ------------------------------------------------------------------ search: retries, hints, run_dir
+def test_a_search_that_failed_loading_models_can_be_retried(zoo_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(zoo_dir / "spec_add", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config.json is fine
+    cfg = write_yaml(tmp_path / "c.yml", search_config(zoo_dir, tmp_path, models=[str(broken), str(zoo_dir / "spec_rev")]))
+    rc, _, first = run_cli(capsys, "search", cfg, "--quiet")
+    assert rc == 2 and (tmp_path / "run" / "config.yaml").is_file()
+    assert not (tmp_path / "run" / "lock").exists()
+    rc, _, err = run_cli(capsys, "search", cfg, "--quiet")  # the same config: starts over, fails the same way
+    assert rc == 2 and "already holds a search" not in err and err == first
+    other = write_yaml(tmp_path / "d.yml", search_config(zoo_dir, tmp_path, models=[str(broken), str(zoo_dir / "spec_sub")]))
+    rc, _, err = run_cli(capsys, "search", other, "--resume", tmp_path / "run")
+    assert rc == 2 and "differs from the run's frozen config in models;" in err
+    assert f"it has no evaluations yet, so `evomerge search CONFIG --run-dir {tmp_path / 'run'}`" in err
+    rc, _, err = run_cli(capsys, "search", other, "--quiet")  # another config, nothing evaluated: starts over
+    assert rc == 2 and "already holds a search" not in err
+    assert str(zoo_dir / "spec_sub") in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_resume_with_another_config_says_what_to_do(finished, zoo_dir, tmp_path, capsys):
+    cfg = search_config(zoo_dir, tmp_path, seed=7)
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg), "--resume", finished)
+    assert rc == 2 and "differs from the run's frozen config in seed" in err
+    assert "choose another run_dir (--run-dir), or delete" in err
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", dict(cfg, run_dir=str(finished))))
+    assert rc == 2 and "already holds a search" in err and f"evomerge search --resume {finished}" in err
+    assert "delete the folder or choose another run_dir (--run-dir)" in err
+
+
+def test_search_hints_name_config_keys(zoo_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(zoo_dir / "spec_add", pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    cfg = search_config(zoo_dir, tmp_path, models=[str(pickled), str(zoo_dir / "spec_rev")])
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and "models.0:" in err and "set allow_pickle: true in the search config" in err
+    assert "--allow-pickle" not in err and not (tmp_path / "run").exists()
+
+    other_tok = tmp_path / "other_tok"
+    shutil.copytree(zoo_dir / "spec_rev", other_tok)
+    tok = AutoTokenizer.from_pretrained(other_tok)
+    tok.eos_token = "<|assistant|>"
+    tok.save_pretrained(other_tok)
+    cfg = search_config(zoo_dir, tmp_path, models=[str(zoo_dir / "spec_add"), str(other_tok)])
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and "models.1:" in err and "different tokenizers" in err
+    assert "in the recipe" not in err and "has no tokenizer_source" in err and not (tmp_path / "run").exists()
+
+
+def test_run_dir_that_is_a_file(zoo_dir, tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    cfg = write_yaml(tmp_path / "c.yml", search_config(zoo_dir, tmp_path, run_dir=str(tmp_path / "f")))
+    rc, _, err = run_cli(capsys, "search", cfg)
+    assert rc == 2 and f"run_dir (--run-dir) '{tmp_path / 'f'}' is a file, not a folder" in err
+    rc, _, err = run_cli(capsys, "search", cfg, "--run-dir", tmp_path / "f" / "sub")
+    assert rc == 2 and f"run_dir (--run-dir) '{tmp_path / 'f' / 'sub'}': cannot create it" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -123,8 +124,83 @@ def test_a_live_search_holds_the_lock(tmp_path):
 
 
 def test_create_refuses_an_existing_run(tmp_path):
-    RunFolder.create(tmp_path / "run", "x: 1\n").close()
+    run = RunFolder.create(tmp_path / "run", "x: 1\n")
+    run.append(replace(RECORDS[0], type="reference", generation=-1))
+    run.close()
     with pytest.raises(RunFolderError, match="already holds a search"):
         RunFolder.create(tmp_path / "run", "x: 1\n")
     with pytest.raises(RunFolderError, match="not a run folder"):
         RunFolder.open(tmp_path)
+
+
+HOLD = ("import sys, time\nfrom evomerge.runs.folder import RunFolder\n"
+        "RunFolder.open(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
+
+
+def test_a_dead_holders_lock_is_taken_over(tmp_path):
+    RunFolder.create(tmp_path / "run", "x: 1\n").close()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderError, match=rf"locked by a live search \(pid {holder.pid} on host"):
+            RunFolder.open(tmp_path / "run").acquire()
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind
+        holder.wait()
+    assert f"pid={holder.pid}" in (tmp_path / "run" / "lock").read_text()
+    run = RunFolder.open(tmp_path / "run")
+    run.acquire()  # the dead process's lock, on this host: taken over at once
+    assert f"pid={os.getpid()}" in (tmp_path / "run" / "lock").read_text()
+    run.close()
+    assert not (tmp_path / "run" / "lock").exists()
+
+
+def test_another_hosts_lock_is_taken_over_after_its_lease(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("EVOMERGE_LOCK_LEASE_S", "1")
+    RunFolder.create(tmp_path / "run", "x: 1\n").close()
+    (tmp_path / "run" / "lock").write_text("filelock/2\npid=4242\nhost=elsewhere\nmode=lease\ntoken=ab\nduration=1.0\n")
+    t0 = time.monotonic()
+    run = RunFolder.open(tmp_path / "run")
+    run.acquire()  # unrenewed for a lease: the holder on the other host is gone
+    assert 1.0 <= time.monotonic() - t0 < 10
+    assert not run.lock_lost
+    run.close()
+
+
+def test_a_lock_file_of_an_earlier_version(tmp_path):
+    RunFolder.create(tmp_path / "run", "x: 1\n").close()
+    (tmp_path / "run" / "lock").write_text("12345\n")  # a bare pid: flock era, nobody holds it
+    run = RunFolder.open(tmp_path / "run")
+    run.acquire()
+    run.close()
+
+
+def test_a_folder_with_a_config_but_no_records_starts_over(tmp_path):
+    RunFolder.create(tmp_path / "run", "x: 1\n").close()  # e.g. a search that failed loading its models
+    run = RunFolder.create(tmp_path / "run", "x: 2\n")
+    assert run.config_text() == "x: 2\n"
+    run.append(replace(RECORDS[0], type="reference", generation=-1))
+    run.close()
+    with pytest.raises(RunFolderError, match=r"already holds a search \(1 records\); resume it with .*--resume.*"
+                       r"delete the folder or choose another run_dir \(--run-dir\)"):
+        RunFolder.create(tmp_path / "run", "x: 2\n")
+
+
+def test_a_run_dir_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(RunFolderError, match=r"run_dir \(--run-dir\) '.*f' is a file, not a folder"):
+        RunFolder.create(tmp_path / "f", "x: 1\n")
+    with pytest.raises(RunFolderError, match=r"run_dir \(--run-dir\) '.*f/run': cannot create it"):
+        RunFolder.create(tmp_path / "f" / "run", "x: 1\n")
+    with pytest.raises(RunFolderError, match=r"'.*f' is a file, not a run folder"):
+        RunFolder.open(tmp_path / "f")
+
+
+def test_a_folder_with_results_but_no_log_does_not_start_over(tmp_path):
+    RunFolder.create(tmp_path / "run", "x: 1\n").close()
+    (tmp_path / "run" / "stages").mkdir()  # a staged search keeps its results in stages/, no log
+    with pytest.raises(RunFolderError, match=r"already holds a search \(stages\)"):
+        RunFolder.create(tmp_path / "run", "x: 2\n")
+    assert (tmp_path / "run" / "config.yaml").read_text() == "x: 1\n"

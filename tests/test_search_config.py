@@ -62,6 +62,18 @@ CASES = [
     ("no budget", "budget", {}, r"budget: give generations, evaluations or time_limit_s"),
     ("bad optimizer", "optimizer", {"name": "sgd"}, r"optimizer\.name: unknown optimizer 'sgd'"),
     ("auto batch size", "batch_size", "auto", r"batch_size: Input should be a valid integer"),
+    ("absurd popsize", "optimizer", {"popsize": 1_000_000_000},
+     r"optimizer\.popsize: Input should be less than or equal to 10000"),
+    ("absurd generations", "budget", {"generations": 10**12}, r"budget\.generations: .*less than or equal to 1000000"),
+    ("absurd evaluations", "budget", {"evaluations": 10**12}, r"budget\.evaluations: .*less than or equal to 10000000"),
+    ("absurd task limit", "tasks.0.limit", 10**10, r"tasks\.0\.limit: at most 1000000 items"),
+    ("absurd racing stage", "racing", {"stages": [10, 10**10]}, r"racing\.stages: stage sizes must be <= 1000000"),
+    ("too many racing stages", "racing", {"stages": list(range(1, 13))}, r"racing\.stages: at most 10 stages"),
+    ("absurd rescore_top_k", "rescore_top_k", 10**9, r"rescore_top_k: .*less than or equal to 1000"),
+    ("absurd batch size", "batch_size", 10**9, r"batch_size: .*less than or equal to 65536"),
+    ("all weights 0", "tasks", [{"name": "zoo_add", "weight": 0, "limit": 5}, {"name": "zoo_rev", "weight": 0.0, "limit": 5}],
+     r"tasks: every task has weight 0, so the fitness is 0 for every candidate"),
+    ("non-finite weight", "tasks.1.weight", float("inf"), r"tasks\.1\.weight: must be a finite number"),
 ]
 
 
@@ -122,3 +134,8 @@ def test_della_density_bounds_use_the_searched_epsilon():
         SearchSpace.model_validate(della_space(density={"low": 0.12, "high": 0.85}))
     SearchSpace.model_validate(della_space(density={"low": 0.16, "high": 0.84}))
 
+
+def test_negative_weights_are_allowed(zoo_dir, tmp_path):
+    """A negative weight asks for a lower metric (fitness = sum of weight x metric)."""
+    data = edit(base_config(zoo_dir, tmp_path), "tasks.1.weight", -0.5)
+    assert SearchConfig.from_dict(data).tasks[1].weight == -0.5

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+
+_PATH = re.compile(r"[a-z_0-9]+(\.[a-z_0-9]+)*")
 
 
 def _fields_of(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -45,5 +48,9 @@ def format_errors(err: ValidationError, model: type[BaseModel] | None = None) ->
             msgs.append(f"{where}: required field is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            msgs.append(f"{where}: {msg}")
+            head = msg.split(": ", 1)[0]
+            if ": " in msg and _PATH.fullmatch(head):  # a validator that names the field itself
+                msgs.append(f"{where}.{msg}" if loc and head[0].isdigit() else msg if not loc else f"{where}: {msg}")
+            else:
+                msgs.append(f"{where}: {msg}")
     return "; ".join(dict.fromkeys(msgs))

@@ -22,10 +22,11 @@ from typing import Protocol
 
 import torch
 
+from evomerge.core.data import data_dir
 from evomerge.core.errors import ConfigError, UnknownTaskError
 from evomerge.models.folders import check_model_dir, load_causal_lm, load_tokenizer
 
-REPO_EVALS = Path(__file__).resolve().parents[2] / "evals"
+REPO_EVALS = data_dir("evals")  # the repository's evals/, or a wheel's copy
 
 
 def default_include_paths() -> list[Path]:
@@ -162,6 +163,11 @@ class LmEvalEvaluator:
 
     def n_docs(self, task: str) -> int:
         return len(self._task_dict["tasks"][task].eval_docs)
+
+    def task(self, name: str):
+        """The loaded lm-eval task object of ``name`` (its config and docs; for the run folder's
+        record of what was scored)."""
+        return self._task_dict["tasks"][name]
 
     def evaluate(self, model: torch.nn.Module, tokenizer, *, limit: int | None = None,
                  samples: dict[str, list[int]] | None = None) -> dict[str, TaskResult]:

@@ -183,8 +183,11 @@ def _weight_index(path: Path, name: str,
         _check_safetensors(safetensors)
         files = {}
         for file in safetensors:
-            with safe_open(file, framework="pt") as f:
-                files.update({k: file for k in f.keys()})
+            try:
+                with safe_open(file, framework="pt") as f:
+                    files.update({k: file for k in f.keys()})
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                raise MergeError(f"{name}: {file.name} is not a readable safetensors file ({err})") from None
         return files, tuple(safetensors), False
     pickles = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
     if not pickles:
@@ -251,12 +254,22 @@ def load_tokenizer_info(source: SourceModel) -> TokenizerInfo | None:
     """The vocabulary and special tokens of a folder's tokenizer (None if it has none)."""
     if not source.has_tokenizer():
         return None
+    return tokenizer_info(source.path, source.name)
+
+
+def has_tokenizer_files(path: str | Path) -> bool:
+    """As ``SourceModel.has_tokenizer``, for a folder that is not indexed."""
+    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"))
+
+
+def tokenizer_info(path: str | Path, name: str) -> TokenizerInfo:
+    """The vocabulary and special tokens of the tokenizer in folder ``path`` (no weights read)."""
     from transformers import AutoTokenizer  # lazy: importing transformers takes seconds
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - any loader failure is a bad input here
-        raise MergeError(f"{source.name}: cannot load its tokenizer: {err}") from None
+        raise MergeError(f"{name}: cannot load its tokenizer: {err}") from None
     named = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
              "mask_token")
     specials = tuple((k, str(getattr(tok, k, None))) for k in named)

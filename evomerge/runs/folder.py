@@ -1,8 +1,9 @@
 """The run folder: everything about one search, written so that a kill at any byte loses nothing.
 
     RUN_DIR/
-      config.yaml          the frozen, resolved search config
-      lock                 held (flock) by the live search; holds its pid
+      config.yaml          the frozen, resolved search config (the search space inline)
+      tasks.json           the tasks' fingerprints, checked on resume (runs/frozen.py)
+      lock                 the live search's lease (runs/lock.py): its pid, host, heartbeat
       log.jsonl            append-only, one JSON record a line, fsynced after each record
       optimizer.json       the optimizer's state snapshot after the last complete generation
       best.yaml            the best recipe so far (evomerge format, with mask_seed)
@@ -17,7 +18,6 @@ when the log is read, and cut off before the next append.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -30,14 +30,22 @@ from evomerge.core.errors import RunFolderError
 from evomerge.core.io import atomic_write_text
 from evomerge.core.version import __version__
 from evomerge.recipes.layer_path import AnyRecipe, load_recipe
+from evomerge.runs.lock import RunLock, acquire_lock
 from evomerge.search.pareto import dominates, pareto_front  # noqa: F401  (re-exported)
 from evomerge.search.records import Record, check_header, from_json, header, to_json
 
 CONFIG, LOG, OPTIMIZER, BEST, BEST_MK, LOCK, SESSIONS, PARETO = (
     "config.yaml", "log.jsonl", "optimizer.json", "best.yaml", "best.mergekit.yaml", "lock", "sessions.jsonl",
     "pareto.json")
+# What a run folder holds before its first record: it may start over (RunFolder.create).
+RESTARTABLE = (CONFIG, LOG, SESSIONS, "tasks.json")
 # Fields that differ between runs with the same history (see conventions: "same history").
 VOLATILE_FIELDS = ("time", "worker", "host", "timings", "elapsed_s")
+
+
+def _record_count(path: Path) -> int:
+    p = path / LOG
+    return len(parse_log(read_records(p.read_bytes())[0])) if p.is_file() else 0
 
 
 def read_records(data: bytes) -> tuple[list[dict], int]:
@@ -96,19 +104,41 @@ def history(records: list) -> list[dict]:
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._lock_fd: int | None = None
+        self._lock_fd: RunLock | None = None  # the held lock (name kept: append() checks it)
         self._log = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, path: str | Path, config_yaml: str) -> RunFolder:
+        """A new run folder; or one that holds a config but no records yet (a search that failed
+        before its first evaluation, say while loading models), which starts over with this config."""
         run = cls(path)
-        if run.path.exists() and any(run.path.iterdir()):
-            if (run.path / CONFIG).is_file():
-                raise RunFolderError(f"run folder {str(run.path)!r} already holds a search; resume it with "
-                                     f"`evomerge search --resume {run.path}` or choose another run_dir")
-            raise RunFolderError(f"run folder {str(run.path)!r} exists and is not empty")
-        run.path.mkdir(parents=True, exist_ok=True)
+        where = f"run_dir (--run-dir) {str(run.path)!r}"
+        if run.path.exists() and not run.path.is_dir():
+            raise RunFolderError(f"{where} is a file, not a folder; choose another run_dir")
+        if run.path.is_dir() and any(run.path.iterdir()):
+            if not (run.path / CONFIG).is_file():
+                raise RunFolderError(f"{where} exists and is not empty, and it is not a run folder (no {CONFIG}); "
+                                     "choose another run_dir or empty it")
+            lock = acquire_lock(run.path / LOCK, run.path)  # refused while a live search holds it
+            n = _record_count(run.path)
+            # anything else (a staged search's stages/, items/, a checkpoint) is a search's result
+            others = sorted(p.name for p in run.path.iterdir() if p.name not in RESTARTABLE and p.name != LOCK)
+            if n or others:
+                lock.release()
+                held = f"{n} records" if n else ", ".join(others)
+                raise RunFolderError(f"run folder {str(run.path)!r} already holds a search ({held}); resume it "
+                                     f"with `evomerge search --resume {run.path}` (a CONFIG given with it may raise "
+                                     "the budget), or delete the folder or choose another run_dir (--run-dir) to "
+                                     "start a new search")
+            run._lock_fd = lock
+            run._session()
+            atomic_write_text(run.path / CONFIG, config_yaml)
+            return run
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunFolderError(f"{where}: cannot create it: {e.strerror or e}") from None
         run.acquire()
         atomic_write_text(run.path / CONFIG, config_yaml)
         return run
@@ -116,6 +146,8 @@ class RunFolder:
     @classmethod
     def open(cls, path: str | Path) -> RunFolder:
         run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise RunFolderError(f"{str(run.path)!r} is a file, not a run folder")
         if not run.path.is_dir():
             raise RunFolderError(f"run folder {str(run.path)!r} does not exist")
         if not (run.path / CONFIG).is_file():
@@ -123,25 +155,25 @@ class RunFolder:
         return run
 
     def acquire(self) -> None:
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise RunFolderError(f"run folder {str(self.path)!r} is locked by a live search (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        """Takes the run folder's lock (lock.py: a lease that holds on network file systems)."""
+        self._lock_fd = acquire_lock(self.path / LOCK, self.path)
+        self._session()
+
+    def _session(self) -> None:
         with open(self.path / SESSIONS, "a") as f:
             f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}) + "\n")
+
+    @property
+    def lock_lost(self) -> bool:
+        """True when the lease was lost (the heartbeat could not renew it): stop writing."""
+        return self._lock_fd is not None and self._lock_fd.lost
 
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
             self._log = None
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd.release()
             self._lock_fd = None
 
     # ------------------------------------------------------------------ contents

@@ -14,7 +14,8 @@ from evomerge.search.records import EvalRecord
 class Display:
     def __init__(self, quiet: bool, tasks: list[str]):
         self.quiet, self.tasks = quiet, tasks
-        self.console = Console(stderr=True)
+        # soft_wrap: a line is never cut at the console's width (80 columns when not a terminal)
+        self.console = Console(stderr=True, soft_wrap=True)
         self.live: Live | None = None
         self.t0 = time.monotonic()
         self.n_new = 0  # candidates evaluated in this session (for the time estimate)
@@ -26,7 +27,7 @@ class Display:
         self.popsize = 0
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, markup=False)
 
     def start(self, max_generations, popsize: int, records: list) -> None:
         self.max_generations, self.popsize = max_generations, popsize

@@ -16,6 +16,7 @@ from evomerge.evaluation.fitness import FitnessFunction
 from evomerge.evaluation.trial import CandidateBuilder
 from evomerge.execution.local import LocalExecutor
 from evomerge.runs.folder import RunFolder
+from evomerge.runs.frozen import check_tasks_unchanged, load_frozen, record_tasks, with_inline_space
 from evomerge.runs.progress import Display
 from evomerge.search.config import SearchConfig, default_run_dir
 from evomerge.search.jobs import Executor
@@ -79,7 +80,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
         if run_dir is None:
             raise ConfigError("--resume needs the run folder")
         run = RunFolder.open(run_dir)
-        frozen = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))
+        frozen = load_frozen(run)
         if frozen.background is None:  # a run folder from before background work: none
             frozen = frozen.model_copy(update={"background": False})
         if cfg is not None and cfg.background is None:
@@ -87,14 +88,28 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
         if cfg is not None:
             diff = _diff_keys(frozen.search_key(), cfg.search_key())
             if diff:
+                if not run.records():
+                    what = (f"it has no evaluations yet, so `evomerge search CONFIG --run-dir {run_dir}` (without "
+                            "--resume) starts it over with this config")
+                else:
+                    what = (f"to search with this config, choose another run_dir (--run-dir), or delete {run_dir} "
+                            "to start over")
                 raise ConfigError(f"the config differs from the run's frozen config in {', '.join(diff)}; "
-                                  "only the budget (and threads) may change on resume")
+                                  f"only the budget (and threads) may change on resume: {what}")
         run.acquire()
-        if cfg is not None and (cfg.budget, cfg.threads) != (frozen.budget, frozen.threads):
-            frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
-            run.write_text("config.yaml", frozen.to_yaml())
-        cfg = frozen
-        evaluators = validate(cfg)
+        try:
+            if cfg is not None and (cfg.budget, cfg.threads) != (frozen.budget, frozen.threads):
+                frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
+                run.write_text("config.yaml", frozen.to_yaml())
+            if isinstance(frozen.search_space, str):  # a run folder from before inline spaces: freeze it now
+                frozen = with_inline_space(frozen)
+                run.write_text("config.yaml", frozen.to_yaml())
+            cfg = frozen
+            evaluators = validate(cfg)
+            check_tasks_unchanged(run, evaluators)
+        except BaseException:
+            run.close()
+            raise
     else:
         if cfg is None:
             raise ConfigError("a config is needed to start a search")
@@ -102,7 +117,13 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
         if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
             cfg = cfg.model_copy(update={"background": uses_ray})
         run_dir = Path(run_dir or cfg.run_dir or default_run_dir(config_path))
+        cfg = with_inline_space(cfg)  # the run folder is self-contained: see runs/frozen.py
         run = RunFolder.create(run_dir, cfg.to_yaml())
+        try:
+            record_tasks(run, evaluators)
+        except BaseException:
+            run.close()
+            raise
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -9,6 +9,7 @@ Validation happens in three steps, all before any model weights are read:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from evomerge.core.data import data_dir
 from evomerge.core.errors import ConfigError
 from evomerge.core.validation import format_errors
 from evomerge.evaluation.tasks import TaskConfig
@@ -31,7 +33,21 @@ from evomerge.search.optimizers import OPTIMIZERS
 from evomerge.search.spaces.dataflow import DfsSpace
 from evomerge.search.spaces.parameter import SearchSpace
 
-REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+# the repository's search_spaces/, or the copy an installed wheel carries (core/data.py)
+REPO_SPACES = data_dir("search_spaces")
+
+# Upper bounds on the sizes a config may ask for: far above any search this tool is meant for, low
+# enough that a typo (popsize: 1000000000) is refused at load time instead of exhausting memory.
+MAX_POPSIZE = 10_000
+MAX_GENERATIONS = 1_000_000
+MAX_EVALUATIONS = 10_000_000
+MAX_TIME_LIMIT_S = 366 * 24 * 3600.0  # a year
+MAX_ITEMS = 1_000_000  # tasks[].limit and racing stage sizes: items per task
+MAX_STAGES = 10
+MAX_RESCORE_TOP_K = 1_000
+MAX_BATCH_SIZE = 65_536
+MAX_THREADS = 1_024
+MAX_FEWSHOT = 1_000
 
 
 def _space_kind(v: Any) -> str:
@@ -52,7 +68,7 @@ class _Strict(BaseModel):
 
 class OptimizerConfig(_Strict):
     name: str = Field("cma", description=f"one of {', '.join(OPTIMIZERS)}")
-    popsize: int | None = Field(None, ge=2, description="population per generation (default: 4 + 3 ln n)")
+    popsize: int | None = Field(None, ge=2, le=MAX_POPSIZE, description="population per generation (default: 4 + 3 ln n)")
     sigma0: float | None = Field(None, gt=0, le=1, description="initial step (default: the space's sigma0)")
     sampler: str = Field("CmaEsSampler", description="with name: optuna, an Optuna sampler class name")
     sampler_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the sampler")
@@ -92,20 +108,24 @@ class RacingConfig(_Strict):
     def _increasing(cls, v: list[int | None]) -> list[int | None]:
         if len(v) < 2:
             raise ValueError("racing needs at least two stages")
+        if len(v) > MAX_STAGES:
+            raise ValueError(f"at most {MAX_STAGES} stages (got {len(v)})")
         if any(n is None for n in v[:-1]):
             raise ValueError("only the last stage may be null (the whole split)")
         sizes = [n for n in v if n is not None]
         if any(n < 1 for n in sizes):
             raise ValueError(f"stage sizes must be >= 1 (got {v})")
+        if any(n > MAX_ITEMS for n in sizes):
+            raise ValueError(f"stage sizes must be <= {MAX_ITEMS} items (got {v}; null scores the whole split)")
         if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)):
             raise ValueError(f"stage sizes must increase strictly (got {v})")
         return v
 
 
 class BudgetConfig(_Strict):
-    generations: int | None = Field(None, gt=0)
-    evaluations: int | None = Field(None, gt=0, description="rounded up to whole generations")
-    time_limit_s: float | None = Field(None, gt=0, description="wall-clock limit; NOT reproducible")
+    generations: int | None = Field(None, gt=0, le=MAX_GENERATIONS)
+    evaluations: int | None = Field(None, gt=0, le=MAX_EVALUATIONS, description="rounded up to whole generations")
+    time_limit_s: float | None = Field(None, gt=0, le=MAX_TIME_LIMIT_S, description="wall-clock limit; NOT reproducible")
 
     @model_validator(mode="after")
     def _one(self) -> BudgetConfig:
@@ -126,8 +146,8 @@ class SearchConfig(_Strict):
     tasks: list[TaskConfig] = Field(min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
-    batch_size: int = Field(32, ge=1, description="fixed lm-eval batch size")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description="fixed lm-eval batch size")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="torch CPU threads")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     budget: BudgetConfig
     seed: int = Field(0, description="seeds the optimizer and the evaluation subsets")
@@ -136,7 +156,7 @@ class SearchConfig(_Strict):
                                         "promoting the better fraction; default: {stages: [30, 100, null], keep: "
                                         "0.25} when no task has a limit (and the optimizer is not nsga2), else off; "
                                         "null: off")
-    rescore_top_k: int = Field(3, ge=1, description="candidates re-scored on the full dev split at the end")
+    rescore_top_k: int = Field(3, ge=1, le=MAX_RESCORE_TOP_K, description="candidates re-scored on the full dev split at the end")
     penalty_fitness: float = Field(-1.0, description="fitness of a failed or non-finite candidate")
     background: bool | None = Field(None, description="during the search, re-score the top candidates on the "
                                     "full dev split and score each new best on the test split (work that "
@@ -166,6 +186,16 @@ class SearchConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"task(s) listed twice: {', '.join(sorted(dup))}")
+        for i, t in enumerate(v):
+            if t.limit is not None and t.limit > MAX_ITEMS:
+                raise ValueError(f"{i}.limit: at most {MAX_ITEMS} items (got {t.limit}; null scores the whole split)")
+            if t.num_fewshot is not None and t.num_fewshot > MAX_FEWSHOT:
+                raise ValueError(f"{i}.num_fewshot: at most {MAX_FEWSHOT} (got {t.num_fewshot})")
+            if not math.isfinite(t.weight):
+                raise ValueError(f"{i}.weight: must be a finite number (got {t.weight})")
+        if all(t.weight == 0 for t in v):
+            raise ValueError("every task has weight 0, so the fitness is 0 for every candidate; give at least "
+                             "one task a non-zero weight")
         return v
 
     @model_validator(mode="after")

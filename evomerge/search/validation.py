@@ -42,18 +42,58 @@ def check_sources(cfg: SearchConfig) -> int:
         if c.get("auto_map") and not cfg.trust_remote_code:
             raise ConfigError(f"{field}: {name!r} needs its own Python code (auto_map in config.json); set "
                               "trust_remote_code: true in the config only if you trust that code")
+    _check_weight_files(cfg, named)
     ref_field, ref_name, ref = configs[0]
     for field, name, c in configs[1:]:
         for key in ("model_type", "hidden_size", *LAYER_COUNT_KEYS, "n_embd"):
             if c.get(key) != ref.get(key):
                 raise ConfigError(f"{field}: {name!r} has {key}={c.get(key)!r} but {ref_field} "
                                   f"{ref_name!r} has {ref.get(key)!r}")
+    _check_tokenizers(named)
     n_layers = layer_count(ref)[1]
     k = space.granularity.layers_per_group
     if n_layers and k != "all" and n_layers % k:
         raise ConfigError(f"search_space.granularity.layers_per_group: {k} does not divide the "
                           f"{n_layers} layers of the models")
     return n_layers or 0
+
+
+def _check_weight_files(cfg: SearchConfig, named: list[tuple[str, str]]) -> None:
+    """Pickled weights are refused here, naming the config key that allows them (the loaders'
+    messages name the --allow-pickle flag of `evomerge merge` and `evomerge eval`)."""
+    from pathlib import Path
+
+    for field, name in named:
+        path = Path(name).expanduser()
+        if cfg.allow_pickle or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
+            continue
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if pickles:
+            raise ConfigError(f"{field}: {name!r} has only pickled weights ({', '.join(pickles)}); pickles can "
+                              "run code when loaded: convert them to safetensors, or set allow_pickle: true in "
+                              "the search config if you trust the files")
+
+
+def _check_tokenizers(named: list[tuple[str, str]]) -> None:
+    """The sources share one tokenizer: a search has no tokenizer_source to merge others."""
+    from evomerge.models.sources import (
+        MergeError,
+        describe_tokenizer_difference,
+        has_tokenizer_files,
+        tokenizer_info,
+    )
+
+    try:
+        infos = [(f, n, tokenizer_info(n, n)) for f, n in named if has_tokenizer_files(n)]
+    except MergeError as e:
+        raise ConfigError(str(e)) from None
+    for field, name, info in infos[1:]:
+        ref_field, ref_name, ref = infos[0]
+        if info != ref:
+            raise ConfigError(f"{field}: {name!r} and {ref_field} {ref_name!r} have different tokenizers: "
+                              f"{describe_tokenizer_difference(info, ref)}; a search merges models that share "
+                              "one tokenizer (its config has no tokenizer_source): give models with the same "
+                              "tokenizer, or merge these with `evomerge merge` and a recipe's tokenizer_source")
 
 
 def check_dfs_sources(cfg: SearchConfig) -> list[int]:
@@ -65,6 +105,7 @@ def check_dfs_sources(cfg: SearchConfig) -> list[int]:
         raise ConfigError("base_model: a data-flow (kind: dfs) search has no base model; model A is "
                           "the first of models")
     configs = [(f"models.{i}", m, _read_config_json(m, f"models.{i}")) for i, m in enumerate(cfg.models)]
+    _check_weight_files(cfg, [(f, m) for f, m, _ in configs])
     ref_field, ref_name, ref = configs[0]
     for field, name, c in configs:
         try:
