@@ -36,7 +36,7 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 import torch  # noqa: E402
 
-from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.core.env import quiet_libraries  # noqa: E402
 from evomerge.evaluation.report import Table  # noqa: E402
 from evomerge.runs.folder import RunFolder  # noqa: E402
 from evomerge.runs.start import run_search  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> int:
     if args.quick:
         args.seeds, args.generations, args.popsize, args.stages, args.top_k = 2, 1, 4, "20,60,all", 1
     stages = [None if s.strip() == "all" else int(s) for s in args.stages.split(",")]
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     build_zoo(args.zoo, ZooParams())
     m = read_manifest(args.zoo)

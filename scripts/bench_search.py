@@ -31,7 +31,7 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.core.env import quiet_libraries  # noqa: E402
 from evomerge.evaluation.evaluator import LmEvalEvaluator  # noqa: E402
 from evomerge.evaluation.report import Table  # noqa: E402
 from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
@@ -62,7 +62,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.evaluations, args.limit, args.top_k = 2, 24, 50, 1
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     build_zoo(args.zoo, ZooParams())
     m = read_manifest(args.zoo)

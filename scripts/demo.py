@@ -23,7 +23,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.core.env import quiet_libraries  # noqa: E402
 from evomerge.cli.main import main as evomerge  # noqa: E402
 from evomerge.evaluation.evaluator import LmEvalEvaluator, TaskResult  # noqa: E402
 from evomerge.evaluation.report import results_table  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     os.chdir(REPO)  # the demo config names models relative to the repository
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 

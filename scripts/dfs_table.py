@@ -18,7 +18,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.core.env import quiet_libraries  # noqa: E402
 from evomerge.cli.main import main as evomerge  # noqa: E402
 from evomerge.evaluation.evaluator import LmEvalEvaluator  # noqa: E402
 from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--runs", type=Path, default=REPO / "runs")
     ap.add_argument("--generations", type=int, default=None, help="override every stage's budget")
     args = ap.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(2)
     zoo, runs = args.zoo.resolve(), args.runs.resolve()
     rows: dict[str, tuple[float | None, Path]] = {}

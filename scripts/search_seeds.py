@@ -23,7 +23,7 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.core.env import quiet_libraries  # noqa: E402
 from evomerge.evaluation.evaluator import LmEvalEvaluator  # noqa: E402
 from evomerge.evaluation.report import Table  # noqa: E402
 from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
-    _quiet_libraries()
+    quiet_libraries()
     build_zoo(args.zoo, ZooParams())
     manifest = read_manifest(args.zoo)
     base = load_causal_lm(args.zoo / manifest["base"])

@@ -26,7 +26,7 @@ import cma  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.core.env import quiet_libraries  # noqa: E402
 from evomerge.evaluation.evaluator import LmEvalEvaluator  # noqa: E402
 from evomerge.evaluation.report import results_table  # noqa: E402
 from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.evals, args.dev_limit = 40, 100
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     build_zoo(args.zoo, ZooParams(threads=args.threads))
     tasks = list(read_manifest(args.zoo)["tasks"].values())

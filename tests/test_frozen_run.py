@@ -82,7 +82,7 @@ def test_an_edited_task_refuses_a_resume(zoo_dir, tmp_path, monkeypatch):
         shutil.copy(EVALS / "zoo_add.yaml", y)
         evaluator._indexed_tasks.cache_clear()
         fake_search(more, resume=True, run_dir=tmp_path / "run")  # restored: resumes
-        assert sum(r["type"] == "generation" for r in RunFolder.open(tmp_path / "run").records()) == 2
+        assert sum(r.type == "generation" for r in RunFolder.open(tmp_path / "run").records()) == 2
     finally:
         evaluator._indexed_tasks.cache_clear()
 

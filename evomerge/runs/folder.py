@@ -104,7 +104,7 @@ def history(records: list) -> list[dict]:
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._lock_fd: RunLock | None = None  # the held lock (name kept: append() checks it)
+        self._lock: RunLock | None = None  # the held lock (append() checks it)
         self._log = None
 
     # ------------------------------------------------------------------ opening
@@ -131,7 +131,7 @@ class RunFolder:
                                      f"with `evomerge search --resume {run.path}` (a CONFIG given with it may raise "
                                      "the budget), or delete the folder or choose another run_dir (--run-dir) to "
                                      "start a new search")
-            run._lock_fd = lock
+            run._lock = lock
             run._session()
             atomic_write_text(run.path / CONFIG, config_yaml)
             return run
@@ -156,7 +156,7 @@ class RunFolder:
 
     def acquire(self) -> None:
         """Takes the run folder's lock (lock.py: a lease that holds on network file systems)."""
-        self._lock_fd = acquire_lock(self.path / LOCK, self.path)
+        self._lock = acquire_lock(self.path / LOCK, self.path)
         self._session()
 
     def _session(self) -> None:
@@ -166,15 +166,15 @@ class RunFolder:
     @property
     def lock_lost(self) -> bool:
         """True when the lease was lost (the heartbeat could not renew it): stop writing."""
-        return self._lock_fd is not None and self._lock_fd.lost
+        return self._lock is not None and self._lock.lost
 
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
             self._log = None
-        if self._lock_fd is not None:
-            self._lock_fd.release()
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ contents
     def config_text(self) -> str:
@@ -191,8 +191,12 @@ class RunFolder:
     def append(self, record: Record) -> None:
         """Appends one record and fsyncs it; the first call cuts off a torn tail, and writes the
         format header into a new log. A record with a non-finite number is refused (JSON has none)."""
-        if self._lock_fd is None:
+        if self._lock is None:
             raise RuntimeError("append without holding the run folder's lock")
+        if self._lock.lost:  # another process may own the folder now: writing could corrupt its log
+            raise RunFolderError(f"run folder {str(self.path)!r}: this search lost its lock (its lease was not "
+                                 "renewed in time); nothing more is written. Resume it with "
+                                 f"`evomerge search --resume {self.path}` once no other search uses the folder")
         if self._log is None:
             p = self.path / LOG
             end = 0
