@@ -106,6 +106,15 @@ def test_pickled_weights_are_refused_unless_allowed(zoo_dir, tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelFolderError, match="pickled"):
         evaluate_model_dir(tmp_path, ["zoo_add"])
+    # allowed: the same scores as the safetensors folder it came from
+    tok = load_tokenizer(zoo_dir / "base")
+    tok.save_pretrained(tmp_path)
+    allowed = evaluate_model_dir(tmp_path, ["zoo_add"], split="dev", limit=40, allow_pickle=True)
+    expected = LmEvalEvaluator(["zoo_add"], split="dev").evaluate(model, tok, limit=40)
+    assert {t: r.metrics for t, r in allowed.items()} == {t: r.metrics for t, r in expected.items()}
+    r = _cli("eval", str(tmp_path), "--tasks", "zoo_add", "--limit", "40", "--split", "dev", "--allow-pickle", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["zoo_add"]["metrics"] == expected["zoo_add"].metrics
 
 
 def test_loaders_are_not_reached_for_a_bad_task(zoo_dir, monkeypatch):
