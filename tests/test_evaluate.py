@@ -129,6 +129,24 @@ def test_loaders_are_not_reached_for_a_bad_task(zoo_dir, monkeypatch):
         evaluate_model_dir(zoo_dir / "base", ["zoo_mul"])
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--limit", "-3"], "argument --limit: must be a positive integer (got -3)"),
+    (["--limit", "0"], "argument --limit: must be a positive integer (got 0)"),
+    (["--limit", "ten"], "argument --limit: must be a positive integer (got 'ten')"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer (got 0)"),
+    (["--threads", "-1"], "argument --threads: must be a positive integer (got -1)"),
+    (["--split", "validation"], "task 'zoo_add' has no split 'validation' (it has dev, test)"),
+])
+def test_cli_bad_eval_arguments(zoo_dir, args, message):
+    r = _cli("eval", str(zoo_dir / "base"), "--tasks", "zoo_add", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bad_limit_in_python():
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        evaluate_model_dir("nowhere", ["zoo_add"], limit=-3)
+
+
 def test_cli_unknown_task(zoo_dir):
     r = _cli("eval", str(zoo_dir / "base"), "--tasks", "zoo_addd")
     assert r.returncode == 2 and "did you mean zoo_add" in r.stderr and "Traceback" not in r.stderr

@@ -220,6 +220,8 @@ def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[str], *, split: st
                        dtype: str = "float32", allow_pickle: bool = False,
                        trust_remote_code: bool = False) -> dict[str, TaskResult]:
     """``evomerge eval``: loads a model folder and scores it with the same evaluator as in memory."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer (got {limit!r})")
     check_model_dir(model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)  # fails before tasks load
     evaluator = LmEvalEvaluator(tasks, split=split, batch_size=batch_size)  # unknown tasks fail first
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
