@@ -142,6 +142,11 @@ def test_cli_bad_eval_arguments(zoo_dir, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_eval_help_says_task_folders_are_trusted_code():
+    r = _cli("eval", "--help")
+    assert r.returncode == 0 and "trusted code" in " ".join(r.stdout.split())
+
+
 def test_bad_limit_in_python():
     with pytest.raises(ValueError, match="limit must be a positive integer"):
         evaluate_model_dir("nowhere", ["zoo_add"], limit=-3)

@@ -83,9 +83,11 @@ def _positive_int(text: str) -> int:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a model folder with lm-eval tasks",
                        description="Runs lm-eval (Hugging Face backend) on a model folder and prints the task "
-                       "metrics. The zoo tasks (zoo_add, zoo_rev, zoo_sub; tag: zoo) are found in evals/; any "
+                       "metrics. The zoo tasks (zoo_add, zoo_rev, zoo_sub; tag: zoo; and zoo_rev_2shot, 2-shot) are found "
+                       "in evals/; any "
                        "registered lm-eval task name also works when its data is available; more task folders "
-                       "can be added with EVOMERGE_TASKS=dir1:dir2.")
+                       "can be added with EVOMERGE_TASKS=dir1:dir2. Task folders are trusted code: a task YAML's "
+                       "'!function' runs Python from its folder, with your permissions; add only folders you trust.")
     p.add_argument("model_dir", type=Path, help="Hugging Face model folder (safetensors)")
     p.add_argument("--tasks", nargs="+", default=["zoo_add", "zoo_rev", "zoo_sub"],
                    help="task names, space or comma separated (default: the three zoo tasks)")
