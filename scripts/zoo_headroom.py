@@ -7,6 +7,7 @@ table (every zoo model and the plain merges). The zoo passes when the winner's m
 0.05 above the best specialist's and above every plain merge.
 
     python scripts/zoo_headroom.py --zoo artifacts/zoo [--evals 150] [--seed 0] [--quick]
+    python scripts/zoo_headroom.py --zoo artifacts/zoo --table-only --markdown   # the README's zoo table
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import cma  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from evomerge.cli.main import _quiet_libraries  # noqa: E402
+from evomerge.core.env import quiet_libraries  # noqa: E402
 from evomerge.evaluation.evaluator import LmEvalEvaluator  # noqa: E402
 from evomerge.evaluation.report import results_table  # noqa: E402
 from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
@@ -80,13 +81,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="40 evaluations, 100 dev items: a smoke run")
     ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    ap.add_argument("--table-only", action="store_true", help="only the zoo table (zoo models and plain merges, "
+                    "test split), no search: about a minute")
     args = ap.parse_args()
     if args.quick:
         args.evals, args.dev_limit = 40, 100
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     build_zoo(args.zoo, ZooParams(threads=args.threads))
     tasks = list(read_manifest(args.zoo)["tasks"].values())
+    if args.table_only:
+        table = results_table(zoo_scores(args.zoo, batch_size=64), title="zoo table, test split")
+        table.print()
+        if args.markdown:
+            print(table.markdown())
+        return 0
 
     merger = InPlaceTaskArithmetic(args.zoo)
     dev = LmEvalEvaluator(tasks, split="dev", batch_size=64)
