@@ -30,3 +30,17 @@ def load_rev(**kwargs) -> datasets.DatasetDict:
 
 def load_sub(**kwargs) -> datasets.DatasetDict:
     return _load("sub")
+
+
+def load_rev_2shot(**kwargs) -> datasets.DatasetDict:
+    """zoo_rev's dev and test, plus the examples that the 2-shot prompts are drawn from."""
+    splits = dict(_load("rev"))
+    splits.update(_load("rev_2shot"))
+    return datasets.DatasetDict(splits)
+
+
+def acc_and_ll(doc, results) -> dict:
+    """Per-item metrics of a loglikelihood task: exact match (lm-eval's ``acc``) and ``ll``, the
+    answer's log-likelihood (a graded score where exact match is near 0 for every model)."""
+    ll, is_greedy = results[0]
+    return {"acc": int(is_greedy), "ll": float(ll)}

@@ -18,8 +18,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from evomerge.core.env import quiet_libraries  # noqa: E402
 from evomerge.cli.main import main as evomerge  # noqa: E402
+from evomerge.core.env import quiet_libraries  # noqa: E402
 from evomerge.evaluation.evaluator import LmEvalEvaluator  # noqa: E402
 from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
 from evomerge.runs.folder import RunFolder  # noqa: E402

@@ -7,6 +7,7 @@ table (every zoo model and the plain merges). The zoo passes when the winner's m
 0.05 above the best specialist's and above every plain merge.
 
     python scripts/zoo_headroom.py --zoo artifacts/zoo [--evals 150] [--seed 0] [--quick]
+    python scripts/zoo_headroom.py --zoo artifacts/zoo --table-only --markdown   # the README's zoo table
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="40 evaluations, 100 dev items: a smoke run")
     ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    ap.add_argument("--table-only", action="store_true", help="only the zoo table (zoo models and plain merges, "
+                    "test split), no search: about a minute")
     args = ap.parse_args()
     if args.quick:
         args.evals, args.dev_limit = 40, 100
@@ -87,6 +90,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     build_zoo(args.zoo, ZooParams(threads=args.threads))
     tasks = list(read_manifest(args.zoo)["tasks"].values())
+    if args.table_only:
+        table = results_table(zoo_scores(args.zoo, batch_size=64), title="zoo table, test split")
+        table.print()
+        if args.markdown:
+            print(table.markdown())
+        return 0
 
     merger = InPlaceTaskArithmetic(args.zoo)
     dev = LmEvalEvaluator(tasks, split="dev", batch_size=64)

@@ -28,6 +28,9 @@ def test_splits_are_disjoint_and_sized():
             assert len(rows) == n
             prompts[split] = {r["prompt"] for r in rows}
         assert not prompts["dev"] & prompts["test"], skill
+    shots = {json.loads(x)["prompt"] for x in (REPO / "evals/data/rev_2shot/fewshot.jsonl").read_text().splitlines()}
+    rev = {json.loads(x)["prompt"] for s in EVAL_SPLITS for x in (REPO / f"evals/data/rev/{s}.jsonl").read_text().splitlines()}
+    assert len(shots) == 50 and not shots & rev  # zoo_rev_2shot's examples are no dev or test item
 
 
 @pytest.mark.parametrize("split", ["dev", "test"])

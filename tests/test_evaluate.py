@@ -106,6 +106,15 @@ def test_pickled_weights_are_refused_unless_allowed(zoo_dir, tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelFolderError, match="pickled"):
         evaluate_model_dir(tmp_path, ["zoo_add"])
+    # allowed: the same scores as the safetensors folder it came from
+    tok = load_tokenizer(zoo_dir / "base")
+    tok.save_pretrained(tmp_path)
+    allowed = evaluate_model_dir(tmp_path, ["zoo_add"], split="dev", limit=40, allow_pickle=True)
+    expected = LmEvalEvaluator(["zoo_add"], split="dev").evaluate(model, tok, limit=40)
+    assert {t: r.metrics for t, r in allowed.items()} == {t: r.metrics for t, r in expected.items()}
+    r = _cli("eval", str(tmp_path), "--tasks", "zoo_add", "--limit", "40", "--split", "dev", "--allow-pickle", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["zoo_add"]["metrics"] == expected["zoo_add"].metrics
 
 
 def test_loaders_are_not_reached_for_a_bad_task(zoo_dir, monkeypatch):
@@ -118,6 +127,29 @@ def test_loaders_are_not_reached_for_a_bad_task(zoo_dir, monkeypatch):
     monkeypatch.setattr(ev_mod, "load_tokenizer", boom)
     with pytest.raises(ValueError, match="unknown lm-eval task 'zoo_mul'"):
         evaluate_model_dir(zoo_dir / "base", ["zoo_mul"])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--limit", "-3"], "argument --limit: must be a positive integer (got -3)"),
+    (["--limit", "0"], "argument --limit: must be a positive integer (got 0)"),
+    (["--limit", "ten"], "argument --limit: must be a positive integer (got 'ten')"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer (got 0)"),
+    (["--threads", "-1"], "argument --threads: must be a positive integer (got -1)"),
+    (["--split", "validation"], "task 'zoo_add' has no split 'validation' (it has dev, test)"),
+])
+def test_cli_bad_eval_arguments(zoo_dir, args, message):
+    r = _cli("eval", str(zoo_dir / "base"), "--tasks", "zoo_add", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_eval_help_says_task_folders_are_trusted_code():
+    r = _cli("eval", "--help")
+    assert r.returncode == 0 and "trusted code" in " ".join(r.stdout.split())
+
+
+def test_bad_limit_in_python():
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        evaluate_model_dir("nowhere", ["zoo_add"], limit=-3)
 
 
 def test_cli_unknown_task(zoo_dir):

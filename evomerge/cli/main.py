@@ -74,22 +74,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of the eval counts: a bad value is a usage error (exit code 2), not a late
+    message from deep inside lm-eval."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
+    return value
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a model folder with lm-eval tasks",
                        description="Runs lm-eval (Hugging Face backend) on a model folder and prints the task "
-                       "metrics. The zoo tasks (zoo_add, zoo_rev, zoo_sub; tag: zoo) are found in evals/; any "
+                       "metrics. The zoo tasks (zoo_add, zoo_rev, zoo_sub; tag: zoo; and zoo_rev_2shot, 2-shot) are found "
+                       "in evals/; any "
                        "registered lm-eval task name also works when its data is available; more task folders "
-                       "can be added with EVOMERGE_TASKS=dir1:dir2.")
+                       "can be added with EVOMERGE_TASKS=dir1:dir2. Task folders are trusted code: a task YAML's "
+                       "'!function' runs Python from its folder, with your permissions; add only folders you trust.")
     p.add_argument("model_dir", type=Path, help="Hugging Face model folder (safetensors)")
     p.add_argument("--tasks", nargs="+", default=["zoo_add", "zoo_rev", "zoo_sub"],
                    help="task names, space or comma separated (default: the three zoo tasks)")
     p.add_argument("--split", default="test", help="dataset split to score: dev or test for the zoo tasks; "
                    "'default' keeps each task's own (default: test)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
-    p.add_argument("--batch-size", type=int, default=32, help="fixed batch size (default 32; never 'auto')")
+    p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N items of each task")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="fixed batch size (default 32; never 'auto')")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (can run code)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     p.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")

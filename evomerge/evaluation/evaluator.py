@@ -8,13 +8,21 @@ Settings that make scores reproducible (see shared conventions): a fixed batch s
 padding changes logits), ``bootstrap_iters=0``, lm-eval's response cache off, and no reseeding of
 the global random generators (``lm_eval.evaluator.evaluate`` is called directly, not
 ``simple_evaluate``, which reseeds Python, NumPy and torch on every call).
+
+Few-shot examples are drawn per document: lm-eval's sampler holds one ``random.Random`` that is
+seeded once and advances with every prompt it builds, so an item's examples would depend on what
+was evaluated before it (evaluation order, worker, resume point, item subset). Each prompt is
+built from a generator seeded by (few-shot seed, the document's content) instead.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import json
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +125,25 @@ def _quiet_hflm():
     return QuietHFLM
 
 
+class _PerDocFewshot:
+    """A task's ``fewshot_context`` with the few-shot generator reseeded from (seed, document) on
+    every call, so that a document's prompt does not depend on the prompts built before it."""
+
+    def __init__(self, task, seed: int):
+        self.task, self.seed, self.inner = task, seed, task.fewshot_context
+
+    def rnd(self, doc) -> random.Random:
+        key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+        return random.Random(f"{self.seed}:{key}")  # str seeds hash with SHA-512: same in every process
+
+    def __call__(self, doc, *args, **kwargs):
+        rnd = self.rnd(doc)
+        self.task.fewshot_rnd = rnd  # lm-eval's plain Task draws from this one
+        if getattr(self.task, "sampler", None) is not None:  # ConfigurableTask's sampler
+            self.task.sampler.rnd = rnd
+        return self.inner(doc, *args, **kwargs)
+
+
 class LmEvalEvaluator:
     """lm-eval's HF backend over an in-memory model; tasks are loaded once at construction.
 
@@ -148,6 +175,7 @@ class LmEvalEvaluator:
             if num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=num_fewshot)
             task.set_fewshot_seed(seed=fewshot_seed)
+            task.fewshot_context = _PerDocFewshot(task, fewshot_seed)
 
     def metric_names(self, task: str) -> list[str]:
         """The metrics a task reports (from its config; no model needed)."""
@@ -198,6 +226,8 @@ def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[str], *, split: st
                        dtype: str = "float32", allow_pickle: bool = False,
                        trust_remote_code: bool = False) -> dict[str, TaskResult]:
     """``evomerge eval``: loads a model folder and scores it with the same evaluator as in memory."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer (got {limit!r})")
     check_model_dir(model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)  # fails before tasks load
     evaluator = LmEvalEvaluator(tasks, split=split, batch_size=batch_size)  # unknown tasks fail first
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)

@@ -26,7 +26,12 @@ import numpy as np
 
 from evomerge.core.io import atomic_write_bytes
 from evomerge.evaluation.fitness import FitnessFunction, Samples
-from evomerge.evaluation.trial import TrialResult
+from evomerge.evaluation.trial import (
+    TrialResult,
+    finite_metrics,
+    non_finite_metrics,
+    non_finite_reason,
+)
 
 ITEMS = "items"
 
@@ -144,6 +149,9 @@ class ItemStore:
         merge_s = partial.merge_s if partial else 0.0
         eval_s = partial.eval_s if partial else 0.0
         worker = partial.worker if partial else "items"
+        if bad := non_finite_metrics(metrics):
+            return TrialResult(h, penalty, "failed", non_finite_reason(bad), finite_metrics(metrics), items, merge_s,
+                               eval_s, worker)
         if not np.isfinite(total):
             return TrialResult(h, penalty, "failed", f"non-finite fitness {total}", metrics, items, merge_s, eval_s,
                                worker)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,6 +57,20 @@ def non_finite_tensor(model: torch.nn.Module) -> str | None:
     return None
 
 
+def non_finite_metrics(metrics: dict[str, dict[str, float]]) -> list[str]:
+    """The task metrics that are NaN or infinite, as ``task:metric=value``."""
+    return [f"{t}:{m}={v}" for t, ms in metrics.items() for m, v in ms.items() if not math.isfinite(v)]
+
+
+def finite_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``metrics`` without its non-finite values (the run log is strict JSON: no NaN, no Infinity)."""
+    return {t: {m: v for m, v in ms.items() if math.isfinite(v)} for t, ms in metrics.items()}
+
+
+def non_finite_reason(bad: list[str]) -> str:
+    return f"non-finite metric {', '.join(bad)}"
+
+
 def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunction, tokenizer,
               samples: Samples, penalty: float) -> TrialResult:
     """Builds ``recipe`` in place and scores it on ``samples`` (task -> items; None: full split)."""
@@ -72,6 +87,9 @@ def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunctio
         eval_s = time.perf_counter() - t1
     except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:  # a bad candidate, not a bad search
         return TrialResult(h, penalty, "failed", f"{type(e).__name__}: {e}", merge_s=time.perf_counter() - t0)
+    if bad := non_finite_metrics(score.metrics):  # even one the fitness does not use (a perplexity, say)
+        return TrialResult(h, penalty, "failed", non_finite_reason(bad), finite_metrics(score.metrics), score.items,
+                           merge_s, eval_s)
     if not np.isfinite(score.fitness):
         return TrialResult(h, penalty, "failed", f"non-finite fitness {score.fitness}", score.metrics, score.items,
                            merge_s, eval_s)

@@ -24,7 +24,15 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from evomerge.evaluation.fitness import FitnessFunction
-from evomerge.evaluation.trial import CandidateBuilder, TrialResult, run_trial, test_metrics
+from evomerge.evaluation.trial import (
+    CandidateBuilder,
+    TrialResult,
+    finite_metrics,
+    non_finite_metrics,
+    non_finite_reason,
+    run_trial,
+    test_metrics,
+)
 from evomerge.recipes.layer_path import AnyRecipe
 from evomerge.search.jobs import BackgroundWork, EvalJob
 
@@ -32,7 +40,8 @@ from evomerge.search.jobs import BackgroundWork, EvalJob
 def run_job(job: EvalJob, builder: CandidateBuilder, fitness: FitnessFunction, tokenizer, *, penalty: float,
             batch_size: int) -> TrialResult:
     """One job, in this process: a trial, or (kind "test") the recipe's test-split metrics, whose
-    ``fitness`` is the weighted sum over the tasks (NaN when a task has no test split)."""
+    ``fitness`` is the weighted sum over the tasks (NaN when a task has no test split). A non-finite
+    metric makes it a failed job, with that metric left out of its (JSON-safe) metrics."""
     if job.kind != "test":
         return run_trial(job.recipe, builder, fitness, tokenizer, job.samples, penalty)
     h = job.recipe.hash()
@@ -41,6 +50,9 @@ def run_job(job: EvalJob, builder: CandidateBuilder, fitness: FitnessFunction, t
         metrics = test_metrics(job.recipe, builder, fitness.tasks, tokenizer, batch_size)
     except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
         return TrialResult(h, math.nan, "failed", f"{type(e).__name__}: {e}", eval_s=time.perf_counter() - t0)
+    if bad := non_finite_metrics(metrics):
+        return TrialResult(h, math.nan, "failed", non_finite_reason(bad), finite_metrics(metrics), {}, 0.0,
+                           time.perf_counter() - t0)
     total = sum(t.weight * metrics[t.name][t.metric] if t.name in metrics else math.nan for t in fitness.tasks)
     return TrialResult(h, float(total), "ok", None, metrics, {}, 0.0, time.perf_counter() - t0)
 
@@ -68,7 +80,7 @@ class LocalExecutor:
                        batch_size=self.batch_size)
 
     def test_metrics(self, recipe: AnyRecipe) -> dict[str, dict[str, float]]:
-        return test_metrics(recipe, self.builder, self.fitness.tasks, self.tokenizer, self.batch_size)
+        return finite_metrics(test_metrics(recipe, self.builder, self.fitness.tasks, self.tokenizer, self.batch_size))
 
     def close(self) -> None:
         pass

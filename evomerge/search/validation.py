@@ -6,6 +6,9 @@ lm-eval task configs). They run before a run folder is created, so a bad config 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from evomerge.core.errors import ConfigError
 from evomerge.models.architectures import LAYER_COUNT_KEYS, layer_count
 from evomerge.search.config import SearchConfig
@@ -24,6 +27,36 @@ def _read_config_json(name: str, field: str) -> dict:
         raise ConfigError(f"{field}: {e}") from None
 
 
+def _tokenizer_auto_map(name: str) -> bool:
+    p = Path(name).expanduser() / "tokenizer_config.json"
+    try:
+        return bool(json.loads(p.read_text(encoding="utf-8")).get("auto_map")) if p.is_file() else False
+    except (OSError, ValueError):
+        return False  # an unreadable tokenizer config is the tokenizer loader's error to report
+
+
+def check_no_remote_code(cfg: SearchConfig, field: str, name: str, config: dict, *,
+                         reads_tokenizers: bool = True) -> None:
+    """A source whose model or tokenizer needs its own Python code (``auto_map``): refused without
+    ``trust_remote_code: true``. With it, a model's own code is refused too: the candidate builders
+    (the in-place merger, the data-flow path builder) build transformers' own architectures. So is a
+    tokenizer's own code where the merge engine reads the sources' tokenizers (``reads_tokenizers``,
+    parameter-space merges: it loads them without remote code). ``trust_remote_code`` reaches the
+    loaders that take it: the search's tokenizer, in process and on every worker."""
+    what = ("model" if config.get("auto_map") else "tokenizer" if _tokenizer_auto_map(name) else None)
+    if what is None:
+        return
+    where = "config.json" if what == "model" else "tokenizer_config.json"
+    if not cfg.trust_remote_code:
+        raise ConfigError(f"{field}: {name!r} needs its own Python code (auto_map in {where}); set "
+                          "trust_remote_code: true in the config only if you trust that code")
+    if what == "tokenizer" and not reads_tokenizers:
+        return
+    raise ConfigError(f"{field}: {name!r} needs its own Python code (auto_map in {where}), which evomerge's "
+                      "merges cannot run even with trust_remote_code: true (the merge engine builds "
+                      "transformers' own architectures and reads source tokenizers without remote code)")
+
+
 def check_sources(cfg: SearchConfig) -> int:
     """Model folders exist and agree on architecture and size; returns the layer count."""
     from evomerge.methods.registry import get_method
@@ -39,9 +72,7 @@ def check_sources(cfg: SearchConfig) -> int:
         named.insert(0, ("base_model", cfg.base_model))
     configs = [(field, name, _read_config_json(name, field)) for field, name in named]
     for field, name, c in configs:
-        if c.get("auto_map") and not cfg.trust_remote_code:
-            raise ConfigError(f"{field}: {name!r} needs its own Python code (auto_map in config.json); set "
-                              "trust_remote_code: true in the config only if you trust that code")
+        check_no_remote_code(cfg, field, name, c)
     _check_weight_files(cfg, named)
     ref_field, ref_name, ref = configs[0]
     for field, name, c in configs[1:]:
@@ -108,6 +139,7 @@ def check_dfs_sources(cfg: SearchConfig) -> list[int]:
     _check_weight_files(cfg, [(f, m) for f, m, _ in configs])
     ref_field, ref_name, ref = configs[0]
     for field, name, c in configs:
+        check_no_remote_code(cfg, field, name, c, reads_tokenizers=False)
         try:
             arch_spec(c, name)
         except ValueError as e:
