@@ -46,7 +46,7 @@ def ray_processes(tmp: str) -> list[psutil.Process]:
 
 def worker_pids(run_dir: Path) -> set[int]:
     return {int(r.worker.rsplit(":", 1)[1]) for r in RunFolder.open(run_dir).records()
-            if ":" in str(r.get("worker", ""))}
+            if ":" in str(getattr(r, "worker", None) or "")}
 
 
 def assert_gone(pids, tmp: str, timeout: float = 30) -> None:
@@ -58,3 +58,58 @@ def assert_gone(pids, tmp: str, timeout: float = 30) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"Ray left behind: workers {alive}, processes {[p.pid for p in left]}")
+
+
+class KillingBuilder:
+    """A candidate builder that makes its worker kill itself (SIGKILL) right after a merge: at the
+    ``at``-th build counted across every worker (in ``folder``), and again each time that recipe
+    is built, ``times`` kills in all. The fault the executor must survive, injected from the test."""
+
+    def __init__(self, inner, at: int, times: int, folder: str):
+        self.inner, self.at, self.times, self.state = inner, at, times, Path(folder) / "kills.json"
+
+    @property
+    def model(self):
+        return self.inner.model
+
+    def build(self, recipe):
+        import fcntl
+        import json
+        import os
+        import signal
+
+        model = self.inner.build(recipe)
+        with open(self.state.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            s = json.loads(self.state.read_text()) if self.state.is_file() else {"builds": 0, "target": None, "kills": 0}
+            s["builds"] += 1
+            if s["target"] is None and s["builds"] == self.at:
+                s["target"] = recipe.hash()
+            die = s["target"] == recipe.hash() and s["kills"] < self.times
+            s["kills"] += die
+            self.state.write_text(json.dumps(s))
+        if die:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return model
+
+
+def killing_builder(at: int, times: int, folder: Path):
+    """A builder factory for `run_search(builder_factory=...)`: the usual builder, wrapped."""
+    import sys
+
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not import tests/
+
+    def factory(cfg):
+        from evomerge.evaluation.trial import make_builder
+
+        return KillingBuilder(make_builder(cfg), at, times, str(folder))
+
+    return factory
+
+
+def kills(folder: Path) -> int:
+    import json
+
+    return json.loads((Path(folder) / "kills.json").read_text())["kills"]

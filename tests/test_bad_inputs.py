@@ -303,17 +303,22 @@ def test_disk_full_during_materialize_leaves_nothing_partial(finished, tmp_path,
 
 
 # ------------------------------------------------------------------ search: retries, hints, run_dir
-def test_a_search_that_failed_loading_models_can_be_retried(zoo_dir, tmp_path, capsys):
-    broken = tmp_path / "broken"
-    shutil.copytree(zoo_dir / "spec_add", broken)
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config.json is fine
-    cfg = write_yaml(tmp_path / "c.yml", search_config(zoo_dir, tmp_path, models=[str(broken), str(zoo_dir / "spec_rev")]))
+def test_a_search_that_failed_loading_models_can_be_retried(zoo_dir, tmp_path, capsys, monkeypatch):
+    import evomerge.evaluation.trial as trial
+    from evomerge.core.errors import MergeError
+
+    def fail_loading(cfg):  # the config checks pass; loading the sources fails (a full disk, say)
+        raise MergeError(f"{cfg.models[0]}: cannot read the weights")
+
+    monkeypatch.setattr(trial, "make_builder", fail_loading)
+    cfg = write_yaml(tmp_path / "c.yml", search_config(zoo_dir, tmp_path))
     rc, _, first = run_cli(capsys, "search", cfg, "--quiet")
-    assert rc == 2 and (tmp_path / "run" / "config.yaml").is_file()
+    assert rc == 2 and "cannot read the weights" in first and (tmp_path / "run" / "config.yaml").is_file()
     assert not (tmp_path / "run" / "lock").exists()
     rc, _, err = run_cli(capsys, "search", cfg, "--quiet")  # the same config: starts over, fails the same way
     assert rc == 2 and "already holds a search" not in err and err == first
-    other = write_yaml(tmp_path / "d.yml", search_config(zoo_dir, tmp_path, models=[str(broken), str(zoo_dir / "spec_sub")]))
+    other = write_yaml(tmp_path / "d.yml", search_config(zoo_dir, tmp_path, models=[str(zoo_dir / "spec_add"),
+                                                                                    str(zoo_dir / "spec_sub")]))
     rc, _, err = run_cli(capsys, "search", other, "--resume", tmp_path / "run")
     assert rc == 2 and "differs from the run's frozen config in models;" in err
     assert f"it has no evaluations yet, so `evomerge search CONFIG --run-dir {tmp_path / 'run'}`" in err

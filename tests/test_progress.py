@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from evomerge.runs.progress import Display
 
 
 def test_quiet_lines_are_not_wrapped(capsys):
     d = Display(quiet=True, tasks=["zoo_add", "zoo_rev"])
     d.start(3, 8, [])
-    best = {"fitness": 0.5, "metrics": {"zoo_add": {"acc": 0.25}, "zoo_rev": {"acc": 0.75}}}
-    d.generation({"generation": 0, "evaluations": 8, "median": 0.125, "max": 0.5}, best)
+    best = SimpleNamespace(fitness=0.5, metrics={"zoo_add": {"acc": 0.25}, "zoo_rev": {"acc": 0.75}})
+    d.generation(SimpleNamespace(generation=0, evaluations=8, median=0.125, max=0.5), best)
     d.message("racing stages [30, 100, None] " + "x" * 150)
     d.close()
     lines = capsys.readouterr().err.splitlines()

@@ -202,7 +202,7 @@ def test_resumed_search_equals_uninterrupted(zoo_dir, tmp_path, monkeypatch, opt
     hit = {"n": 0}
 
     def append(self, rec):
-        if rec.get("type") == "candidate" and rec.get("items_file") and hit["n"] == 0:
+        if rec.type == "candidate" and rec.items_file and hit["n"] == 0:
             hit["n"] = 1
             raise Crash()
         real_append(self, rec)

@@ -4,6 +4,7 @@ mid-evaluation, SIGTERM and resume, and no Ray process left behind."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import time
 
 import pytest
 import yaml
-from ray_helpers import REPO, assert_gone, tiny_config, worker_pids
+from ray_helpers import REPO, assert_gone, killing_builder, kills, tiny_config, worker_pids
 
 from evomerge.runs.folder import LOG, RunFolder, history
 from evomerge.runs.start import run_search
@@ -67,30 +68,31 @@ def test_two_workers_and_in_process_give_the_same_history(zoo_dir, local_ray, re
     assert history(RunFolder.open(tmp_path / "local").records()) == expected
 
 
-def test_a_killed_worker_reruns_its_candidate(zoo_dir, local_ray, reference, tmp_path, monkeypatch, capfd):
-    # candidate (0, 1): the worker kills itself (SIGKILL) mid-evaluation, once
-    monkeypatch.setenv("EVOMERGE_TEST_KILL", f"0/1:1:{tmp_path}")
-    run_search(SearchConfig.from_dict(tiny_config(zoo_dir)), run_dir=tmp_path / "run", quiet=True, workers=2)
+def test_a_killed_worker_reruns_its_candidate(zoo_dir, local_ray, reference, tmp_path, capfd):
+    # the third build (a candidate of generation 0): its worker kills itself (SIGKILL) mid-evaluation, once
+    run_search(SearchConfig.from_dict(tiny_config(zoo_dir)), run_dir=tmp_path / "run", quiet=True, workers=2,
+               builder_factory=killing_builder(3, 1, tmp_path))
     local_ray.update(worker_pids(tmp_path / "run"))
-    assert (tmp_path / "kill-0-1").read_text() == "x"
-    assert "died while scoring candidate g0/1" in capfd.readouterr().err
+    assert kills(tmp_path) == 1
+    assert re.search(r"died while scoring candidate g0/\d", capfd.readouterr().err)
     got = RunFolder.open(tmp_path / "run").records()
     keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
     assert len(keys) == len(set(keys)) == 8  # every candidate exactly once
     assert history(got) == history(RunFolder.open(reference).records())
 
 
-def test_a_candidate_whose_worker_dies_twice_gets_the_penalty(zoo_dir, local_ray, tmp_path, monkeypatch):
-    monkeypatch.setenv("EVOMERGE_TEST_KILL", f"0/2:2:{tmp_path}")
+def test_a_candidate_whose_worker_dies_twice_gets_the_penalty(zoo_dir, local_ray, tmp_path):
     cfg = tiny_config(zoo_dir, budget={"generations": 1}, background=False)
-    run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "run", quiet=True, workers=2)
+    run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "run", quiet=True, workers=2,
+               builder_factory=killing_builder(3, 2, tmp_path))
     local_ray.update(worker_pids(tmp_path / "run"))
+    assert kills(tmp_path) == 2
     got = RunFolder.open(tmp_path / "run").records()
     cands = {(r.generation, r.index): r for r in got if r.type == "candidate"}
     assert len(cands) == 4 and sum(r.type == "candidate" for r in got) == 4
-    bad = cands[(0, 2)]
-    assert bad["status"] == "failed" and bad["fitness"] == -1.0 and "died twice" in bad["reason"]
-    assert all(r.status == "ok" for k, r in cands.items() if k != (0, 2)) and got[-1].type == "final"
+    bad = [r for r in cands.values() if r.status != "ok"]
+    assert len(bad) == 1 and bad[0].fitness == -1.0 and "died twice" in bad[0].reason
+    assert got[-1].type == "final"
 
 
 def test_sigterm_with_ray_workers_then_resume(zoo_dir, reference, tmp_path):

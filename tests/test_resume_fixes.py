@@ -57,7 +57,7 @@ def test_a_stale_optimizer_checkpoint_is_rewritten_on_resume(zoo_dir, tmp_path):
     ref_records = RunFolder.open(ref).records()
     killed = tmp_path / "killed"
     shutil.copytree(ref, killed)
-    (killed / "lock").unlink()
+    (killed / "lock").unlink(missing_ok=True)
     lines = (killed / LOG).read_text().splitlines(keepends=True)
     last_gen = max(i for i, line in enumerate(lines) if json.loads(line)["type"] == "generation")
     (killed / LOG).write_text("".join(lines[:last_gen + 1]))  # no re-score, no final yet

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from evomerge.core.errors import ZooError
 from evomerge.zoo.build import ZooParams, build_zoo, read_manifest
 from evomerge.zoo.train import ModelShape
 
@@ -86,14 +87,14 @@ def test_second_build_does_nothing_and_other_params_are_refused(tmp_path):
     assert "up to date" in said[0]
     assert (out / "base" / "model.safetensors").stat().st_mtime_ns == stamp
     other = ZooParams(shape=TINY.shape, base_steps=41, spec_max_steps=30, val_items=40)
-    with pytest.raises(FileExistsError, match="other parameters"):
+    with pytest.raises(ZooError, match="other parameters"):
         build_zoo(out, other, log=lambda *a: None)
     assert (out / "base" / "model.safetensors").stat().st_mtime_ns == stamp  # nothing lost
 
 
 def test_zoo_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a zoo folder"):
+    with pytest.raises(ZooError, match="not a zoo folder"):
         build_zoo(tmp_path, TINY, log=lambda *a: None)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 

@@ -351,7 +351,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     quiet_libraries()
     out, info = materialize(args.run_dir, args.out, rank=args.rank, dtype=args.dtype, device=args.device,
                             force=args.force, score_test=not args.no_test)
-    print(f"wrote {out} (recipe {info['recipe_hash'][:12]}, search fitness {info['record']['fitness']:.4f})")
+    print(f"wrote {out} (recipe {info['recipe_hash'][:12]}, search fitness {info['record'].fitness:.4f})")
     for task, metrics in info["test"].items():
         print(f"  test {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0

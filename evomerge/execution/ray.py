@@ -40,9 +40,6 @@ START_TIMEOUT_S = float(os.environ.get("EVOMERGE_WORKER_START_TIMEOUT", 900))
 # Environment variables a worker gets from the driver (task folders, offline switches, test hooks).
 FORWARDED_ENV = ("EVOMERGE_", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
                  "TOKENIZERS_PARALLELISM", "TQDM_DISABLE")
-# Test-only fault hook: "G/I:N:DIR" makes a worker kill itself (SIGKILL) while scoring candidate
-# (G, I), the first N times (counted in DIR, across workers and restarts).
-KILL_HOOK = "EVOMERGE_TEST_KILL"
 TEST_KEY = "test-split"
 
 
@@ -119,9 +116,6 @@ class EvalWorker:
         local = job if not self.rename else EvalJob(job.kind, job.generation, job.index, job.genome,
                                                      relocate_recipe(job.recipe, self.rename), job.samples,
                                                      job.eval_key)
-        if _fault_hook(job):  # test-only: killed mid-evaluation, after the merge
-            self.builder.build(local.recipe)
-            os.kill(os.getpid(), signal.SIGKILL)
         res = run_job(local, self.builder, self.fitness, self.tokenizer, penalty=self.cfg.penalty_fitness,
                       batch_size=self.cfg.batch_size)
         if res.status != "ok" and "CUDA error" in (res.reason or ""):
@@ -132,29 +126,6 @@ class EvalWorker:
         res.recipe_hash = job.recipe.hash()
         res.worker = self.name
         return res
-
-
-def _fault_hook(job: EvalJob) -> bool:
-    spec = os.environ.get(KILL_HOOK)
-    if not spec or job.kind != "candidate":
-        return False
-    import fcntl
-
-    target, times, folder = spec.split(":", 2)
-    g, i = (int(v) for v in target.split("/"))
-    if (job.generation, job.index) != (g, i):
-        return False
-    counter = Path(folder) / f"kill-{g}-{i}"
-    with open(counter, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        n = len(f.read())
-        if n >= int(times):
-            return False
-        f.write("x")
-        f.flush()
-        os.fsync(f.fileno())
-    return True
 
 
 # ----------------------------------------------------------------------------- the executor
