@@ -55,6 +55,21 @@ def test_merge_zoo_reloads_and_is_byte_identical(tmp_path, zoo_dir, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 
+def test_merged_folder_has_the_mode_of_mkdir(tmp_path, zoo_dir, capsys):
+    import os
+    import stat
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - {{model: {zoo_dir / 'spec_add'}, parameters: {{weight: 1.0}}}}\n")
+    old = os.umask(0o022)
+    try:
+        assert main(["merge", str(recipe), str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "config.json").stat().st_mode) == 0o644
+
+
 def test_existing_out_dir_refused_without_force(tmp_path, zoo_dir, capsys):
     cfg = ties_yaml(zoo_dir, tmp_path / "ties.yml")
     out = tmp_path / "out"

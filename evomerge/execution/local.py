@@ -1,18 +1,6 @@
-"""The in-process executor: candidates built and scored in this process, one after another.
-
-The interface (`EvalJob`, `Executor`, `BackgroundWork`) is in evomerge/search/jobs.py.
-
-The driver decides *what* is evaluated (a batch of `EvalJob`s: recipe + the items to score) and
-writes what comes back to the log; an executor decides *where*. `LocalExecutor` builds and scores
-in this process, one job after another. `evomerge.execution.ray.RayExecutor` (``--workers N``) scores on
-Ray actors and finishes jobs in any order: the driver logs each result as it arrives.
-
-Background work (``run(jobs, background=...)``): work that does not change the search's decisions
-(the full-dev re-scoring of the current top candidates, the test-split scores of a new best) is
-handed out by a `BackgroundWork` object. A pipelined executor gives it to workers that the batch
-leaves idle, while the batch runs, and may still be running it when ``run`` returns; its results
-go to ``background.done`` (never through ``run``'s iterator). ``run([], background=...)`` runs the
-background work until there is none left and nothing is in flight (a barrier).
+"""The in-process executor (``--workers 0``, the default): candidates built and scored in this
+process, in job order; background work runs only when the search drains it at a barrier.
+The interface it implements (`EvalJob`, `Executor`, `BackgroundWork`): evomerge/search/jobs.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from evomerge.core.io import fsync_dir, write_durable
+from evomerge.core.io import fsync_dir, umask, write_durable
 from evomerge.merge.card import model_card
 from evomerge.merge.plan import (
     DTYPES,
@@ -164,6 +164,7 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
         plan.out_config["dtype"] = _dtype_name(dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # the folder is renamed into place: give it mkdir's mode, not mkdtemp's 0700
     try:
         # Shards are filled in output order and named once their count is known.
         shards: list[list[str]] = [[]]

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from evomerge.core.errors import UsageError
-from evomerge.core.io import atomic_write_text, fsync_dir, umask
+from evomerge.core.io import atomic_write_text, fsync_dir
 from evomerge.runs.export import describe, recipe_from_run
 from evomerge.runs.folder import RunFolder
 from evomerge.search.config import SearchConfig
@@ -65,7 +65,6 @@ def materialize(run_dir: str | Path, out: str | Path, *, rank: int = 1, dtype: s
         if out.exists():
             out.rename(old)
         staging.rename(out)
-        os.chmod(out, 0o777 & ~umask())  # as mkdir would make it (the merge writer stages with mkdtemp: 0700)
         fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
