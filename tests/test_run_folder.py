@@ -85,6 +85,15 @@ def test_a_log_from_a_newer_format_is_refused(tmp_path):
         RunFolder.open(tmp_path / "run").records()
 
 
+def test_a_record_missing_a_field_is_refused_with_what_to_do(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("x: 1\n")
+    old = {k: v for k, v in to_json(RECORDS[0]).items() if k != "eval_key"}
+    (tmp_path / "run" / LOG).write_text(json.dumps(old) + "\n")
+    with pytest.raises(RunFolderError, match="lacks eval_key: .* start a new one"):
+        RunFolder.open(tmp_path / "run").records()
+
+
 def test_a_record_with_a_nan_is_refused_before_it_is_written(tmp_path):
     run = RunFolder.create(tmp_path / "run", "x: 1\n")
     run.append(RECORDS[0])

@@ -155,7 +155,9 @@ def _build(cls, data: dict[str, Any], **nested):
     names = {f.name for f in fields(cls)}
     missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
     if missing:
-        raise RunFolderError(f"a {data.get('type')!r} record lacks {', '.join(missing)}")
+        raise RunFolderError(f"a {data.get('type')!r} record of the run log lacks {', '.join(missing)}: the log "
+                             "was written by an older evomerge than this one reads, or edited; finish that "
+                             "search with the evomerge that started it, or start a new one")
     kw = {k: v for k, v in data.items() if k in names}
     kw.update(nested)
     return cls(**kw)
