@@ -12,6 +12,7 @@ from pathlib import Path
 
 from evomerge.evaluation.report import Table
 from evomerge.runs.folder import RunFolder, RunFolderError
+from evomerge.search import budget
 from evomerge.search.config import SearchConfig
 from evomerge.search.records import EvalRecord, FinalRecord
 
@@ -39,13 +40,7 @@ class RunStatus:
 
     @property
     def finished(self) -> bool:
-        if self.final is None:
-            return False
-        if self.final.generations >= self.max_generations:
-            return True
-        limit = self.config.budget.time_limit_s  # a time budget spent (or, in an old log, any final)
-        spent = self.final.elapsed_s
-        return limit is not None and (spent is None or spent >= limit)
+        return budget.finished(self.final, self.config.budget, self.max_generations, budget.spent_s(self.records))
 
     @property
     def seconds_per_candidate(self) -> float | None:
@@ -69,16 +64,10 @@ def read_status(run_dir: str | Path) -> RunStatus:
     last = [r for r in stage_recs if r.last_stage]
     gens = [r for r in records if r.type == "generation"]
     popsize = gens[0].popsize if gens else cfg.optimizer.popsize
-    b = cfg.budget
-    limits = [math.inf]
-    if b.generations:
-        limits.append(b.generations)
-    if b.evaluations and popsize:
-        limits.append(math.ceil(b.evaluations / popsize))
     evaluated = [r for r in records if r.type in ("reference", "candidate", "rescore")]
     busy = sum(r.timings.get("merge_s", 0) + r.timings.get("eval_s", 0) for r in evaluated)
     return RunStatus(
-        run_dir=Path(run_dir), config=cfg, records=records, generations=len(gens), max_generations=min(limits),
+        run_dir=Path(run_dir), config=cfg, records=records, generations=len(gens), max_generations=budget.max_generations(cfg.budget, popsize),
         popsize=popsize, evaluations=len(cands), failed=sum(not r.ok for r in cands),
         cached=sum(bool(r.cached_from) for r in cands), busy_s=busy,
         reference=next((r for r in records if r.type == "reference"), None),

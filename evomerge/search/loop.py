@@ -30,7 +30,7 @@ from evomerge.models.folders import load_tokenizer
 from evomerge.models.sources import load_source
 from evomerge.recipes.layer_path import AnyRecipe
 from evomerge.recipes.mergekit import mergekit_yaml
-from evomerge.search import racing, ranking
+from evomerge.search import budget, racing, ranking
 from evomerge.search.background import SearchBackground
 from evomerge.search.codecs.parameter import make_codec
 from evomerge.search.config import SearchConfig
@@ -89,18 +89,11 @@ class Search:
                                         sampler=o.sampler, sampler_args=o.sampler_args, **kw)
         self.fitness = FitnessFunction(cfg.tasks, evaluators, cfg.seed)
         self.items = ItemStore(self.run.path, self.fitness, self._extra())
-        b = cfg.budget
-        gens = [math.inf]
-        if b.generations:
-            gens.append(b.generations)
-        if b.evaluations:
-            gens.append(math.ceil(b.evaluations / self.optimizer.popsize))
-        self.max_generations = min(gens)
+        self.max_generations = budget.max_generations(cfg.budget, self.optimizer.popsize)
         # A time budget counts the time of earlier sessions (up to their last generation or final).
-        logged = [r.elapsed_s for r in records if r.type in ("generation", "final") and r.elapsed_s is not None]
-        self.spent_before = max(logged, default=0.0)
+        self.spent_before = budget.spent_s(records)
         self.session_start = time.monotonic()
-        self.time_limit = b.time_limit_s or math.inf
+        self.time_limit = cfg.budget.time_limit_s or math.inf
 
     def elapsed(self) -> float:
         """Search time so far, this session and the earlier ones."""
@@ -119,7 +112,7 @@ class Search:
         done_gens = {r.generation for r in records if r.type == "generation"}
         final = next((r for r in reversed(records) if r.type == "final"), None)
         reference = next((r for r in records if r.type == "reference"), None)
-        if final is not None and (final.generations >= self.max_generations or not self._time_left()):
+        if budget.finished(final, self.cfg.budget, self.max_generations, self.elapsed()):
             self.display.message(f"this run is finished: {final.generations} generations, "
                                  f"best fitness {final.fitness:.4f}; raise the budget to continue it")
             return self._outcome(records)

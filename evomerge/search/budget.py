@@ -1,0 +1,36 @@
+"""A search's budget read against its log: how many generations it may run, and whether a
+finished run has budget left (the loop's resume and `evomerge status` ask the same question)."""
+
+from __future__ import annotations
+
+import math
+
+from evomerge.search.records import FinalRecord
+
+
+def max_generations(budget, popsize: int | None) -> float:
+    """Generations allowed by ``generations`` and ``evaluations`` (rounded up to whole
+    generations; not counted while the population size is unknown); inf for a time budget only."""
+    limits = [math.inf]
+    if budget.generations:
+        limits.append(budget.generations)
+    if budget.evaluations and popsize:
+        limits.append(math.ceil(budget.evaluations / popsize))
+    return min(limits)
+
+
+def spent_s(records: list) -> float:
+    """Search time of the sessions so far, as the last generation or final record counted it."""
+    return max((r.elapsed_s for r in records if r.type in ("generation", "final") and r.elapsed_s is not None),
+               default=0.0)
+
+
+def finished(final: FinalRecord | None, budget, max_gens: float, spent: float) -> bool:
+    """A final record exists and no budget is left: its generations were reached, or its time
+    budget was spent (a final record from before the time was logged counts as having spent it)."""
+    if final is None:
+        return False
+    if final.generations >= max_gens:
+        return True
+    limit = budget.time_limit_s
+    return limit is not None and (final.elapsed_s is None or spent >= limit)
