@@ -25,7 +25,7 @@ _REQUIRED = object()
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
-    kind: type  # float, bool or str
+    kind: type  # float, int, bool or str
     scope: ParamScope
     default: Any = _REQUIRED
     choices: tuple[str, ...] = ()  # allowed values of a str parameter
@@ -44,6 +44,11 @@ class ParamSpec:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"parameter {self.name!r} must be a number, got {value!r}")
             return float(value)
+        if self.kind is int:  # as pydantic's lax int: a float without a fraction is accepted
+            if isinstance(value, bool) or not isinstance(value, int | float) or (
+                    isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"parameter {self.name!r} must be an integer, got {value!r}")
+            return int(value)
         if not isinstance(value, str) or (self.choices and value not in self.choices):
             raise ValueError(
                 f"parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}"
@@ -56,11 +61,12 @@ class Paper:
     """Where a method was published (the link mergekit's model cards give)."""
 
     title: str
-    arxiv: str  # arXiv id, e.g. "2306.01708"
+    arxiv: str  # arXiv id, e.g. "2306.01708"; "" where the method has no arXiv paper
+    link: str = ""  # the reference mergekit gives where there is no arXiv paper
 
     @property
     def url(self) -> str:
-        return f"https://arxiv.org/abs/{self.arxiv}"
+        return self.link or f"https://arxiv.org/abs/{self.arxiv}"
 
 
 @dataclass(frozen=True)

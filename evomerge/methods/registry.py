@@ -15,14 +15,24 @@ from typing import Any
 import torch
 
 from evomerge.methods import (
+    arcee_fusion,
     breadcrumbs,
     breadcrumbs_ties,
     dare_linear,
     dare_ties,
     della,
     della_linear,
+    karcher,
     linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
     passthrough,
+    ram,
+    ramplus_tl,
+    sce,
+    slerp,
     task_arithmetic,
     ties,
 )
@@ -31,19 +41,25 @@ from evomerge.methods.generalized import Consensus, TaskArithmeticMerge
 from evomerge.methods.linear import LinearMerge
 from evomerge.methods.passthrough import PassthroughMerge
 from evomerge.methods.sparsify import Sparsifier
+from evomerge.methods.whole import BasePolicy, WholeTensorMerge
 
 _METHODS: dict[str, MergeMethod] = {
     m.METHOD.name: m.METHOD
     for m in (linear, passthrough, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
-              breadcrumbs_ties, della, della_linear)
+              breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, karcher,
+              model_stock, nearswap, arcee_fusion, sce, ram, ramplus_tl)
 }
 
-# mergekit 0.1.5's methods that evomerge does not implement: named so that a recipe using one is
-# told so, rather than that the name is unknown.
-MERGEKIT_ONLY: tuple[str, ...] = (
-    "arcee_fusion", "karcher", "model_stock", "multislerp", "nearswap", "nuslerp", "ram",
-    "ramplus_tl", "sce", "slerp",
+# The 20 methods mergekit 0.1.5 registers (mergekit/merge_methods/registry.py).
+MERGEKIT_METHODS: tuple[str, ...] = (
+    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+    "della_linear", "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp",
+    "passthrough", "ram", "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties",
 )
+
+# mergekit 0.1.5's methods that evomerge does not implement (none today): a recipe using one is
+# told so, rather than that the name is unknown.
+MERGEKIT_ONLY: tuple[str, ...] = tuple(n for n in MERGEKIT_METHODS if n not in _METHODS)
 
 
 def method_names() -> list[str]:
@@ -93,7 +109,10 @@ def merge_group(
 
 
 __all__: Sequence[str] = [
+    "MERGEKIT_METHODS",
     "MERGEKIT_ONLY",
+    "BasePolicy",
+    "WholeTensorMerge",
     "Consensus",
     "LinearMerge",
     "MergeMethod",

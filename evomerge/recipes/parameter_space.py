@@ -188,6 +188,16 @@ class Recipe(_WithParameters):
                         f"{'slices' if self.slices else 'models'}: {self.merge_method} takes at "
                         f"most {method.max_sources} source(s) per slice; slice {i} has {len(s)}"
                     )
+        check_sources = getattr(method, "check_sources", None)
+        if check_sources is not None:  # mergekit's input contract (how many sources, the base)
+            for i, s in enumerate(self.output_slices_unresolved()):
+                has_base = bool(self.base_model) and any(same_model(self.base_model, n)
+                                                         for n in s)
+                try:
+                    check_sources(len(s), has_base)
+                except ValueError as err:
+                    where = f"slices.{i}" if self.slices else "models"
+                    raise ValueError(f"{where}: {err}") from None
         for where, params, per_model in self._parameter_blocks():
             _check_block(method, self.merge_method, where, params, per_model)
         return self
