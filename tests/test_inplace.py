@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from merge_helpers import model_family
+from whole_recipes import WHOLE, whole_recipe, whole_sources
 
 from evomerge.merge.engine import merge_state_dict
 from evomerge.merge.inplace import InPlaceMerger, memory_plan_from_shapes, plan
@@ -85,6 +86,26 @@ def test_equal_to_engine_for_every_method(family, method, dtype, monkeypatch):
     assert_equal_to_engine(merger, slices_recipe(method, family, dtype, mask_seed=5))
     # another mask seed regenerates the uniforms; another recipe reuses the same model
     assert_equal_to_engine(merger, models_recipe(method, family, dtype, mask_seed=11))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", sorted(WHOLE))
+def test_equal_to_engine_for_every_whole_tensor_method(family, method, dtype):
+    """slerp ... ramplus_tl and passthrough: with gradients, filters and slices, two dtypes."""
+    models, base = whole_sources(method, family)
+    merger = InPlaceMerger(models, base, method, dtype=dtype, chunk=37)
+    rows = len(models) + (base is not None)  # every source is a row, the base too
+    assert memory_plan_from_shapes({"w": (4, 6)}, method, rows).parts["whole"][1] > 0
+    assert_equal_to_engine(merger, Recipe.from_dict(whole_recipe(method, family, dtype)))
+    assert_equal_to_engine(merger, Recipe.from_dict(
+        whole_recipe(method, family, dtype, slices=True)))
+
+
+def test_the_in_place_merger_covers_every_mergekit_method():
+    from evomerge.methods.registry import MERGEKIT_METHODS, MERGEKIT_ONLY, method_names
+
+    assert sorted({*METHODS, *WHOLE}) == sorted(MERGEKIT_METHODS) == method_names()
+    assert MERGEKIT_ONLY == ()
 
 
 FUSED = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear")

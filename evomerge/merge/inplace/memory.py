@@ -40,12 +40,15 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+def is_whole(method: Any) -> bool:
+    """Methods the merger builds per whole tensor with the method's own function (slerp, ...,
+    passthrough): their math needs whole-tensor norms, angles, quantiles or top-k."""
+    return not isinstance(method, LinearMerge | TaskArithmeticMerge)
+
+
 def check_supported(method: Any) -> None:
-    if not isinstance(method, LinearMerge | TaskArithmeticMerge):
-        raise ValueError(
-            f"the in-place merger supports linear and the task-arithmetic family, not "
-            f"{method.name!r}"
-        )
+    if not hasattr(method, "merge"):
+        raise ValueError(f"the in-place merger cannot build {method!r}")
 
 
 def probe_recipe(models: Sequence[str], base_model: str | None, method: str,
@@ -53,12 +56,15 @@ def probe_recipe(models: Sequence[str], base_model: str | None, method: str,
     """A recipe over the merger's sources, used to index and check them (weights are dummies)."""
     if not models:
         raise ValueError("the in-place merger needs at least one model")
-    check_supported(get_method(method))
+    m = get_method(method)
+    check_supported(m)
+    dummies = {float: 1.0, int: 1, bool: False}
     return Recipe.from_dict({
         "merge_method": method,
         "base_model": base_model,
         "models": [{"model": str(m)} for m in models],
-        "parameters": {"weight": 1.0},
+        "parameters": {p.name: dummies.get(p.kind, p.choices[0] if p.choices else "")
+                       for p in m.params if p.required},
         "tokenizer_source": tokenizer_source,
         "dtype": _dtype_name(dtype),
     }, "<in-place merger>")
@@ -184,12 +190,17 @@ def memory_plan_from_shapes(shapes: Mapping[str, Sequence[int]], method: str, ro
     """The memory formula over the merged tensors' shapes (see docs/inplace.md).
 
     With s the dtype's bytes, N the parameters, n the rows per tensor and M the largest tensor:
-    target N*s; base N*s (task-arithmetic family); inputs n*N*s; magnitude orders (CUDA) or
+    target N*s; base N*s (task-arithmetic family); inputs n*N*s (for the whole-tensor methods,
+    slerp ... ramplus_tl and passthrough, n counts every source, the base included); magnitude
+    orders (CUDA) or
     ranks (CPU) n*N*4 on the host (ties, breadcrumbs*); uniforms n*N*8 (dare*, della*); della
     ranks n*N*4; workspaces C*(n*(2s+2) + 4s + 10) for chunks of C = min(M, chunk) elements
     (whole tensors on CUDA), plus M*w*(n + 1) (w the work dtype's bytes) for the L1 rescale of
-    dare*/della*. "stream" keeps the inputs on the host and
-    adds device staging buffers for the largest tensor's inputs.
+    dare*/della*. The whole-tensor methods run the method's own function on one whole tensor
+    at a time; their temporaries (counted as "whole": M*4*(2n + 6), an estimate of the
+    largest: float32 copies, stacked task vectors, norms) are allocated per tensor and freed.
+    "stream" keeps the inputs on the host and adds device staging buffers for the largest
+    tensor's inputs.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if placement not in PLACEMENTS:
@@ -223,6 +234,8 @@ def memory_plan_from_shapes(shapes: Mapping[str, Sequence[int]], method: str, ro
     if sparsifier in RANDOM_SPARSIFIERS:
         work += largest * element_size(work_dtype(torch_dtype)) * (n + 1)
     parts["workspace"] = ("device", work)
+    if is_whole(m):
+        parts["whole"] = ("device", largest * 4 * (2 * n + 6))
     if placement == "stream":
         staging = largest * (per_element + (s if isinstance(m, TaskArithmeticMerge) else 0))
         parts["staging"] = ("device", staging)
@@ -250,5 +263,5 @@ def plan(models: Sequence[str], base_model: str | None, method: str, *,
 
 __all__ = ["CPU_CHUNK", "MAGNITUDE_SPARSIFIERS", "PLACEMENTS", "RANDOM_SPARSIFIERS", "Entry",
            "MemoryPlan", "Placement", "Workspace", "check_supported", "element_size",
-           "index_dtype", "make_staging", "make_workspace", "memory_plan_from_shapes", "plan",
+           "index_dtype", "is_whole", "make_staging", "make_workspace", "memory_plan_from_shapes", "plan",
            "probe_recipe", "work_dtype"]

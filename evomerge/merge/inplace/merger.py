@@ -12,7 +12,12 @@ and writes each candidate's merged tensors into one preallocated Hugging Face mo
   argsort itself on the host, so a cut is two lookups and the mask one comparison of |delta|
   (ties in |delta| are split by the element index, exactly as the sort does);
 - random sparsifiers (dare_*, della*): each source's mask uniforms (float64, generated once per
-  mask seed); della also the per-row magnitude ranks, so keep probabilities are a table lookup.
+  mask seed); della also the per-row magnitude ranks, so keep probabilities are a table lookup;
+- whole-tensor methods (slerp, nuslerp, multislerp, karcher, model_stock, nearswap,
+  arcee_fusion, sce, ram, ramplus_tl, passthrough): every source, the base included, as rows;
+  each candidate runs the method's own function on one whole tensor at a time (their norms,
+  angles, quantiles and top-k need the whole tensor, so they are not chunked) and copies the
+  result into the target.
 
 The tensors are the engine's, bit for bit (`torch.equal` with `merge_state_dict` on the same
 device and dtype). The package's modules, bottom to top: `memory` (what is held, and the memory
@@ -50,11 +55,12 @@ from evomerge.merge.inplace.memory import (
     MemoryPlan,
     Placement,
     make_staging,
+    is_whole,
     memory_plan_from_shapes,
     plan,
     probe_recipe,
 )
-from evomerge.methods.registry import TaskArithmeticMerge, get_method
+from evomerge.methods.registry import TaskArithmeticMerge, TensorGroup, get_method
 from evomerge.methods.sparsify import Sparsifier
 from evomerge.models.sources import MergeError
 from evomerge.recipes.parameter_space import Recipe, same_model
@@ -102,6 +108,7 @@ class InPlaceMerger:
         self.source_order = tuple(
             s.model for s in probe.output_slices(self.num_layers)[0].sources)
         self._ta = isinstance(self.method, TaskArithmeticMerge)
+        self._whole = is_whole(self.method)
         self._sparsifier: Sparsifier | None = getattr(self.method, "sparsifier", None)
         cuda = self.device.type == "cuda"
         self._host = torch.device("cpu") if placement == "stream" else self.device
@@ -260,13 +267,24 @@ class InPlaceMerger:
                 if entry is None:
                     continue
                 try:
-                    if self._ta:
+                    if self._whole:
+                        self._whole_tensor(entry, job)
+                    elif self._ta:
                         self._task_arithmetic(entry, job)
                     else:
                         self._chunked.linear(entry, job)
                 except ValueError as err:
                     raise MergeError(f"{job.name}: {err}") from None
         return self.model
+
+    def _whole_tensor(self, e: Entry, job: TensorJob) -> None:
+        """The method's own function on the whole tensor (rows: every source, in key order)."""
+        inputs, _, _, _ = self._chunked.stage(e)
+        tensors = {k: inputs[row].view(e.shape) for row, k in enumerate(e.keys)}
+        group = TensorGroup(name=e.name, tensors=tensors, base=job.base)
+        out = self.method.merge(group, job.shared, job.per_source,
+                                mask_seed=self._mask_seed or 0)
+        e.target.copy_(out.reshape(-1))
 
     def _task_arithmetic(self, e: Entry, job: TensorJob) -> None:
         # the fused kernels where they apply (they warn from here: stacklevel 4 is build's
