@@ -8,6 +8,12 @@ table (every zoo model and the plain merges). The zoo passes when the winner's m
 
     python scripts/zoo_headroom.py --zoo artifacts/zoo [--evals 150] [--seed 0] [--quick]
     python scripts/zoo_headroom.py --zoo artifacts/zoo --table-only --markdown   # the README's zoo table
+    python scripts/zoo_headroom.py --table-only --rows SLERP,NuSLERP,"model stock"   # some rows only
+
+The table's rows: the zoo models, the plain merges (uniform average, task arithmetic, TIES, DARE)
+and the spherical/geometric methods (SLERP of spec_rev and spec_sub, NuSLERP of their task
+vectors, model stock, SCE, the Karcher mean); `--rows` scores only the rows whose names start
+with one of the given prefixes.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from evomerge.evaluation.evaluator import LmEvalEvaluator  # noqa: E402
 from evomerge.evaluation.report import results_table  # noqa: E402
 from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
 from evomerge.zoo.build import ZooParams, build_zoo, read_manifest  # noqa: E402
-from evomerge.zoo.table import zoo_scores  # noqa: E402
+from evomerge.zoo.table import plain_merge_recipes, zoo_scores  # noqa: E402
 
 
 def layer_group(name: str, n_layers: int, group_size: int) -> int:
@@ -83,6 +89,8 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     ap.add_argument("--table-only", action="store_true", help="only the zoo table (zoo models and plain merges, "
                     "test split), no search: about a minute")
+    ap.add_argument("--rows", default=None, help="with --table-only: comma-separated prefixes of "
+                    "the rows to score (e.g. SLERP,model stock); default: every row")
     args = ap.parse_args()
     if args.quick:
         args.evals, args.dev_limit = 40, 100
@@ -91,7 +99,9 @@ def main() -> int:
     build_zoo(args.zoo, ZooParams(threads=args.threads))
     tasks = list(read_manifest(args.zoo)["tasks"].values())
     if args.table_only:
-        table = results_table(zoo_scores(args.zoo, batch_size=64), title="zoo table, test split")
+        rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
+        table = results_table(zoo_scores(args.zoo, batch_size=64, rows=rows),
+                              title="zoo table, test split")
         table.print()
         if args.markdown:
             print(table.markdown())
@@ -137,7 +147,7 @@ def main() -> int:
     winner = mean("CMA-ES task arithmetic (winner)")
     manifest = read_manifest(args.zoo)
     best_spec = max(manifest["specialists"], key=mean)
-    plain = [k for k in scores if k not in manifest["models"] and not k.startswith("CMA-ES")]
+    plain = [k for k in plain_merge_recipes(args.zoo) if k in scores]  # the criterion's merges
     best_plain = max(plain, key=mean)
     ok_spec = winner >= mean(best_spec) + 0.05
     ok_plain = winner > mean(best_plain)

@@ -213,3 +213,22 @@ def test_evomerge_merge_accepts_a_recipe_of_each_mergekit_method(tmp_path):
         built[method] = state["model.layers.0.self_attn.q_proj.weight"]
     base = load_folder(fam[0])["model.layers.0.self_attn.q_proj.weight"]
     assert all(not torch.equal(t, base) for m, t in built.items() if m != "passthrough")
+
+
+@pytest.mark.parametrize("method", sorted(WHOLE))
+def test_mergekit_export_keeps_the_recipe_with_mergekit_names(method):
+    from evomerge.recipes.mergekit import mergekit_yaml
+
+    fam = ["/m/base", "/m/ft1", "/m/ft2", "/m/ft3"]
+    for slices in (False, True):
+        recipe = Recipe.from_dict(whole_recipe(method, fam, slices=slices))
+        exported = yaml.safe_load(mergekit_yaml(recipe))
+        assert "mask_seed" not in exported and exported["merge_method"] == method
+        assert Recipe.from_dict(exported).canonical_json() == recipe.canonical_json()
+        names = {p.name for p in get_method(method).params}
+        used = set(exported.get("parameters", {}))
+        for s in exported.get("slices", []):
+            used |= set(s.get("parameters", {}))
+            for src in s["sources"]:
+                used |= set(src.get("parameters", {}))
+        assert used <= names

@@ -17,6 +17,7 @@ def mergekit_yaml(recipe: Recipe | PathRecipe, note: str | None = None) -> str:
     A layer-order recipe is exported folded: a ``passthrough`` over one-layer slices with its step
     scales on the output projections (evomerge/recipes/fold.py).
 
+    Every method's parameters carry mergekit 0.1.5's names (slerp's t, nuslerp_flatten, ...).
     For DARE/DELLA methods mergekit draws its own masks from torch's global generator, so it
     rebuilds the evaluated model only in distribution; ``evomerge merge`` on the evomerge recipe
     (which keeps ``mask_seed``) rebuilds it exactly. The header says so.
@@ -35,4 +36,7 @@ def mergekit_yaml(recipe: Recipe | PathRecipe, note: str | None = None) -> str:
     if uses_random_masks(get_method(recipe.merge_method)):
         lines += [f"# {recipe.merge_method} draws random masks: mergekit reproduces the evaluated model only in",
                   "# distribution. `evomerge merge` on the evomerge recipe (with its mask_seed) rebuilds it exactly."]
+    if recipe.merge_method == "arcee_fusion":
+        lines += ["# arcee_fusion: mergekit samples the quantiles of tensors above 1,000,000 elements at",
+                  "# random; evomerge sorts them all. Below that size both give the same model."]
     return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False)

@@ -67,6 +67,13 @@ def check_sources(cfg: SearchConfig) -> int:
     method = get_method(space.method)
     if method.requires_base and not cfg.base_model:
         raise ConfigError(f"base_model: method {space.method!r} (search_space) needs a base model")
+    contract = getattr(method, "check_sources", None)
+    if contract is not None:  # mergekit's input contract: how many sources, the base among them
+        with_base = cfg.base_model is not None and cfg.base_model not in cfg.models
+        try:
+            contract(len(cfg.models) + with_base, cfg.base_model is not None)
+        except ValueError as err:
+            raise ConfigError(f"models: {err} (the models and the base_model)") from None
     named = [(f"models.{i}", m) for i, m in enumerate(cfg.models)]
     if cfg.base_model:
         named.insert(0, ("base_model", cfg.base_model))

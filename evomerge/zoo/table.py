@@ -35,6 +35,29 @@ def plain_merge_recipes(zoo_dir: str | Path) -> dict[str, dict]:
     return recipes
 
 
+def method_merge_recipes(zoo_dir: str | Path) -> dict[str, dict]:
+    """The zoo table's rows for the spherical and geometric methods (mergekit's defaults unless
+    named): slerp and nuslerp of spec_rev and spec_sub, model stock, SCE and the Karcher mean."""
+    zoo_dir = Path(zoo_dir)
+    m = read_manifest(zoo_dir)
+    base = str(zoo_dir / m["base"])
+    specs = [str(zoo_dir / m["models"][s]["path"]) for s in m["specialists"]]
+    rev, sub = (str(zoo_dir / m["models"][s]["path"]) for s in ("spec_rev", "spec_sub"))
+    every = {"base_model": base, "dtype": "float32", "models": [{"model": s} for s in specs]}
+    return {
+        "SLERP spec_rev-spec_sub t=0.5": {
+            "merge_method": "slerp", "base_model": rev, "dtype": "float32",
+            "models": [{"model": sub}], "parameters": {"t": 0.5}},
+        "NuSLERP spec_rev-spec_sub task vectors": {
+            "merge_method": "nuslerp", "base_model": base, "dtype": "float32",
+            "models": [{"model": s, "parameters": {"weight": 1.0}} for s in (rev, sub)]},
+        "model stock": {"merge_method": "model_stock", **every},
+        "SCE topk=1": {"merge_method": "sce", **every},
+        "Karcher mean of the specialists": {
+            "merge_method": "karcher", "dtype": "float32", "models": every["models"]},
+    }
+
+
 def merged_model(recipe: dict, template: torch.nn.Module) -> torch.nn.Module:
     """Loads the merged tensors of ``recipe`` into ``template`` (a model of the same architecture)."""
     from evomerge.merge.engine import merge_state_dict
@@ -47,16 +70,28 @@ def merged_model(recipe: dict, template: torch.nn.Module) -> torch.nn.Module:
 
 def zoo_scores(zoo_dir: str | Path, split: str = "test", batch_size: int = 64,
                limit: int | None = None, plain_merges: bool = True,
-               evaluator: LmEvalEvaluator | None = None) -> dict[str, dict[str, TaskResult]]:
+               evaluator: LmEvalEvaluator | None = None,
+               rows: list[str] | None = None) -> dict[str, dict[str, TaskResult]]:
+    """Scores of the zoo models and the plain merges; `rows`: only the rows whose name starts
+    with one of these."""
     zoo_dir = Path(zoo_dir)
     manifest = read_manifest(zoo_dir)
     evaluator = evaluator or LmEvalEvaluator(list(manifest["tasks"].values()), split=split, batch_size=batch_size)
     tok = load_tokenizer(zoo_dir / manifest["base"])
+
+    def wanted(name: str) -> bool:
+        return rows is None or any(name.startswith(r) for r in rows)
+
     scores = {}
     for name, entry in manifest["models"].items():
-        scores[name] = evaluator.evaluate(load_causal_lm(zoo_dir / entry["path"]), tok, limit=limit)
+        if wanted(name):
+            scores[name] = evaluator.evaluate(load_causal_lm(zoo_dir / entry["path"]), tok,
+                                              limit=limit)
     if plain_merges:
         template = load_causal_lm(zoo_dir / manifest["base"])
-        for name, recipe in plain_merge_recipes(zoo_dir).items():
-            scores[name] = evaluator.evaluate(merged_model(recipe, template), tok, limit=limit)
+        recipes = {**plain_merge_recipes(zoo_dir), **method_merge_recipes(zoo_dir)}
+        for name, recipe in recipes.items():
+            if wanted(name):
+                scores[name] = evaluator.evaluate(merged_model(recipe, template), tok,
+                                                  limit=limit)
     return scores

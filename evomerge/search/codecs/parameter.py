@@ -3,7 +3,8 @@
 A genome is a float vector in [0, 1]^n: gene i maps linearly onto its parameter's [low, high]
 (the optimizer handles the cube's bounds: pycma's BoundTransform for CMA-ES), so optimizers never
 see parameter types. Genes are ordered source model -> parameter -> group, then the method-wide
-(global) parameters.
+parameters searched per layer group (slerp's t: `layer_parameters`, as slice parameters), then
+the global ones.
 
 The recipe is mergekit's ``slices`` form, one output slice per layer group, so per-layer values
 export exactly and mergekit can build the same model. The embeddings' and the output head's own
@@ -102,6 +103,10 @@ class Codec:
                 for grp in groups:
                     genes.append(Gene(p, m, grp, rng.low, rng.high))
                     x0.append((rng.start(n) - rng.low) / (rng.high - rng.low))
+        for p, rng in space.layer_parameters.items():  # method-wide, one per group
+            for grp in groups:
+                genes.append(Gene(p, None, grp, rng.low, rng.high))
+                x0.append((rng.start(n) - rng.low) / (rng.high - rng.low))
         for p, rng in space.global_parameters.items():
             genes.append(Gene(p, None, "global", rng.low, rng.high))
             x0.append((rng.start(n) - rng.low) / (rng.high - rng.low))
@@ -134,7 +139,7 @@ class Codec:
         return out
 
     # ------------------------------------------------------------------ parameters -> recipe
-    def _setting(self, values, model: str, param: str, slice_index: int):
+    def _setting(self, values, model: str | None, param: str, slice_index: int):
         """One source's value of ``param`` in one output slice: a scalar or a filter list."""
         start, end = self.layer_groups[slice_index]
         last = len(self.layer_groups) - 1
@@ -165,9 +170,11 @@ class Codec:
                 sources.append({"model": m, "layer_range": [start, end], "parameters": params})
             if self.base_model and self.base_model not in self.models:
                 sources.append({"model": self.base_model, "layer_range": [start, end]})
-            slices.append({"sources": sources})
+            layer = {p: self._setting(values, None, p, i) for p in self.space.layer_parameters}
+            slices.append({"sources": sources, **({"parameters": layer} if layer else {})})
         shared = dict(self.space.fixed)
-        shared.update({g.param: values[(None, g.param, "global")] for g in self.genes if g.model is None})
+        shared.update({g.param: values[(None, g.param, "global")] for g in self.genes
+                       if g.model is None and g.group == "global"})
         data = {"merge_method": self.space.method, "slices": slices, "dtype": self.settings.dtype,
                 "mask_seed": self.settings.mask_seed}
         if self.base_model:

@@ -25,6 +25,19 @@ PARAMETER_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "gamma": (0.0, 1.0, True, False),
     "epsilon": (0.0, 0.5, False, False),
     "lambda": (-math.inf, math.inf, True, True),
+    "t": (-math.inf, math.inf, True, True),  # slerp: 0..1 interpolates, outside extrapolates
+    "select_topk": (0.0, 1.0, False, True),  # sce: the fraction of elements kept
+}
+
+# mergekit-evolve's genome options and how a search space says them.
+MERGEKIT_EVOLVE_KEYS = {
+    "allow_negative_weights": "give the weight a negative low bound (weight: {low: -1.0, "
+                              "high: 1.0})",
+    "normalize": "hold it fixed (fixed: {normalize: true}) or search it as a global parameter",
+    "smooth": "per-layer smoothing (gradients over the layers) is not a genome option of "
+              "evomerge; search per layer group (granularity.layers_per_group) instead",
+    "filters": "the attention/MLP split is granularity.split_attn_mlp: true",
+    "layer_granularity": "it is granularity.layers_per_group",
 }
 
 
@@ -84,10 +97,24 @@ class SearchSpace(_Strict):
     parameters: dict[str, ParamRange] = Field(description="searched per-source parameters")
     global_parameters: dict[str, ParamRange] = Field(default_factory=dict,
                                                      description="searched method-wide parameters")
+    layer_parameters: dict[str, ParamRange] = Field(
+        default_factory=dict,
+        description="method-wide parameters searched per layer group (slerp's t), with the "
+                    "granularity's groups")
     fixed: dict[str, float | bool | int | str] = Field(default_factory=dict,
                                                        description="method-wide parameters held fixed")
     granularity: Granularity = Field(default_factory=Granularity)
     sigma0: float = Field(1 / 6, gt=0, le=1, description="initial step size, in units of each parameter's range")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mergekit_evolve_keys(cls, data):
+        """mergekit-evolve's genome options, refused with the way to say them here."""
+        if isinstance(data, dict):
+            for key, how in MERGEKIT_EVOLVE_KEYS.items():
+                if key in data:
+                    raise ValueError(f"{key}: a mergekit-evolve genome option; here {how}")
+        return data
 
     @field_validator("method")
     @classmethod
@@ -100,10 +127,19 @@ class SearchSpace(_Strict):
         method = get_method(self.method)
         declared = {p.name: p for p in method.params}
         per_model_of = {n: p.scope != ParamScope.SHARED for n, p in declared.items()}
-        if not self.parameters and not self.global_parameters:
+        if not self.parameters and not self.global_parameters and not self.layer_parameters:
+            numeric = [p.name for p in method.params if p.kind in (float, int)]
+            if not numeric:
+                raise ValueError(f"parameters: {self.method} has no numeric parameter to search "
+                                 f"(its options, e.g. {', '.join(p.name for p in method.params)},"
+                                 " are set with `fixed:`); search another method")
             raise ValueError("parameters: a search space must search at least one parameter")
+        both = set(self.global_parameters) & set(self.layer_parameters)
+        if both:
+            raise ValueError(f"layer_parameters.{min(both)}: also in global_parameters")
         for where, block, per_model in (("parameters", self.parameters, True),
-                                        ("global_parameters", self.global_parameters, False)):
+                                        ("global_parameters", self.global_parameters, False),
+                                        ("layer_parameters", self.layer_parameters, False)):
             for name, rng in block.items():
                 if name not in declared:
                     raise ValueError(f"{where}.{name}: {self.method} has no parameter {name!r} "
@@ -115,8 +151,13 @@ class SearchSpace(_Strict):
         for name in self.fixed:
             if name not in declared or per_model_of[name]:
                 raise ValueError(f"fixed.{name}: {self.method} has no global parameter {name!r}")
-            if name in self.global_parameters:
+            if name in self.global_parameters or name in self.layer_parameters:
                 raise ValueError(f"fixed.{name}: {name!r} is both fixed and searched")
+            spec = declared[name]
+            try:
+                spec.check(self.fixed[name])
+            except ValueError as err:
+                raise ValueError(f"fixed.{name}: {err}") from None
         return self
 
     def _check_range(self, where: str, name: str, rng: ParamRange) -> None:
