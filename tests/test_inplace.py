@@ -310,8 +310,12 @@ def test_other_recipes_are_refused_with_the_difference_named(family, tmp_path):
         src["layer_range"] = [2, 5]
     with pytest.raises(ValueError, match="layer structure"):
         merger.build(Recipe.from_dict(shifted_data))
-    with pytest.raises(ValueError, match="supports linear and the task-arithmetic"):
-        InPlaceMerger(family[:1], None, "passthrough")
+    # passthrough is built over the merger's layer structure; a layer-stacking recipe is refused
+    stacker = InPlaceMerger(family[1:2], None, "passthrough")
+    stacked = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": family[1], "layer_range": r}]} for r in ([0, 4], [2, 6])]}
+    with pytest.raises(ValueError, match="layer structure"):
+        stacker.build(Recipe.from_dict(stacked))
     with pytest.raises(ValueError, match="placement"):
         InPlaceMerger(family[1:], family[0], "ties", placement="everywhere")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="model folder .* does not exist"):
