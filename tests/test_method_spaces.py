@@ -78,3 +78,12 @@ def test_a_slerp_search_over_too_many_models_is_refused_before_anything_loads(zo
     err = capsys.readouterr().err
     assert "models: slerp takes at most 2 source" in err or "slerp takes exactly 2" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_zoo_table_rows_of_the_new_methods_are_valid_recipes(zoo_dir):
+    from evomerge.recipes.parameter_space import Recipe
+    from evomerge.zoo.table import method_merge_recipes
+
+    recipes = {n: Recipe.from_dict(r) for n, r in method_merge_recipes(zoo_dir).items()}
+    assert sorted(r.merge_method for r in recipes.values()) == [
+        "karcher", "model_stock", "nuslerp", "sce", "slerp"]
