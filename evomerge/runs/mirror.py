@@ -10,8 +10,10 @@ stayed down to the end) is filled in from the log at the next resume, or on dema
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from evomerge.search.records import Record
 
@@ -20,6 +22,22 @@ RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # pauses between attempts while a s
 
 class MirrorDisabled(Exception):
     """An error that no retry mends (a study of another run under the same name): the mirror stops."""
+
+
+def new_sqlite(url: str, create: Callable[[str], None]) -> None:
+    """A SQLite store that does not exist yet is created under a temporary name and renamed into
+    place: a search killed while the schema is being written (MLflow's takes seconds) leaves no
+    half-made database behind. Other URLs are left to their server."""
+    if not url.startswith("sqlite:///"):
+        return
+    path = Path(url[len("sqlite:///"):])
+    if path.exists() or not path.parent.is_dir():
+        return
+    for old in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed search
+        old.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    create(f"sqlite:///{tmp}")
+    os.replace(tmp, path)
 
 
 class LogMirror:

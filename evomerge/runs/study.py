@@ -27,7 +27,7 @@ from pathlib import Path
 
 from evomerge.core.errors import RunFolderError
 from evomerge.core.io import atomic_write_text
-from evomerge.runs.mirror import LogMirror, MirrorDisabled
+from evomerge.runs.mirror import LogMirror, MirrorDisabled, new_sqlite
 from evomerge.search.config import SearchConfig
 from evomerge.search.records import EvalRecord, FinalRecord, Record
 
@@ -198,6 +198,7 @@ class StudyMirror(LogMirror):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         multi = self.cfg.optimizer.name == "nsga2"
         n = len(self.cfg.tasks) if multi else 1
+        new_sqlite(self.target.storage, lambda url: RDBStorage(url).engine.dispose())
         storage = RDBStorage(self.target.storage, engine_kwargs={"pool_pre_ping": True})
         study = optuna.create_study(storage=storage, study_name=self.target.name, directions=["maximize"] * n,
                                     load_if_exists=True)

@@ -18,16 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from evomerge.core.io import atomic_write_text
-from evomerge.runs.mirror import LogMirror
+from evomerge.runs.mirror import LogMirror, new_sqlite
 from evomerge.runs.study import settled
 from evomerge.search.config import MlflowConfig, SearchConfig
 from evomerge.search.records import Record
 
 RUN_FILE, DB, ARTIFACTS = "mlflow.json", "mlflow.db", "mlartifacts"
-FINAL_TAG = "evomerge.final_logged"
+FINAL_TAG, KEY_TAG = "evomerge.final_logged", "evomerge.run_key"
 
 
 def tracking_uri(run_dir: Path, mc: MlflowConfig) -> str:
@@ -74,9 +75,20 @@ class MlflowMirror(LogMirror):
         for name in ("mlflow", "alembic"):  # after the import, which sets mlflow's own levels
             logging.getLogger(name).setLevel(logging.WARNING)
 
+        def create_store(url: str) -> None:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(url, self._artifacts()).engine.dispose()
+
+        new_sqlite(self.uri, create_store)
         client = MlflowClient(tracking_uri=self.uri)
+        # The run's key is saved before the run is created, so that a kill in between finds the run
+        # by its tag at the next start instead of making a second one.
         p = self.run_dir / RUN_FILE
         saved = json.loads(p.read_text()) if p.is_file() else {}
+        if not saved.get("run_key"):
+            saved = {**saved, "run_key": uuid.uuid4().hex}
+            atomic_write_text(p, json.dumps(saved) + "\n")
         run = None
         if saved.get("run_id"):
             try:
@@ -84,30 +96,37 @@ class MlflowMirror(LogMirror):
             except MlflowException as e:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
-        if run is None:  # a new search, or a tracking store that lost it: logged anew from the log
-            mc = self.cfg.tracking.mlflow
-            exp = client.get_experiment_by_name(mc.experiment)
-            if exp is None:
-                where = None
-                if self.uri.startswith("sqlite:///"):
-                    where = (Path(self.uri[len("sqlite:///"):]).parent / ARTIFACTS).resolve().as_uri()
-                exp_id = client.create_experiment(mc.experiment, artifact_location=where)
-            else:
-                exp_id = exp.experiment_id
-            run = client.create_run(exp_id, run_name=self.run_dir.resolve().name,
-                                    tags={"evomerge.run_dir": str(self.run_dir.resolve())})
-            from mlflow.entities import Param
-
-            params = [Param(k, v) for k, v in flat_params(self.cfg).items()]
-            for i in range(0, len(params), 100):
-                client.log_batch(run.info.run_id, params=params[i:i + 100])
-            atomic_write_text(p, json.dumps({"run_id": run.info.run_id}) + "\n")
+        if run is None:  # a new search, a kill before its id was saved, or a store that lost the run
+            run = self._find_or_create(client, saved["run_key"])
+            saved["run_id"] = run.info.run_id
+            atomic_write_text(p, json.dumps(saved) + "\n")
         elif run.info.status != "RUNNING" and run.data.tags.get(FINAL_TAG) is None:
             client.update_run(run.info.run_id, status="RUNNING")  # resumed
         self.client, self.run_id = client, run.info.run_id
         self.final_logged = run.data.tags.get(FINAL_TAG) is not None
         self.steps = {k: {m.step for m in client.get_metric_history(self.run_id, k)}
                       for k in ("fitness", "generation/best", "rescore/fitness")}
+
+    def _artifacts(self) -> str | None:
+        """Artifacts of a local SQLite store go beside it (MLflow's default is the working directory)."""
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri[len("sqlite:///"):]).parent / ARTIFACTS).resolve().as_uri()
+        return None
+
+    def _find_or_create(self, client, key: str):
+        from mlflow.entities import Param
+
+        mc = self.cfg.tracking.mlflow
+        exp = client.get_experiment_by_name(mc.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(mc.experiment,
+                                                                          artifact_location=self._artifacts())
+        found = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
+        run = found[0] if found else client.create_run(exp_id, run_name=self.run_dir.resolve().name, tags={
+            KEY_TAG: key, "evomerge.run_dir": str(self.run_dir.resolve())})
+        params = [Param(k, v) for k, v in flat_params(self.cfg).items()]  # the same values again: no change
+        for i in range(0, len(params), 100):
+            client.log_batch(run.info.run_id, params=params[i:i + 100])
+        return run
 
     def _popsize(self, records: list[Record]) -> int:
         pop = next((r.popsize for r in records if r.type == "generation"), None) or self.popsize
@@ -161,10 +180,13 @@ class MlflowMirror(LogMirror):
         from evomerge.runs.status import plot_fitness, plot_pareto, read_status
 
         t = int(final.time * 1000)
-        ms = [Metric("winner/fitness", final.fitness, t, 0)]
-        ms += [Metric(f"winner/{_metric_key(k, m)}", v, t, 0) for k, d in final.metrics.items() for m, v in d.items()]
-        ms += [Metric(f"winner/test/{_metric_key(k, m)}", v, t, 0) for k, d in final.test_metrics.items()
-               for m, v in d.items()]
+        if self.client.get_metric_history(self.run_id, "winner/fitness"):  # logged before a kill
+            ms = []
+        else:
+            ms = [Metric("winner/fitness", final.fitness, t, 0)]
+            ms += [Metric(f"winner/{_metric_key(k, m)}", v, t, 0) for k, d in final.metrics.items() for m, v in d.items()]
+            ms += [Metric(f"winner/test/{_metric_key(k, m)}", v, t, 0) for k, d in final.test_metrics.items()
+                   for m, v in d.items()]
         self.client.log_batch(self.run_id, metrics=ms)
         st = read_status(self.run_dir)
         files = [self.run_dir / "best.yaml", self.run_dir / "best.mergekit.yaml", plot_fitness(st), plot_pareto(st)]
