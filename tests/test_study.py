@@ -26,10 +26,10 @@ from test_search import cli, small_config, write_config
 from evomerge.core.errors import ConfigError
 from evomerge.runs import mirror
 from evomerge.runs.folder import LOG, RunFolder
-from evomerge.runs.study import KEY_ATTR, StudyMirror, StudyTarget
+from evomerge.runs.study import KEY_ATTR, StudyMirror, StudyTarget, make_trial, settled
 from evomerge.search import ranking
 from evomerge.search.config import SearchConfig
-from evomerge.search.records import EvalRecord
+from evomerge.search.records import CandidateRef, EvalRecord, GenerationRecord
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
@@ -66,10 +66,31 @@ def test_the_mirrors_settings_are_not_part_of_the_search():
     assert plain.search_key() == moved.search_key()  # a resume may move them
 
 
-def _record(g: int, i: int, fitness: float) -> EvalRecord:
-    return EvalRecord("candidate", g, i, [0.5, 0.5], f"h{g}{i}", "k", fitness, "ok", None,
-                      {"zoo_add": {"acc": fitness}}, {"zoo_add": 5}, {"zoo_add": 5}, None, {"eval_s": 0.1}, None,
-                      time.time())
+def _record(g: int, i: int, fitness: float, stage=None, items=5, status="ok", metrics=None) -> EvalRecord:
+    return EvalRecord("candidate", g, i, [0.5, 0.5], f"h{g}{i}", "k", fitness, status, None if status == "ok" else "oom",
+                      metrics or {"zoo_add": {"acc": fitness}}, {"zoo_add": items}, {"zoo_add": items}, None,
+                      {"eval_s": 0.1}, None, time.time(), stage=stage, stages=None if stage is None else 2)
+
+
+def test_racing_trials_are_settled_at_their_last_stage_or_generation_end():
+    cfg = SearchConfig.from_dict(base(tasks=[{"name": "zoo_add", "metric": "acc"}], racing={"stages": [5, 20]}))
+    out, promoted = _record(0, 0, 0.2, stage=0), [_record(0, 1, 0.6, stage=0), _record(0, 1, 0.5, stage=1, items=20)]
+    failed = _record(0, 2, -1.0, stage=0, status="failed")
+    assert set(settled([out, failed, promoted[0]])) == set()  # the race may still promote them
+    assert set(settled([out, *promoted])) == {"g0/c1"}  # its last stage: settled
+    gen = GenerationRecord(0, 3, 3, CandidateRef(0, 1, 0.5), 0.2, 0.5, 30, time.time())
+    trials = {k: make_trial(recs, cfg, []) for k, recs in settled([out, failed, *promoted, gen]).items()}
+    assert {k: t.state.name for k, t in trials.items()} == {"g0/c0": "PRUNED", "g0/c1": "COMPLETE", "g0/c2": "FAIL"}
+    assert trials["g0/c1"].value == 0.5 and trials["g0/c1"].intermediate_values == {5: 0.6, 20: 0.5}
+    assert trials["g0/c0"].intermediate_values == {5: 0.2} and trials["g0/c2"].user_attrs["reason"] == "oom"
+
+
+def test_nsga2_trials_hold_one_value_per_task():
+    tasks = [{"name": t, "metric": "acc", "limit": 5} for t in ("zoo_add", "zoo_rev")]
+    cfg = SearchConfig.from_dict(base(tasks=tasks, optimizer={"name": "nsga2", "popsize": 4}))
+    rec = _record(0, 0, 0.4, metrics={"zoo_add": {"acc": 0.7}, "zoo_rev": {"acc": 0.1}})
+    trial = make_trial(settled([rec])["g0/c0"], cfg, [])
+    assert trial.values == [0.7, 0.1] and trial.user_attrs["fitness"] == 0.4
 
 
 def test_a_storage_that_is_down_is_reported_once_and_retried(tmp_path, monkeypatch):
@@ -295,7 +316,7 @@ def test_the_dashboard_shows_the_run_logs_trials_and_best(killed_run, tmp_path):
         best = float(_text_when(driver, r"Best Trial \(number=\d+\)\s+([-0-9.e]+)").group(1))
         driver.save_screenshot(str(tmp_path / "dashboard.png"))
         driver.get(f"http://127.0.0.1:{port}/dashboard/studies/{study_id}/trials")
-        shown = int(_text_when(driver, r"(\d+) Trials").group(1))
+        shown = int(_text_when(driver, r"(\d+) Trials\s+Trial \d+").group(1))  # the list has loaded
     finally:
         if driver is not None:
             driver.quit()

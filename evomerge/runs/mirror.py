@@ -177,31 +177,3 @@ class Observers:
         for o in self.observers:
             o.final(record)
 
-
-def mirrors_for(cfg, run, report: Callable[[str], None]) -> list[LogMirror]:
-    """The mirrors a search config asks for: the Optuna study (on unless ``study: null``), MLflow."""
-    from evomerge.runs.study import StudyMirror, study_target
-
-    out: list[LogMirror] = []
-    target = study_target(run.path, cfg)
-    if target is not None:
-        out.append(StudyMirror(run.path, cfg, target, report, run.records))
-    if cfg.tracking.mlflow is not None:
-        from evomerge.runs.tracking import MlflowMirror
-
-        out.append(MlflowMirror(run.path, cfg, report, run.records))
-    return out
-
-
-def with_mirror_settings(frozen, given, study_storage: str | None = None):
-    """The frozen config with the mirrors' settings of ``given`` (the config of a resume, which may
-    move them: they copy the log, they do not define the search) and ``--study-storage``."""
-    update = {}
-    if given is not None:
-        update = {"study": given.study, "tracking": given.tracking}
-    if study_storage is not None:
-        from evomerge.search.config import StudyConfig
-
-        study = update.get("study", frozen.study)
-        update["study"] = StudyConfig(storage=study_storage, name=study.name if study else None)
-    return frozen.model_copy(update=update) if update else frozen

@@ -17,9 +17,11 @@ from evomerge.evaluation.trial import CandidateBuilder
 from evomerge.execution.local import LocalExecutor
 from evomerge.runs.folder import RunFolder
 from evomerge.runs.frozen import check_tasks_unchanged, load_frozen, record_tasks, with_inline_space
-from evomerge.runs.mirror import Observers, mirrors_for, with_mirror_settings
+from evomerge.runs.mirror import LogMirror, Observers
 from evomerge.runs.progress import Display
-from evomerge.search.config import SearchConfig, default_run_dir
+from evomerge.runs.study import StudyMirror, study_target
+from evomerge.runs.tracking import MlflowMirror
+from evomerge.search.config import SearchConfig, StudyConfig, default_run_dir
 from evomerge.search.jobs import Executor
 from evomerge.search.loop import Search, SearchOutcome
 from evomerge.search.validation import check_sources, check_tasks
@@ -66,6 +68,30 @@ def make_executor_factory(workers: int | str | None = None, ray_address: str | N
     return ray_executor("auto" if workers is None else workers, address=ray_address, sources=sources,
                         builder_factory=None if builder_factory is default_builder else builder_factory,
                         pipelined=pipelined)
+
+
+def mirrors_for(cfg: SearchConfig, run: RunFolder, report) -> list[LogMirror]:
+    """The mirrors a search config asks for: the Optuna study (on unless ``study: null``), MLflow."""
+    out: list[LogMirror] = []
+    target = study_target(run.path, cfg)
+    if target is not None:
+        out.append(StudyMirror(run.path, cfg, target, report, run.records))
+    if cfg.tracking.mlflow is not None:
+        out.append(MlflowMirror(run.path, cfg, report, run.records))
+    return out
+
+
+def with_mirror_settings(frozen: SearchConfig, given: SearchConfig | None,
+                         study_storage: str | None = None) -> SearchConfig:
+    """The frozen config with the mirrors' settings of ``given`` (the config of a resume, which may
+    move them: they copy the log, they do not define the search) and ``--study-storage``."""
+    update = {}
+    if given is not None:
+        update = {"study": given.study, "tracking": given.tracking}
+    if study_storage is not None:
+        study = update.get("study", frozen.study)
+        update["study"] = StudyConfig(storage=study_storage, name=study.name if study else None)
+    return frozen.model_copy(update=update) if update else frozen
 
 
 def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,

@@ -144,8 +144,8 @@ class StudyConfig(_Strict):
     @field_validator("storage")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None:
-            from sqlalchemy.engine import make_url  # here: only a config that names a storage pays the import
+        if v is not None:  # imported here: only a config that names a storage pays for it
+            from sqlalchemy.engine import make_url
             from sqlalchemy.exc import ArgumentError
 
             try:
