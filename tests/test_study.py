@@ -20,13 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from test_dataflow_search import kill_when, lines
 from test_search import cli, small_config, write_config
 
 from evomerge.core.errors import ConfigError
 from evomerge.runs import mirror
 from evomerge.runs.folder import LOG, RunFolder
-from evomerge.runs.study import KEY_ATTR, StudyMirror, StudyTarget, make_trial, settled
+from evomerge.runs.start import with_mirror_settings
+from evomerge.runs.study import KEY_ATTR, StudyMirror, StudyTarget, make_trial, settled, sync_study
 from evomerge.search import ranking
 from evomerge.search.config import SearchConfig
 from evomerge.search.records import CandidateRef, EvalRecord, GenerationRecord
@@ -197,8 +199,7 @@ def test_study_sync_rebuilds_a_missing_study_once(killed_run, tmp_path):
     (run_dir / "optuna.db").unlink()
     r = evomerge("study", "sync", str(run_dir))
     assert r.returncode == 0 and "8 trials added, 8 in all" in r.stdout, r.stderr
-    r = evomerge("study", "sync", str(run_dir))
-    assert r.returncode == 0 and "0 trials added, 8 in all" in r.stdout, r.stderr
+    assert sync_study(run_dir) == (0, 8)  # again: nothing to add
     _same_trials(_trials(f"sqlite:///{run_dir / 'optuna.db'}", "run"), _candidates(run_dir))
 
 
@@ -243,16 +244,19 @@ def postgres():
 
 
 @pytest.mark.slow
-def test_a_postgresql_url_holds_the_study(killed_run, postgres, tmp_path):
-    run_dir = tmp_path / "copy"
-    shutil.copytree(killed_run, run_dir)
-    # a finished run resumed with --study-storage: its mirror moves there and is filled from the log
-    r = evomerge("search", "--resume", str(run_dir), "--quiet", "--study-storage", postgres)
-    assert r.returncode == 0, r.stderr
-    assert RunFolder.open(run_dir).config_dict()["study"]["storage"] == postgres  # frozen with the run
-    _same_trials(_trials(postgres, "run"), _candidates(run_dir))
-    r = evomerge("study", "sync", str(run_dir))
-    assert r.returncode == 0 and "0 trials added, 8 in all" in r.stdout, r.stderr
+def test_a_postgresql_url_holds_the_study(killed_run, postgres):
+    assert sync_study(killed_run, postgres) == (8, 8)  # (added, in all)
+    _same_trials(_trials(postgres, "run"), _candidates(killed_run))
+    assert sync_study(killed_run, postgres) == (0, 8)
+
+
+def test_a_storage_from_the_command_line_is_frozen_with_the_run():
+    cfg = SearchConfig.from_dict(base(study={"name": "mine"}))
+    moved = with_mirror_settings(cfg, None, "postgresql+psycopg://me@/evomerge?host=/tmp")
+    assert moved.study.storage == "postgresql+psycopg://me@/evomerge?host=/tmp" and moved.study.name == "mine"
+    assert SearchConfig.from_dict(yaml.safe_load(moved.to_yaml())).study == moved.study  # as config.yaml keeps it
+    r = evomerge("search", "--resume", "nowhere", "--study-storage", "not a url")
+    assert r.returncode == 2 and "not a SQLAlchemy URL" in r.stderr
 
 
 # ------------------------------------------------------------------ optuna-dashboard in Chromium

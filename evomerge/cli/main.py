@@ -134,6 +134,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.workers is not None or args.ray_address:
         ray_kw = {"workers": args.workers, "ray_address": args.ray_address, "sources": args.sources}
     if args.study_storage is not None:
+        from evomerge.search.config import StudyConfig
+
+        try:  # a bad URL is refused before anything starts
+            StudyConfig(storage=args.study_storage)
+        except ValidationError as e:
+            raise UsageError(f"--study-storage: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
         if staged:
             raise UsageError("--study-storage applies to a one-stage search, not a staged config")
         ray_kw["study_storage"] = args.study_storage
