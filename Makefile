@@ -10,16 +10,26 @@ export HF_DATASETS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo zoo lint clean
+.PHONY: install test demo zoo lint clean system-deps
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# Debian packages the tests use: chromium + chromium-driver (the dashboard's browser test) and
+# postgresql (a throwaway server for the study's PostgreSQL test). Installed when missing and
+# apt-get can (root on Debian, as CI is); elsewhere those tests say why they skip.
+APT_PACKAGES := chromium chromium-driver postgresql
+system-deps:
+	@if command -v chromedriver >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	else echo "note: install $(APT_PACKAGES) (Debian) for the browser and PostgreSQL tests"; fi
 
 # constraints.txt pins torch==2.13.0 (a CPU wheel on this machine, the CUDA build elsewhere)
 # and the versions tested together; pyproject.toml keeps the ranges open.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tracking]'
 	touch $(STAMP)
 
 test: install

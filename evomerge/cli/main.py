@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from evomerge.cli.dashboard import add_parsers as add_dashboard_parsers
 from evomerge.cli.merge import add_parser as add_merge_parser
 from evomerge.core.env import quiet_libraries
 from evomerge.core.errors import EvomergeError, UsageError
@@ -132,6 +133,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     ray_kw = {}
     if args.workers is not None or args.ray_address:
         ray_kw = {"workers": args.workers, "ray_address": args.ray_address, "sources": args.sources}
+    if args.study_storage is not None:
+        from evomerge.search.config import StudyConfig
+
+        try:  # a bad URL is refused before anything starts
+            StudyConfig(storage=args.study_storage)
+        except ValidationError as e:
+            raise UsageError(f"--study-storage: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        if staged:
+            raise UsageError("--study-storage applies to a one-stage search, not a staged config")
+        ray_kw["study_storage"] = args.study_storage
     try:
         out = search(cfg, run_dir=args.resume or args.run_dir, resume=args.resume is not None,
                      quiet=args.quiet, config_path=args.config, **ray_kw)
@@ -164,6 +175,9 @@ def _add_search(sub) -> None:
     p.add_argument("--sources", choices=["path", "object_store"], default="path",
                    help="how workers get the source models: from their folders, which every node must "
                    "read at the same path (default), or shipped through Ray's object store")
+    p.add_argument("--study-storage", metavar="URL", help="SQLAlchemy URL of the Optuna study mirroring the run "
+                   "log (default: RUN_DIR/optuna.db; e.g. postgresql+psycopg://user@host/db); frozen with the run "
+                   "(docs/tracking.md)")
     p.set_defaults(func=cmd_search)
 
 
@@ -385,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_export(sub)
     _add_materialize(sub)
+    add_dashboard_parsers(sub)
     return parser
 
 

@@ -11,6 +11,7 @@
       sessions.jsonl       when each (re)start happened, on which host (not part of the history)
       items/               per-item scores of evaluated recipes (evomerge/items.py)
       pareto.json          multi-objective runs (nsga2): the non-dominated candidates so far
+      optuna.db, study.json  the Optuna study mirroring the log (runs/study.py); mlflow.* (runs/tracking.py)
 
 Only complete lines (ending in a newline) of the log count: a record torn by a kill is dropped
 when the log is read, and cut off before the next append.

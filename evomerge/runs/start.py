@@ -17,8 +17,11 @@ from evomerge.evaluation.trial import CandidateBuilder
 from evomerge.execution.local import LocalExecutor
 from evomerge.runs.folder import RunFolder
 from evomerge.runs.frozen import check_tasks_unchanged, load_frozen, record_tasks, with_inline_space
+from evomerge.runs.mirror import LogMirror, Observers
 from evomerge.runs.progress import Display
-from evomerge.search.config import SearchConfig, default_run_dir
+from evomerge.runs.study import StudyMirror, study_target
+from evomerge.runs.tracking import MlflowMirror
+from evomerge.search.config import SearchConfig, StudyConfig, default_run_dir
 from evomerge.search.jobs import Executor
 from evomerge.search.loop import Search, SearchOutcome
 from evomerge.search.validation import check_sources, check_tasks
@@ -67,12 +70,37 @@ def make_executor_factory(workers: int | str | None = None, ray_address: str | N
                         pipelined=pipelined)
 
 
+def mirrors_for(cfg: SearchConfig, run: RunFolder, report) -> list[LogMirror]:
+    """The mirrors a search config asks for: the Optuna study (on unless ``study: null``), MLflow."""
+    out: list[LogMirror] = []
+    target = study_target(run.path, cfg)
+    if target is not None:
+        out.append(StudyMirror(run.path, cfg, target, report, run.records))
+    if cfg.tracking.mlflow is not None:
+        out.append(MlflowMirror(run.path, cfg, report, run.records))
+    return out
+
+
+def with_mirror_settings(frozen: SearchConfig, given: SearchConfig | None,
+                         study_storage: str | None = None) -> SearchConfig:
+    """The frozen config with the mirrors' settings of ``given`` (the config of a resume, which may
+    move them: they copy the log, they do not define the search) and ``--study-storage``."""
+    update = {}
+    if given is not None:
+        update = {"study": given.study, "tracking": given.tracking}
+    if study_storage is not None:
+        study = update.get("study", frozen.study)
+        update["study"] = StudyConfig(storage=study_storage, name=study.name if study else None)
+    return frozen.model_copy(update=update) if update else frozen
+
+
 def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
                quiet: bool = False, builder_factory=default_builder, config_path: str | None = None,
                workers: int | str | None = None, ray_address: str | None = None, sources: str = "path",
-               executor_factory=None) -> SearchOutcome:
+               executor_factory=None, study_storage: str | None = None) -> SearchOutcome:
     """``evomerge search``: a new search, or ``resume=True`` to continue the one in ``run_dir``.
-    ``workers``/``ray_address``: score on Ray workers (evomerge.execution.ray); default in-process."""
+    ``workers``/``ray_address``: score on Ray workers (evomerge.execution.ray); default in-process.
+    ``study_storage``: the Optuna study's storage URL (runs/study.py), frozen with the run."""
     factory = executor_factory or make_executor_factory(workers, ray_address, sources=sources,
                                                         builder_factory=builder_factory)
     uses_ray = getattr(factory, "uses_ray", False)
@@ -101,6 +129,10 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
             if cfg is not None and (cfg.budget, cfg.threads) != (frozen.budget, frozen.threads):
                 frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
                 run.write_text("config.yaml", frozen.to_yaml())
+            moved = with_mirror_settings(frozen, cfg, study_storage)
+            if moved != frozen:  # the mirrors (study, tracking) may move on resume
+                frozen = moved
+                run.write_text("config.yaml", frozen.to_yaml())
             if isinstance(frozen.search_space, str):  # a run folder from before inline spaces: freeze it now
                 frozen = with_inline_space(frozen)
                 run.write_text("config.yaml", frozen.to_yaml())
@@ -118,6 +150,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
             cfg = cfg.model_copy(update={"background": uses_ray})
         run_dir = Path(run_dir or cfg.run_dir or default_run_dir(config_path))
         cfg = with_inline_space(cfg)  # the run folder is self-contained: see runs/frozen.py
+        cfg = with_mirror_settings(cfg, None, study_storage)
         run = RunFolder.create(run_dir, cfg.to_yaml())
         try:
             record_tasks(run, evaluators)
@@ -128,7 +161,9 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     display = Display(quiet=quiet, tasks=[t.name for t in cfg.tasks])
-    search = Search(cfg, run, display, factory)
+    # the Optuna study and MLflow: copies of the log, written off the search's thread (runs/mirror.py)
+    mirrors = mirrors_for(cfg, run, display.message)
+    search = Search(cfg, run, Observers(display, *mirrors), factory)
 
     def _on_signal(signum, frame):
         search.stop_requested = True
@@ -139,5 +174,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        for m in mirrors:
+            m.close()
         display.close()
         run.close()

@@ -134,6 +134,58 @@ class BudgetConfig(_Strict):
         return self
 
 
+class StudyConfig(_Strict):
+    """The Optuna study that mirrors the run log (docs/tracking.md)."""
+
+    storage: str | None = Field(None, description="SQLAlchemy URL of an Optuna RDB storage (sqlite:///..., "
+                                "postgresql+psycopg://...); default: optuna.db in the run folder")
+    name: str | None = Field(None, min_length=1, description="the study's name (default: the run folder's name)")
+
+    @field_validator("storage")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None:  # imported here: only a config that names a storage pays for it
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                make_url(v)
+            except ArgumentError:
+                raise ValueError(f"{v!r} is not a SQLAlchemy URL (e.g. sqlite:///optuna.db, "
+                                 "postgresql+psycopg://user@host/db)") from None
+        return v
+
+
+class MlflowConfig(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI (http://..., sqlite:///..., file:...); "
+                            "default: mlflow.db in the run folder")
+    experiment: str = Field("evomerge", min_length=1, description="the MLflow experiment of the run")
+
+
+class TrackingConfig(_Strict):
+    mlflow: MlflowConfig | None = Field(None, description="log the search to MLflow: one MLflow run per search")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if data == "mlflow":  # `tracking: mlflow`: MLflow with its defaults
+            return {"mlflow": {}}
+        if isinstance(data, str):
+            raise ValueError(f"unknown tracker {data!r}; the one supported is mlflow (`tracking: mlflow`)")
+        if isinstance(data, dict) and "mlflow" in data and data["mlflow"] in (True, {}):
+            return dict(data, mlflow={})
+        return data
+
+
+def _study_on_off(v: Any) -> Any:
+    """``study: true`` is the default mirror, ``study: false`` (or null) none."""
+    if v is True:
+        return {}
+    if v is False:
+        return None
+    return v
+
+
 # Racing when a config scores candidates on the whole split (no task has a limit) and says nothing
 # about racing: it met scripts/bench_fitness.py's acceptance (README). `racing: null` turns it off.
 DEFAULT_RACING = {"stages": [30, 100, None], "keep": 0.25}
@@ -164,6 +216,10 @@ class SearchConfig(_Strict):
                                     "generation barrier leaves idle); default: on with --workers N >= 1, off "
                                     "in-process; frozen in the run folder")
     run_dir: str | None = Field(None, description="run folder (default: runs/<config name>)")
+    study: StudyConfig | None = Field(default_factory=StudyConfig, description="the Optuna study mirroring the "
+                                      "run log (optuna-dashboard); false or null: none")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="experiment tracking "
+                                     "(`tracking: mlflow` or {mlflow: {uri, experiment}})")
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -178,6 +234,16 @@ class SearchConfig(_Strict):
                     and name != "nsga2"):
                 data = dict(data, racing=DEFAULT_RACING)
         return data
+
+    @field_validator("study", mode="before")
+    @classmethod
+    def _study(cls, v: Any) -> Any:
+        return _study_on_off(v)
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _no_tracking(cls, v: Any) -> Any:
+        return {} if v is None or v is False else v
 
     @field_validator("tasks")
     @classmethod
@@ -224,7 +290,8 @@ class SearchConfig(_Strict):
 
     def search_key(self) -> dict:
         """The fields that define a search: a resume must not change them (budget may grow)."""
-        data = self.model_dump(mode="json", exclude={"budget", "run_dir", "threads"})
+        # the mirrors (study, tracking) copy the run log: they may change on resume
+        data = self.model_dump(mode="json", exclude={"budget", "run_dir", "threads", "study", "tracking"})
         data["search_space"] = self.space.model_dump(mode="json")
         return data
 
