@@ -142,7 +142,9 @@ def main() -> int:
                     return 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("\n| synthetic shard | largest source | shipping | driver RSS after ray.init | driver peak RSS | to the worker |")
+    print(f"\nload average {os.getloadavg()[0]:.1f}; seconds: streamed = the executor's start (worker process, "
+          "tokenizer, tasks and the sources' copy); before = reading and ray.put only")
+    print("\n| synthetic shard | largest source | shipping | driver RSS after ray.init | driver peak RSS | seconds |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mb']} MB | {r['source_mb']:.0f} MB | {r['mode']} | {r['after_init_mb']:.0f} MB | "

@@ -7,8 +7,9 @@ Parts (each one reports ok / failed / skipped with the reason; a failed part doe
 others):
 
 1. deps: which of evomerge's dependencies import here; the wheels to carry for what is missing.
-2. gpu_tests: ``pytest -m gpu`` on tests/test_inplace.py and tests/test_merge_methods.py (needs
-   pytest, pluggy, iniconfig, packaging, and evomerge's deps below).
+2. gpu_tests: ``pytest -m gpu`` on the test files that have gpu-marked tests (today
+   tests/test_inplace.py and tests/test_merge_methods.py; needs pytest, pluggy, iniconfig,
+   packaging, and evomerge's deps below).
 3. inplace_7b: the in-place build per candidate on CUDA with a 7B-shaped synthetic model (Llama
    7B shapes, random bf16 weights, base + three sources, task arithmetic), resident and stream
    placement: median seconds per candidate (torch.cuda.synchronize around each build) against
@@ -37,6 +38,7 @@ script's own plumbing, and the script exits 0 (tests/test_gpu_check.py runs it s
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -93,14 +95,15 @@ def part_gpu_tests(ctx) -> dict:
     need("pytest", "pydantic", "yaml", "numpy")
     if not ctx["cuda"]:
         raise Skip("no CUDA: the gpu-marked tests would all skip")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           "tests/test_inplace.py", "tests/test_merge_methods.py"]
+    files = sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").glob("test_*.py")
+                   if "mark.gpu" in f.read_text())  # only these: the others may import what is not here
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=ctx["tests_timeout"],
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     tail = (r.stdout + r.stderr).strip().splitlines()[-15:]
     if r.returncode not in (0, 5):  # 5: nothing collected
         raise RuntimeError("pytest -m gpu failed:\n" + "\n".join(tail))
-    return {"summary": tail[-1] if tail else "", "returncode": r.returncode}
+    return {"files": files, "summary": tail[-1] if tail else "", "returncode": r.returncode}
 
 
 def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict[str, tuple]:
@@ -137,8 +140,7 @@ def make_sources(root: Path, size: tuple, distinct: bool, device: str) -> tuple[
     hidden, inter, layers, vocab = size
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
-                         vocab_size=vocab, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
-                         torch_dtype="bfloat16")
+                         vocab_size=vocab, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
     shapes = llama_shapes(*size)
     base = root / "base"
     write_model(base, shapes, 0, device, config)
@@ -206,6 +208,7 @@ def part_inplace(ctx) -> dict:
                 row.update(peak_device_gb=round(peak / GB, 2), peak_over_plan=round(peak / max(mp.device_bytes, 1), 3))
             out["placements"][placement] = row
             del merger
+            gc.collect()
             if ctx["cuda"]:
                 torch.cuda.empty_cache()
         res = out["placements"]["resident"]["build_s"]
