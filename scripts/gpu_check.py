@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed builds per placement")
     ap.add_argument("--distinct", action="store_true", help="three distinct random sources (4x the disk)")
     ap.add_argument("--zoo", default=None, help="the zoo folder for the evaluator part")
+    ap.add_argument("--budget-s", type=float, default=420, help="no part starts after this many seconds")
     ap.add_argument("--workdir", default=None, help="where the synthetic sources go (default: the temp folder)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry_run
@@ -381,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in [p for p in args.parts.split(",") if p]:
         t0 = time.perf_counter()
         try:
+            if t0 - t_all > args.budget_s:
+                raise Skip(f"out of time: {t0 - t_all:.0f} s spent of the {args.budget_s:.0f} s budget")
             res = {"status": "ok", "details": PARTS[name](ctx)}
         except Skip as e:
             res = {"status": "skipped", "reason": str(e)}
