@@ -24,12 +24,13 @@ others):
 
 Imports at top level only the standard library and torch (the GPU machine has torch,
 transformers and safetensors and no network); everything else is imported inside the part that
-needs it. evomerge itself is the source tree. Wheels to carry for the parts that need them
-(``pip download --only-binary=:all: --python-version 3.X --platform manylinux2014_x86_64 NAME``
-here, ``pip install --no-index --find-links wheels/ NAME`` there): pure Python: pyyaml is not
-(binary wheel), filelock, annotated-types, typing-inspection, typing-extensions, pytest, pluggy,
-iniconfig, packaging; binary: pydantic-core (with pydantic), pyyaml, numpy (if torch lacks it).
-lm-eval and Ray are large: their parts are skipped without them.
+needs it, and a part whose imports are missing is skipped, naming the wheels to carry. evomerge
+itself is the source tree. Wheels to carry (``pip download --only-binary=:all: --python-version
+3.X --platform manylinux2014_x86_64 NAME`` here, ``pip install --no-index --find-links wheels/
+NAME`` there): pure Python: annotated-types, typing-inspection, typing-extensions, pydantic,
+filelock, and for the tests pytest, pluggy, iniconfig, packaging; binary (small): pydantic-core,
+pyyaml, numpy (when torch's environment lacks it). lm-eval and Ray are large: their parts are
+skipped without them.
 
 Without CUDA (or with ``--dry-run``) every part runs on CPU with tiny shapes, as a check of this
 script's own plumbing, and the script exits 0 (tests/test_gpu_check.py runs it so).
