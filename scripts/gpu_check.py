@@ -168,7 +168,7 @@ def recipe_for(base: Path, sources: list[Path], k: int):
 
 
 def part_inplace(ctx) -> dict:
-    need("pydantic", "yaml", "numpy")
+    need("pydantic", "yaml")
     from evomerge.merge.inplace import InPlaceMerger
     from evomerge.merge.inplace.memory import plan
 
@@ -251,7 +251,7 @@ def method_inputs(method, n: int = 3, numel: int = 4096, seed: int = 0):
 
 
 def part_methods(ctx) -> dict:
-    need("pydantic", "yaml", "numpy")
+    need("pydantic", "yaml")
     from evomerge.methods.base import TensorGroup
     from evomerge.methods.registry import merge_group, registered_methods
 
