@@ -148,7 +148,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mb']} MB | {r['source_mb']:.0f} MB | {r['mode']} | {r['after_init_mb']:.0f} MB | "
-              f"{r['peak_mb']:.0f} MB | {r['ship_s']:.1f} s |")
+              f"{r['peak_mb']:.0f} MB | {r['ship_s']:.1f} |")
     streamed = [r for r in rows if r["mode"] == "streamed"]
     ratio = streamed[-1]["peak_mb"] / streamed[0]["peak_mb"]
     print(f"\nstreamed, driver peak RSS {streamed[-1]['mb']} MB vs {streamed[0]['mb']} MB: {ratio:.2f}x "
