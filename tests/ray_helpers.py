@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -29,6 +30,12 @@ def tiny_config(zoo_dir: Path, **over) -> dict:
     }
     cfg.update(over)
     return cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ray_processes(tmp: str) -> list[psutil.Process]:

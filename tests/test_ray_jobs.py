@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,17 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_helpers import REPO, assert_gone, tiny_config, worker_pids
+from ray_helpers import REPO, assert_gone, free_port, tiny_config, worker_pids
 
 from evomerge.runs.folder import RunFolder
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -149,13 +149,14 @@ class ItemStore:
         merge_s = partial.merge_s if partial else 0.0
         eval_s = partial.eval_s if partial else 0.0
         worker = partial.worker if partial else "items"
+        node = partial.node if partial else None
         if bad := non_finite_metrics(metrics):
             return TrialResult(h, penalty, "failed", non_finite_reason(bad), finite_metrics(metrics), items, merge_s,
-                               eval_s, worker)
+                               eval_s, worker, node=node)
         if not np.isfinite(total):
             return TrialResult(h, penalty, "failed", f"non-finite fitness {total}", metrics, items, merge_s, eval_s,
-                               worker)
-        return TrialResult(h, float(total), "ok", None, metrics, items, merge_s, eval_s, worker)
+                               worker, node=node)
+        return TrialResult(h, float(total), "ok", None, metrics, items, merge_s, eval_s, worker, node=node)
 
 
 def _unpack(z) -> dict[str, dict[str, list]]:

@@ -47,6 +47,7 @@ class TrialResult:
     merge_s: float = 0.0
     eval_s: float = 0.0
     worker: str = "local"  # who scored it ("local", or a worker's name)
+    node: str | None = None  # the Ray node that scored it (None: in-process)
     item_scores: dict | None = None  # per-item metric values (fitness.ItemScores), where logged
 
 

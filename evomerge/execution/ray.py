@@ -12,8 +12,9 @@ the reason in its record. Jobs are pure functions of (recipe, items, settings), 
 not depend on which worker scored them, nor on how many there are.
 
 Sources reach the workers from a path that every node can read (``sources="path"``: the
-config's folders), or through Ray's object store (``sources="object_store"``: the driver reads the
-folders once and each worker unpacks them into a local temporary folder).
+config's folders), or through Ray's object store (``sources="object_store"``: streamed in chunks
+into each worker's local temporary folder, never through the driver's memory; execution/sources.py).
+Workers are spread over the cluster's nodes; each record names the Ray node that scored it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,9 @@ import torch
 from evomerge.core.errors import ConfigError, ExecutionError
 from evomerge.evaluation.trial import TrialResult
 from evomerge.execution.local import run_job
+from evomerge.execution.sources import ShippedSources, remove_local
+from evomerge.execution.sources import fetch as fetch_sources
+from evomerge.execution.sources import ship as ship_sources
 from evomerge.search.jobs import BackgroundWork, EvalJob
 
 MAX_RESTARTS = 4  # Ray restarts of one worker; after that it is given up
@@ -48,20 +52,6 @@ def forwarded_env() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- sources
-def pack_folder(path: str | Path) -> dict[str, bytes]:
-    """Every file of a model folder, by relative path (for the object store)."""
-    root = Path(path)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def unpack_folder(files: dict[str, bytes], dest: Path) -> Path:
-    for rel, data in files.items():
-        out = dest / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(data)
-    return dest
-
-
 def source_names(cfg) -> list[str]:
     return list(dict.fromkeys([*cfg.models, *([cfg.base_model] if cfg.base_model else [])]))
 
@@ -78,7 +68,7 @@ class EvalWorker:
     """One worker: sources, tokenizer and tasks loaded once; scores jobs in place."""
 
     def __init__(self, cfg, name: str, threads: int, builder_factory=None,
-                 shipped: dict[str, Any] | None = None):
+                 shipped: ShippedSources | None = None):
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from evomerge.core.env import quiet_libraries
@@ -89,17 +79,15 @@ class EvalWorker:
 
         quiet_libraries()
         torch.set_num_threads(threads)
+        import ray
+
         self.name = f"{name}@{socket.gethostname()}:{os.getpid()}"
         self.pid = os.getpid()
+        self.node = ray.get_runtime_context().get_node_id()
+        self.slot, self.shipped = name, shipped
         self.rename: dict[str, str] = {}
         if shipped:
-            import tempfile
-
-            import ray
-
-            tmp = Path(tempfile.mkdtemp(prefix="evomerge-sources-"))
-            for i, (src, ref) in enumerate(shipped.items()):
-                self.rename[src] = str(unpack_folder(ray.get(ref), tmp / f"{i}-{Path(src).name}"))
+            self.rename = fetch_sources(shipped, name)
             cfg = cfg.model_copy(update={"models": [self.rename[m] for m in cfg.models],
                                          "base_model": self.rename.get(cfg.base_model, cfg.base_model)})
         if cfg.device.startswith("cuda"):
@@ -110,7 +98,12 @@ class EvalWorker:
         self.builder = (builder_factory or make_builder)(cfg)
 
     def ready(self) -> dict:
-        return {"name": self.name, "pid": self.pid, "host": socket.gethostname()}
+        return {"name": self.name, "pid": self.pid, "host": socket.gethostname(), "node": self.node}
+
+    def remove_sources(self) -> None:
+        """Deletes this worker's local copy of shipped sources (before the executor kills it)."""
+        if self.shipped:
+            remove_local(self.shipped.token, self.slot)
 
     def run(self, job: EvalJob) -> TrialResult:
         local = job if not self.rename else EvalJob(job.kind, job.generation, job.index, job.genome,
@@ -124,7 +117,7 @@ class EvalWorker:
             print(f"evomerge worker {self.name}: {res.reason}; exiting", file=sys.stderr, flush=True)
             os._exit(3)
         res.recipe_hash = job.recipe.hash()
-        res.worker = self.name
+        res.worker, res.node = self.name, self.node
         return res
 
 
@@ -173,6 +166,7 @@ class RayExecutor:
         # deaths are then not the candidates' faults and are not logged.
         self.should_stop = lambda: False
         self.slots: list[_Slot] = []
+        self.shipped: ShippedSources | None = None
         if not ray.is_initialized():
             self._init_ray(address, workers)
         try:
@@ -188,14 +182,14 @@ class RayExecutor:
         n = self._count(workers)
         # The search space goes inline: a worker on another node need not find its file.
         wcfg = cfg.model_copy(update={"search_space": cfg.space})
-        shipped = None
         if sources == "object_store":
-            shipped = {src: ray.put(pack_folder(src)) for src in source_names(cfg)}
+            self.shipped = ship_sources(source_names(cfg), uuid.uuid4().hex[:12])
         env = forwarded_env()
+        # SPREAD: workers on as many nodes as the cluster has (a lost node takes fewer of them).
         cls = ray.remote(EvalWorker).options(
             num_cpus=self.threads, num_gpus=1 if self.gpu else 0, max_restarts=MAX_RESTARTS, max_task_retries=0,
-            runtime_env={"env_vars": env} if env else None)
-        self.slots = [_Slot(i, f"w{i}", cls.remote(wcfg, f"w{i}", self.threads, builder_factory, shipped))
+            scheduling_strategy="SPREAD", runtime_env={"env_vars": env} if env else None)
+        self.slots = [_Slot(i, f"w{i}", cls.remote(wcfg, f"w{i}", self.threads, builder_factory, self.shipped))
                       for i in range(n)]
         self._await_workers()
 
@@ -348,7 +342,8 @@ class RayExecutor:
                 fitness = self.penalty if fl.job.kind != "test" else float("nan")
                 return TrialResult(fl.job.recipe.hash(), fitness, "failed",
                                    f"the worker died twice while scoring it (last: {reason})",
-                                   worker=(slot.info or {}).get("name", slot.name))
+                                   worker=(slot.info or {}).get("name", slot.name),
+                                   node=(slot.info or {}).get("node"))
             self.log(f"worker {slot.name} died while scoring {what} ({reason}); Ray restarts it and the job "
                      "runs again")
             return None
@@ -381,6 +376,14 @@ class RayExecutor:
 
         if not ray.is_initialized():
             return
+        if getattr(self, "shipped", None) is not None:
+            live = [s.actor.remove_sources.remote() for s in getattr(self, "slots", []) if not s.gone]
+            ray.wait(live, num_returns=len(live), timeout=10)
+            try:
+                ray.kill(self.shipped.server, no_restart=True)
+            except Exception:  # noqa: BLE001  (already gone)
+                pass
+            self.shipped = None
         for s in getattr(self, "slots", []):
             try:
                 ray.kill(s.actor, no_restart=True)

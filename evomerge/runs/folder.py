@@ -41,7 +41,7 @@ CONFIG, LOG, OPTIMIZER, BEST, BEST_MK, LOCK, SESSIONS, PARETO = (
 # What a run folder holds before its first record: it may start over (RunFolder.create).
 RESTARTABLE = (CONFIG, LOG, SESSIONS, "tasks.json")
 # Fields that differ between runs with the same history (see conventions: "same history").
-VOLATILE_FIELDS = ("time", "worker", "host", "timings", "elapsed_s")
+VOLATILE_FIELDS = ("time", "worker", "node", "host", "timings", "elapsed_s")
 
 
 def _record_count(path: Path) -> int:

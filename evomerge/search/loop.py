@@ -315,7 +315,7 @@ class Search:
             recipe_hash=res.recipe_hash, eval_key=job.eval_key, fitness=res.fitness, status=res.status,
             reason=res.reason, metrics=res.metrics, items=res.items, items_scored=scored,
             cached_from=[hit.generation, hit.index] if hit is not None else None, timings=_timings(res),
-            worker=res.worker, time=time.time(), stage=job.stage,
+            worker=res.worker, time=time.time(), stage=job.stage, node=res.node,
             stages=(len(self.cfg.racing.stages) if self.cfg.racing else None) if racing_on else None,
             items_file=items_file, items_key=self.items.base_key if items_file else None)
         if job.kind in ("reference", "candidate"):
@@ -330,7 +330,7 @@ class Search:
         """Logs a background test-split evaluation (for reports only, never for decisions)."""
         rec = TestRecord(job.generation, job.index, list(job.genome), res.recipe_hash,
                          res.fitness if math.isfinite(res.fitness) else None, res.status, res.reason,
-                         res.metrics, _timings(res), res.worker, time.time())
+                         res.metrics, _timings(res), res.worker, time.time(), node=res.node)
         self.run.append(rec)
         return rec
 

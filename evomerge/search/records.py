@@ -52,6 +52,7 @@ class EvalRecord:
     stages: int | None = None
     items_file: str | None = None  # per-item scores in RUN_DIR/items/ (evaluation.items)
     items_key: str | None = None
+    node: str | None = None  # the Ray node that scored it (Ray workers; absent in-process and in older logs)
 
     @property
     def ok(self) -> bool:
@@ -88,6 +89,7 @@ class TestRecord:
     timings: dict[str, float]
     worker: str | None
     time: float
+    node: str | None = None
     type: Literal["test"] = "test"
 
 
@@ -138,7 +140,7 @@ class FinalRecord:
 
 
 Record = EvalRecord | TestRecord | GenerationRecord | FinalRecord
-_OPTIONAL = {"stage", "stages", "items_file", "items_key", "racing", "elapsed_s"}  # left out of the JSON when None
+_OPTIONAL = {"stage", "stages", "items_file", "items_key", "racing", "elapsed_s", "node"}  # left out of the JSON when None
 
 
 def to_json(record: Record) -> dict[str, Any]:
