@@ -55,6 +55,9 @@ from evomerge.recipes.parameter_space import Recipe  # noqa: E402
 
 # values for parameters that a method requires (or that the bench sets on purpose), by name;
 # a required parameter not named here gets 0.5 (a number) or false
+# the methods the old reference was defined for (its ratio is printed for these only)
+OLD_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+               "breadcrumbs_ties", "della", "della_linear")
 PARAM_VALUES = {"weight": None, "density": [0.4, 0.6], "epsilon": 0.1, "t": [0.3, 0.7],
                 "select_topk": 0.5}
 TARGETS = {"linear": 0.5, "task_arithmetic": 0.5, "ties": 0.25, "dare_ties": 0.25, "della": 0.25}
@@ -241,6 +244,28 @@ def mergekit_time(venv: str | None, recipe: Recipe, work: Path) -> float | None:
     return elapsed
 
 
+def table(rows: list[tuple]) -> list[str]:
+    """The markdown table of the rows (method, inputs, t_merge, ideal, t_sum, old, t_copy, mk)."""
+    has_mk = any(r[7] for r in rows)
+    head = ("| method | inputs | ms / candidate | ideal GB | GB/s | sum GB/s | ratio | "
+            "old ideal GB | old ratio (copy) | target (old ratio) |" + (" mergekit-yaml s |" if has_mk else ""))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for method, inputs, t_merge, ideal, t_sum, old, t_copy, mk in rows:
+        ratio = t_sum / t_merge
+        target = TARGETS.get(method)
+        old_ratio = t_copy / t_merge  # the targets were set against the old reference
+        verdict = ("" if target is None
+                   else f">= {target} {'met' if old_ratio >= target else 'MISSED'}")
+        line = (f"| {method} | {inputs} | {t_merge * 1e3:.0f} | {ideal / 1e9:.2f} | "
+                f"{ideal / t_merge / 1e9:.1f} | {ideal / t_sum / 1e9:.1f} | {ratio:.2f} | "
+                + (f"{old / 1e9:.2f} | {old_ratio:.2f} |" if method in OLD_METHODS else "- | - |")
+                + f" {verdict} |")
+        if has_mk:
+            line += f" {mk:.1f} |" if mk else " - |"
+        lines.append(line)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,23 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"total {time.perf_counter() - t0:.0f}s\n")
-    has_mk = any(r[7] for r in rows)
-    head = ("| method | inputs | ms / candidate | ideal GB | GB/s | sum GB/s | ratio | "
-            "old ideal GB | old ratio (copy) | target (old ratio) |" + (" mergekit-yaml s |" if has_mk else ""))
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
-    for method, inputs, t_merge, ideal, t_sum, old, t_copy, mk in rows:
-        ratio = t_sum / t_merge
-        target = TARGETS.get(method)
-        old_ratio = t_copy / t_merge  # the targets were set against the old reference
-        verdict = ("" if target is None
-                   else f">= {target} {'met' if old_ratio >= target else 'MISSED'}")
-        line = (f"| {method} | {inputs} | {t_merge * 1e3:.0f} | {ideal / 1e9:.2f} | "
-                f"{ideal / t_merge / 1e9:.1f} | {ideal / t_sum / 1e9:.1f} | {ratio:.2f} | "
-                f"{old / 1e9:.2f} | {old_ratio:.2f} | {verdict} |")
-        if has_mk:
-            line += f" {mk:.1f} |" if mk else " - |"
-        print(line)
+    print("\n".join(table(rows)))
     return 0
 
 
