@@ -7,8 +7,9 @@ dependency of evomerge), e.g.
     python3 -m venv /work/mkvenv
     /work/mkvenv/bin/pip install -c constraints.txt mergekit==0.1.5
 It merges every recipe of tests/golden/recipes.yaml on the fixture family tests/golden/family
-(scripts/make_parity_family.py) with `mergekit-yaml --no-cuda` (CPU: the goldens are CPU results)
-and writes tests/golden/manifest.json (every output tensor's sha256, dtype and shape; mask stats
+(scripts/make_parity_family.py) on CPU with random seed 0 (mergekit's run_merge in this process
+when mergekit is importable, else the venv's `mergekit-yaml --no-cuda --random-seed 0`; the
+two give the same bytes) and writes tests/golden/manifest.json (every output tensor's sha256, dtype and shape; mask stats
 of the random recipes) and tests/golden/<recipe>.safetensors (a few sample tensors in full), which
 tests/test_mergekit_parity.py compares evomerge with. `--only NAME,...` rebuilds some recipes.
 """
