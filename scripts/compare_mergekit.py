@@ -8,6 +8,12 @@ and run
 It builds a base and three fine-tune-like variants (plus one with an extra token), merges each
 recipe below with both tools and prints the largest absolute difference per method (last line: a
 table). DARE/DELLA are left out: mergekit draws their masks from torch's global generator.
+
+    python scripts/compare_mergekit.py --mergekit-venv /work/mkvenv --recipe exported.yaml ...
+
+compares the given mergekit YAML recipes instead (e.g. a search's exported winner), over the
+models they name. The test suite's parity check needs no mergekit: it compares with golden files
+(tests/golden, scripts/make_mergekit_golden.py, docs/parity.md).
 """
 
 from __future__ import annotations
@@ -188,13 +194,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mergekit-venv", type=Path, required=True)
     ap.add_argument("--keep", type=Path, default=None, help="work here instead of a temp dir")
+    ap.add_argument("--recipe", type=Path, action="append", default=[],
+                    help="compare this mergekit YAML recipe (repeatable) instead of the built-in")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="evomerge-vs-mergekit-"))
     root.mkdir(parents=True, exist_ok=True)
-    paths = build_models(root / "models")
+    if args.recipe:
+        recipes = {str(p): p.read_text() for p in args.recipe}
+    else:
+        paths = build_models(root / "models")
+        recipes = {label: template.format(**paths) for label, template in RECIPES.items()}
     rows = []
-    for i, (label, template) in enumerate(RECIPES.items()):
-        text = template.format(**paths)
+    for i, (label, text) in enumerate(recipes.items()):
         cfg = root / f"recipe{i}.yml"
         cfg.write_text(text)
         t0 = time.perf_counter()

@@ -103,10 +103,25 @@ def _apply_mask(tensor: torch.Tensor, mask: torch.Tensor, density: float,
     return masked * (before / after)
 
 
-def _sort_key(tensor: torch.Tensor) -> torch.Tensor:
-    """|x| flattened, in float32 (float64 stays) so sorting behaves the same on every device."""
+def sort_key(tensor: torch.Tensor) -> torch.Tensor:
+    """|x| flattened as mergekit 0.1.5 sorts it: float32 on CPU (float64 too), the dtype elsewhere.
+
+    The magnitude sparsifiers then call torch's default (non-stable) sort on it, as mergekit
+    does: where |x| ties exactly at the density cut, which of the tied elements are kept is what
+    that sort gives. It is a function of the values alone for a given torch build and device
+    (not of memory layout or thread count), so the same call on the same values selects what
+    mergekit selects; across devices (CPU vs CUDA) or torch versions the tied choice may differ.
+    """
     w = tensor.abs().reshape(-1)
-    return w if w.dtype == torch.float64 else w.float()
+    return w.float() if w.device.type == "cpu" else w
+
+
+def magnitude_order(tensor: torch.Tensor, descending: bool) -> torch.Tensor:
+    """mergekit's order of |x|: argsort (ties) or sort(...).indices (breadcrumbs), non-stable."""
+    key = sort_key(tensor)
+    if descending:
+        return torch.argsort(key, descending=True)
+    return torch.sort(key, descending=False).indices
 
 
 def magnitude(delta: torch.Tensor, density: float,
@@ -117,7 +132,7 @@ def magnitude(delta: torch.Tensor, density: float,
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    top = torch.argsort(_sort_key(delta), descending=True, stable=True)[:k]
+    top = magnitude_order(delta, descending=True)[:k]
     mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
     mask[top] = 1
     return _apply_mask(delta, mask.reshape_as(delta), density, rescale)
@@ -137,7 +152,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
     target = max(0, int(density * n))
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)  # outlier removal shrinks if the target needs it
-    order = torch.argsort(_sort_key(delta), descending=False, stable=True)
+    order = magnitude_order(delta, descending=False)
     mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[n_bot : n_bot + target]] = 1
     return _apply_mask(delta, mask.reshape_as(delta), density, rescale)

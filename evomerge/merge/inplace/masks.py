@@ -1,61 +1,110 @@
 """The sparsifiers' masks: what is precomputed once per source, and the per-candidate masks.
 
-Precomputed (per tensor and source): the ranks (CPU) or the order (CUDA) of the stable |delta|
-sort for ties and breadcrumbs*, della's ranks along dim 1, and the mask uniforms of dare*/della*
-for a mask seed. Per candidate: a mask function that writes the mask, as 1.0 / 0.0, of a chunk.
+Precomputed (per tensor and source): the order of |delta| that the engine's magnitude
+sparsifiers use (`sparsify.magnitude_order`: mergekit's non-stable torch sort, run on the compute
+device on the same values, so it is the engine's order), as ranks (CPU) or as the order itself on
+the host (CUDA); della's ranks along dim 1; the mask uniforms of dare*/della* for a mask seed.
+Per candidate: a mask function that writes the mask, as 1.0 / 0.0, of a chunk.
+
+The threshold masks (CUDA) select exactly the elements order[start:stop] whatever way the sort
+split the ties: they compare |delta| with the values at the cut and list the tied elements at
+each cut value explicitly (see `_Tied`), so they do not assume index-ordered ties.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from evomerge.merge.inplace.memory import MAGNITUDE_SPARSIFIERS, Entry, Workspace, index_dtype
-from evomerge.methods.sparsify import Sparsifier, della_ranks, uniforms
+from evomerge.methods.sparsify import Sparsifier, della_ranks, magnitude_order, uniforms
 
 # mask_fn(out, lo, hi): out = the mask of elements lo..hi-1, as 1.0 / 0.0 in out's dtype
 MaskFn = Callable[[torch.Tensor, int, int], None]
-
-
-def _sort_key(delta: torch.Tensor) -> torch.Tensor:
-    # sparsify._sort_key: |x| in float32 (float64 stays), so the order matches the engine's.
-    w = delta.abs().reshape(-1)
-    return w if w.dtype == torch.float64 else w.float()
 
 
 def _abs_at(flat: torch.Tensor, index: int) -> float:
     return abs(float(flat[index]))
 
 
-def _split_compare(a: torch.Tensor, out: torch.Tensor, split: int,
-                   before: Callable[..., torch.Tensor], after: Callable[..., torch.Tensor],
-                   value: float) -> None:
-    """out[:split] = before(a, value), out[split:] = after(a, value) (split clamped to a)."""
-    split = max(0, min(split, a.numel()))
-    if split > 0:
-        before(a[:split], value, out=out[:split])
-    if split < a.numel():
-        after(a[split:], value, out=out[split:])
+def _count(delta: torch.Tensor, ws: Workspace, op: Callable[..., torch.Tensor],
+           value: float) -> int:
+    """How many elements of |delta| satisfy op(|x|, value), in chunks of the workspace's size."""
+    total, c = 0, ws.a.numel()
+    for lo in range(0, delta.numel(), c):
+        a = ws.a[: min(c, delta.numel() - lo)]
+        torch.abs(delta[lo : lo + a.numel()], out=a)
+        total += int(torch.count_nonzero(op(a, value)))
+    return total
+
+
+@dataclass(frozen=True)
+class _Tied:
+    """The elements whose |x| equals `value`, of which the order keeps a part.
+
+    They occupy positions [run_lo, run_hi) of the order (the order is sorted by |x|), and the
+    kept ones are those at [keep_lo, keep_hi). `index` lists (sorted) the kept ones when they are
+    fewer than the dropped ones (keep=True), else the dropped ones (keep=False): at most half
+    of the run is listed.
+    """
+
+    value: float
+    keep: bool
+    index: torch.Tensor
+
+    @staticmethod
+    def make(order: torch.Tensor, value: float, run: tuple[int, int], kept: tuple[int, int],
+             device: torch.device) -> _Tied:
+        (run_lo, run_hi), (keep_lo, keep_hi) = run, kept
+        keep_lo, keep_hi = max(keep_lo, run_lo), min(keep_hi, run_hi)
+        n_kept = max(0, keep_hi - keep_lo)
+        if n_kept <= (run_hi - run_lo) - n_kept:
+            index = order[keep_lo:keep_hi] if n_kept else order[:0]
+            keep = True
+        else:
+            index = torch.cat([order[run_lo:keep_lo], order[keep_hi:run_hi]])
+            keep = False
+        return _Tied(value, keep, torch.sort(index.to(device=device, dtype=torch.int64)).values)
+
+    def apply(self, a: torch.Tensor, out: torch.Tensor, lo: int, hi: int, numel: int,
+              tmp: torch.Tensor) -> None:
+        """Add this value's kept elements of chunk [lo, hi) to `out` (which has none of them)."""
+        index = self.index
+        if lo > 0 or hi < numel:  # the listed elements inside the chunk
+            bounds = torch.searchsorted(index, torch.tensor([lo, hi], device=index.device))
+            index = index[int(bounds[0]) : int(bounds[1])]
+        if not self.keep:
+            torch.eq(a, self.value, out=tmp)
+            out.add_(tmp)
+        if index.numel():
+            out.index_fill_(0, index - lo, 1.0 if self.keep else 0.0)
 
 
 # --- precomputed once per source ---------------------------------------------------------------
 
 
 def precompute(e: Entry, sparsifier: Sparsifier | None, *, on_cpu: bool, host: torch.device,
-               place: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Fill e's magnitude ranks or orders (ties, breadcrumbs*) and della ranks from its inputs."""
+               place: Callable[[torch.Tensor], torch.Tensor],
+               device: torch.device | None = None) -> None:
+    """Fill e's magnitude ranks or orders (ties, breadcrumbs*) and della ranks from its inputs.
+
+    `device` is where the merge computes (default: CPU if on_cpu, else CUDA): the order is sorted
+    there, as the engine sorts on its device, so that ties fall the same way (stream placement
+    keeps the inputs on the host but sorts on the device).
+    """
     n, numel = e.inputs.shape
     if sparsifier in MAGNITUDE_SPARSIFIERS:
-        # ties keeps the first k of the stable descending order, breadcrumbs a range of the
-        # ascending one. CPU: store each element's rank in that order (the mask is then a
-        # comparison of ranks); CUDA: the order on the host (two lookups per cut).
+        # ties keeps the first k of the descending order, breadcrumbs a range of the ascending
+        # one. CPU: store each element's rank in that order (the mask is then a comparison of
+        # ranks); CUDA: the order on the host (value thresholds plus the tied elements listed).
         descending = sparsifier is Sparsifier.MAGNITUDE
+        compute = device or torch.device("cpu" if on_cpu else "cuda")
         index = index_dtype(numel)
         orders = torch.empty((n, numel), dtype=index)
         for row in range(n):
-            key = _sort_key(e.inputs[row])
-            order = torch.argsort(key, descending=descending, stable=True).cpu()
+            order = magnitude_order(e.inputs[row].to(compute), descending).cpu()
             if on_cpu:  # the inverse permutation: rank[order[j]] = j
                 orders[row, order] = torch.arange(numel, dtype=index)
             else:
@@ -94,58 +143,61 @@ def della_table(cols: int, density: float, epsilon: float,
 
 def topk_mask(e: Entry, row: int, density: float, delta: torch.Tensor,
               ws: Workspace) -> MaskFn:
-    """ties: the first k = max(1, int(density * numel)) of the stable descending |delta| order."""
+    """ties: the first k = max(1, int(density * numel)) of the descending |delta| order."""
     k = max(1, int(density * e.numel))
-    if e.mag_ranks is not None:  # CPU: the first k of the stable descending order
+    if e.mag_ranks is not None:  # CPU: ranks below k
         return rank_mask(e.mag_ranks[row], 0, k, ws)
-    # Stable descending order keeps the first k of (-|x|, index): |x| > thr, plus the
-    # elements equal to thr up to the index of the k-th kept element.
+    # order[:k] = every |x| > thr, plus those tied at thr that the order puts before k; thr's
+    # run in the order is [count(|x| > thr), count(|x| >= thr)).
     assert e.orders is not None
-    cut = int(e.orders[row, k - 1])
-    thr = _abs_at(e.inputs[row], cut)
+    order = e.orders[row]
+    thr = _abs_at(e.inputs[row], int(order[k - 1]))
+    run = (_count(delta, ws, torch.gt, thr), _count(delta, ws, torch.ge, thr))
+    tied = _Tied.make(order, thr, run, (0, k), delta.device)
 
     def mask_fn(out: torch.Tensor, lo: int, hi: int) -> None:
         a = ws.a[: hi - lo]
         torch.abs(delta[lo:hi], out=a)
-        _split_compare(a, out, cut + 1 - lo, torch.ge, torch.gt, thr)
+        torch.gt(a, thr, out=out)
+        tied.apply(a, out, lo, hi, e.numel, ws.tmp[: hi - lo])
     return mask_fn
 
 
 def outlier_mask(e: Entry, row: int, density: float, gamma: float, delta: torch.Tensor,
                  ws: Workspace) -> MaskFn:
     """breadcrumbs: drop the gamma share of the largest |delta| and the smallest ones."""
-    # magnitude_outliers keeps ascending stable ranks [n_bot, n_bot + target): bounded below
-    # and above by (|x|, index) of two elements of the order.
+    # magnitude_outliers keeps positions [n_bot, n_bot + target) of the ascending order.
     n = e.numel
     target = max(0, int(density * n))
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
     start, stop = min(n_bot, n), min(n_bot + target, n)
-    if e.mag_ranks is not None:  # CPU: ranks start..stop-1 of the stable ascending order
+    if e.mag_ranks is not None:  # CPU: ranks start..stop-1
         return rank_mask(e.mag_ranks[row], start, stop, ws)
+    if stop <= start:
+        return lambda out, lo, hi: out.zero_()
+    # order[start:stop] = every lo_v < |x| < hi_v, plus the tied elements at lo_v and at hi_v
+    # that the order puts inside [start, stop); v's run is [count(|x| < v), count(|x| <= v)).
     assert e.orders is not None
-    lower = upper = None
-    if start > 0 and stop > start:
-        idx = int(e.orders[row, start])
-        lower = (idx, _abs_at(e.inputs[row], idx))
-    if stop < n and stop > start:
-        idx = int(e.orders[row, stop - 1])
-        upper = (idx, _abs_at(e.inputs[row], idx))
+    order = e.orders[row]
+    lo_v = _abs_at(e.inputs[row], int(order[start]))
+    hi_v = _abs_at(e.inputs[row], int(order[stop - 1]))
+    tied = [_Tied.make(order, v, (_count(delta, ws, torch.lt, v), _count(delta, ws, torch.le, v)),
+                       (start, stop), delta.device)
+            for v in dict.fromkeys((lo_v, hi_v))]
 
     def mask_fn(out: torch.Tensor, lo: int, hi: int) -> None:
-        if stop <= start:
-            out.zero_()
-            return
         a = ws.a[: hi - lo]
         torch.abs(delta[lo:hi], out=a)
-        if lower is None:
-            out.fill_(1)
-        else:
-            _split_compare(a, out, lower[0] - lo, torch.gt, torch.ge, lower[1])
-        if upper is not None:
-            tmp = ws.tmp[: hi - lo]
-            _split_compare(a, tmp, upper[0] + 1 - lo, torch.le, torch.lt, upper[1])
+        tmp = ws.tmp[: hi - lo]
+        if lo_v == hi_v:
+            out.zero_()
+        else:  # strictly between the two cut values
+            torch.gt(a, lo_v, out=out)
+            torch.lt(a, hi_v, out=tmp)
             out.mul_(tmp)
+        for t in tied:
+            t.apply(a, out, lo, hi, n, tmp)
     return mask_fn
 
 
