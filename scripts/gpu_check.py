@@ -228,19 +228,22 @@ def method_inputs(method, n: int = 3, numel: int = 4096, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(numel, generator=g)
     needs_base = method.requires_base
-    count = 1 if method.max_sources == 1 else n
+    count = n  # within the method's input contract (slerp: base + 1, nuslerp: at most 2 others, ...)
+    if getattr(method, "max_non_base", None) is not None:
+        count = min(count, method.max_non_base)
+    if method.max_sources is not None:
+        count = min(count, method.max_sources - int(needs_base))
     tensors = {}
     if needs_base:
         tensors[0] = base
     for _ in range(count):
         tensors[len(tensors)] = base + 0.1 * torch.randn(numel, generator=g)
     base_key = 0 if needs_base else None
-    values = {"weight": 0.4, "density": 0.6, "epsilon": 0.05, "gamma": 0.01, "scale": 1.0}
+    values = {"weight": 0.4, "density": 0.6, "epsilon": 0.05, "gamma": 0.01, "scale": 1.0, "t": 0.3}
     per_source, shared = {}, {}
     for spec in method.params:
         if spec.scope == ParamScope.SHARED:
-            if not spec.required:
-                shared[spec.name] = spec.default
+            shared[spec.name] = values[spec.name] if spec.required else spec.default
             continue
         for key in tensors:
             if spec.scope == ParamScope.NON_BASE and key == base_key:
