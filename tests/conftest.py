@@ -64,3 +64,13 @@ def zoo_test_scores(zoo_dir):
     tok = load_tokenizer(zoo_dir / "base")
     return {name: evaluator.evaluate(load_causal_lm(zoo_dir / m["path"]), tok)
             for name, m in manifest["models"].items()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups for pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): a module's tests stay on
+    one worker, so its module-scoped fixtures (a shared search, a Ray cluster) are built once, and
+    every module that starts Ray shares one worker, so two Ray instances never compete."""
+    ray_modules = {item.module.__name__ for item in items if item.get_closest_marker("ray")}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("ray" if module in ray_modules else module))
