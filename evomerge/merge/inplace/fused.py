@@ -59,7 +59,7 @@ def _sparse_row(kind: str, d: torch.Tensor, a: torch.Tensor | None, b: torch.Ten
         assert b is not None
         keep = a < t[b]  # U < della_probabilities, the table gathered by rank
     else:
-        keep = a < t  # rank < k (ties: the first k of the stable order), or U < density
+        keep = a < t  # rank < k (ties: the first k of the engine's order), or U < density
     return d * keep.to(d.dtype)
 
 

@@ -85,7 +85,7 @@ class Entry:
     inputs: torch.Tensor  # [n, N]: task vectors, or linear's sources
     keys: tuple[int, ...]  # group key (slice source index) of each input row
     base: torch.Tensor | None = None  # [N] (task-arithmetic family)
-    orders: torch.Tensor | None = None  # host [n, N] (CUDA): stable argsort of |delta|
+    orders: torch.Tensor | None = None  # host [n, N] (CUDA): the engine's order of |delta| (sparsify.magnitude_order)
     mag_ranks: torch.Tensor | None = None  # [n, N] (CPU): each element's position in it
     ranks: torch.Tensor | None = None  # [n, N] int32: della ranks of |delta| along dim 1
     uniforms: torch.Tensor | None = None  # [n, N] float64 for the merger's mask seed

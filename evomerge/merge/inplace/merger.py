@@ -8,9 +8,10 @@ and writes each candidate's merged tensors into one preallocated Hugging Face mo
   x_i - B of the non-base sources (task-arithmetic family, with the base B), or the sources
   themselves (linear);
 - magnitude sparsifiers (ties, breadcrumbs*): on CPU, each element's position (rank) in the
-  stable argsort of its |delta|, so a density's cut is one integer comparison; on CUDA the
-  argsort itself on the host, so a cut is two lookups and the mask one comparison of |delta|
-  (ties in |delta| are split by the element index, exactly as the sort does);
+  order of its |delta| that the engine uses (mergekit's non-stable sort,
+  `sparsify.magnitude_order`), so a density's cut is one integer comparison; on CUDA that order
+  itself on the host, so a cut is two lookups and the mask one comparison of |delta| plus the
+  tied elements at the cut, listed explicitly (masks.py);
 - random sparsifiers (dare_*, della*): each source's mask uniforms (float64, generated once per
   mask seed); della also the per-row magnitude ranks, so keep probabilities are a table lookup;
 - whole-tensor methods (slerp, nuslerp, multislerp, karcher, model_stock, nearswap,
@@ -205,7 +206,7 @@ class InPlaceMerger:
                       cols=first.shape[1] if first.dim() >= 2 else numel,
                       target=flat_target, inputs=self._place(rows), keys=keys, base=base)
         precompute(entry, self._sparsifier, on_cpu=self.device.type == "cpu", host=self._host,
-                   place=self._place)
+                   place=self._place, device=self.device)  # sorted where the merge computes
         return entry
 
     def _ensure_uniforms(self, mask_seed: int) -> None:
