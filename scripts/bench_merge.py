@@ -46,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from synthetic_llama import llama_shapes  # noqa: E402  (scripts/)
 
 from evomerge.merge.inplace import InPlaceMerger  # noqa: E402
 from evomerge.merge.inplace.memory import CPU_CHUNK, check_supported  # noqa: E402
@@ -65,22 +66,6 @@ SIZES = {  # hidden, intermediate, layers, vocab
     "full": (1024, 2816, 14, 16000),  # 209M parameters
     "quick": (384, 1024, 8, 8000),  # 20M parameters
 }
-
-
-def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict[str, tuple]:
-    shapes: dict[str, tuple] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
 
 
 def write_sources(root: Path, size: tuple[int, int, int, int], n: int) -> list[Path]:

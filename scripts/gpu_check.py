@@ -58,6 +58,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from synthetic_llama import llama_shapes  # noqa: E402  (scripts/, standard library only)
+
 GB = 1e9
 # module -> the wheel(s) that provide it; (pure): pure Python, any platform
 DEPS = {
@@ -105,22 +108,6 @@ def part_gpu_tests(ctx) -> dict:
     if r.returncode not in (0, 5):  # 5: nothing collected
         raise RuntimeError("pytest -m gpu failed:\n" + "\n".join(tail))
     return {"files": files, "summary": tail[-1] if tail else "", "returncode": r.returncode}
-
-
-def llama_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict[str, tuple]:
-    shapes: dict[str, tuple] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{name}.weight"] = (hidden, hidden)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
-        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
-        shapes[p + "input_layernorm.weight"] = (hidden,)
-        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
-    shapes["model.norm.weight"] = (hidden,)
-    shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes
 
 
 def write_model(folder: Path, shapes: dict, seed: int, device: str, config) -> None:
