@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -120,3 +123,23 @@ def kills(folder: Path) -> int:
     import json
 
     return json.loads((Path(folder) / "kills.json").read_text())["kills"]
+
+
+def stop_process_group(proc: subprocess.Popen, sig=signal.SIGTERM, grace: float = 3) -> None:
+    """Stops a process started with start_new_session=True (a `ray start --block`) and its whole
+    group: `sig`, then SIGKILL after `grace` s, then SIGKILL for what the leader left behind."""
+    for s, wait in ((sig, grace), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, s)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_helpers import REPO, assert_gone, free_port, tiny_config
+from ray_helpers import REPO, assert_gone, free_port, stop_process_group, tiny_config
 
 from evomerge.runs.folder import LOG, RunFolder, history
 from evomerge.runs.start import run_search
@@ -36,24 +36,6 @@ RAY = str(Path(sys.executable).parent / "ray")
 def config(zoo_dir: Path) -> dict:
     # one generation of 4, background at the end only: small, and still every kind of record
     return tiny_config(zoo_dir, budget={"generations": 1}, background=False)
-
-
-def _stop(proc: subprocess.Popen, sig=signal.SIGTERM, grace: float = 3) -> None:
-    for s, wait in ((sig, grace), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, s)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # what the leader left behind in its group
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _nodes(dash: str) -> list[dict]:
@@ -110,11 +92,11 @@ class Cluster:
             time.sleep(0.5)
 
     def kill_second(self) -> None:
-        _stop(self.procs["second"], signal.SIGKILL)  # a crash: nothing shuts down gracefully
+        stop_process_group(self.procs["second"], signal.SIGKILL)  # a crash: nothing shuts down gracefully
 
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
-            _stop(proc)
+            stop_process_group(proc)
         try:
             for tmp in self.tmps:
                 assert_gone((), tmp)
@@ -198,7 +180,7 @@ def test_a_search_on_both_nodes_survives_the_worker_node_killed(cluster, expecte
         cluster.kill_second()
         out, _ = p.communicate(timeout=300)
     finally:
-        _stop(p)
+        stop_process_group(p)
     assert p.returncode == 0, out[-3000:]
     got = RunFolder.open(run_dir).records()
     keys = [(r.generation, r.index) for r in got if r.type == "candidate"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_helpers import REPO, assert_gone, free_port, tiny_config, worker_pids
+from ray_helpers import REPO, assert_gone, free_port, stop_process_group, tiny_config, worker_pids
 
 from evomerge.runs.folder import RunFolder
 
@@ -50,21 +49,7 @@ def ray_head(tmp_path_factory):
                 time.sleep(1)
         yield address, env, pids
     finally:
-        for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                head.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        head.wait()
+        stop_process_group(head)
         log.close()
         assert_gone(pids, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
