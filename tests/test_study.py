@@ -59,6 +59,24 @@ def test_a_wrong_study_or_tracking_setting_is_refused_by_name(over, message):
         SearchConfig.from_dict(base(**over))
 
 
+@pytest.mark.parametrize("over, missing, message", [
+    ({"study": {"storage": "mysql+pymysql://me:secret@db/evomerge"}}, None, "No module named 'pymysql'"),
+    ({"study": {"storage": "nosuchdb://me@db/evomerge"}}, None, "Can't load plugin: sqlalchemy.dialects:nosuchdb"),
+    ({"tracking": "mlflow"}, "mlflow", "tracking: mlflow needs MLflow, which is not installed"),
+])
+def test_a_mirror_without_its_library_fails_before_the_run_folder_exists(tmp_path, monkeypatch, over, missing,
+                                                                          message):
+    from evomerge.runs.start import run_search
+
+    if missing:
+        monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    cfg = SearchConfig.from_dict(base(**over))
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        run_search(cfg, run_dir=tmp_path / "run", quiet=True)
+    assert "secret" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_mirrors_settings_are_not_part_of_the_search():
     plain = SearchConfig.from_dict(base())
     moved = SearchConfig.from_dict(base(study={"storage": "sqlite:///elsewhere.db"}, tracking="mlflow"))

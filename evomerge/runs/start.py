@@ -6,6 +6,7 @@ or opened (and its frozen config compared), an executor chosen, and `search.loop
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from evomerge.runs.folder import RunFolder
 from evomerge.runs.frozen import check_tasks_unchanged, load_frozen, record_tasks, with_inline_space
 from evomerge.runs.mirror import LogMirror, Observers
 from evomerge.runs.progress import Display
-from evomerge.runs.study import StudyMirror, study_target
+from evomerge.runs.study import StudyMirror, shown, study_target
 from evomerge.runs.tracking import MlflowMirror
 from evomerge.search.config import SearchConfig, StudyConfig, default_run_dir
 from evomerge.search.jobs import Executor
@@ -94,6 +95,30 @@ def with_mirror_settings(frozen: SearchConfig, given: SearchConfig | None,
     return frozen.model_copy(update=update) if update else frozen
 
 
+def check_mirrors(cfg: SearchConfig) -> None:
+    """The mirrors' libraries, checked before anything is written: a config that asks for MLflow,
+    or for a database whose driver is missing, fails now, not later in the mirror's thread (which
+    reports a storage error and retries, as it must for a database that is only down)."""
+    if cfg.tracking.mlflow is not None and _missing("mlflow"):
+        raise ConfigError("tracking: mlflow needs MLflow, which is not installed: "
+                          "pip install 'evomerge[tracking]' (or turn tracking off)")
+    if cfg.study is not None and cfg.study.storage:
+        from sqlalchemy.engine import make_url
+
+        try:
+            make_url(cfg.study.storage).get_dialect().import_dbapi()
+        except Exception as e:  # sqlalchemy's NoSuchModuleError, or the driver's ImportError
+            raise ConfigError(f"the study storage {shown(cfg.study.storage)} cannot be used: {e} "
+                              "(PostgreSQL's driver: pip install 'evomerge[tracking]')") from None
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ValueError:  # in sys.modules as None: imports of it fail
+        return True
+
+
 def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
                quiet: bool = False, builder_factory=default_builder, config_path: str | None = None,
                workers: int | str | None = None, ray_address: str | None = None, sources: str = "path",
@@ -130,6 +155,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
                 frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
                 run.write_text("config.yaml", frozen.to_yaml())
             moved = with_mirror_settings(frozen, cfg, study_storage)
+            check_mirrors(moved)
             if moved != frozen:  # the mirrors (study, tracking) may move on resume
                 frozen = moved
                 run.write_text("config.yaml", frozen.to_yaml())
@@ -145,6 +171,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
     else:
         if cfg is None:
             raise ConfigError("a config is needed to start a search")
+        check_mirrors(with_mirror_settings(cfg, None, study_storage))
         evaluators = validate(cfg)  # before the run folder exists: a bad config leaves nothing behind
         if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
             cfg = cfg.model_copy(update={"background": uses_ray})
