@@ -51,7 +51,7 @@ from synthetic_llama import llama_shapes  # noqa: E402  (scripts/)
 from evomerge.merge.inplace import InPlaceMerger  # noqa: E402
 from evomerge.merge.inplace.memory import CPU_CHUNK, check_supported  # noqa: E402
 from evomerge.methods.base import ParamScope  # noqa: E402
-from evomerge.methods.registry import get_method, method_names  # noqa: E402
+from evomerge.methods.registry import fine_tune_count, get_method, method_names  # noqa: E402
 from evomerge.recipes.parameter_space import Recipe  # noqa: E402
 
 # values for parameters that a method requires (or that the bench sets on purpose), by name;
@@ -97,17 +97,6 @@ def uses_base(method) -> bool:
     """Whether the bench gives the method a base model (required, or optional and used)."""
     policy = str(getattr(method, "base_policy", ""))
     return method.requires_base or method.name == "linear" or policy.endswith("optional")
-
-
-def fine_tunes(method, available: int) -> int:
-    """How many fine-tunes the method's recipe takes (up to `available`)."""
-    n = available
-    base = uses_base(method) and method.name != "linear"
-    if getattr(method, "max_non_base", None):
-        n = min(n, method.max_non_base)
-    if method.max_sources:
-        n = min(n, method.max_sources - (1 if base else 0))
-    return max(1, n)
 
 
 def value_for(spec, i: int):
@@ -286,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as err:
                 print(f"  {method}: skipped ({err})", flush=True)
                 continue
-            k = fine_tunes(get_method(method), n)
+            m = get_method(method)
+            k = fine_tune_count(m, n, has_base=uses_base(m) and m.name != "linear")
             recipe, inputs = recipe_for(method, base, sources[:k])
             t1 = time.perf_counter()
             merger = InPlaceMerger([str(s) for s in sources[:k]], recipe.base_model, method,

@@ -211,15 +211,12 @@ def part_inplace(ctx) -> dict:
 
 def method_inputs(method, n: int = 3, numel: int = 4096, seed: int = 0):
     from evomerge.methods.base import ParamScope, TensorGroup
+    from evomerge.methods.registry import fine_tune_count
 
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(numel, generator=g)
     needs_base = method.requires_base
-    count = n  # within the method's input contract (slerp: base + 1, nuslerp: at most 2 others, ...)
-    if getattr(method, "max_non_base", None) is not None:
-        count = min(count, method.max_non_base)
-    if method.max_sources is not None:
-        count = min(count, method.max_sources - int(needs_base))
+    count = fine_tune_count(method, n, needs_base)  # within the method's input contract
     tensors = {}
     if needs_base:
         tensors[0] = base

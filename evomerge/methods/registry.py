@@ -93,6 +93,18 @@ def uses_random_masks(method: MergeMethod) -> bool:
     return getattr(method, "sparsifier", None) in (Sparsifier.RANDOM, Sparsifier.DELLA_MAGPRUNE)
 
 
+def fine_tune_count(method: MergeMethod, available: int, has_base: bool) -> int:
+    """How many sources besides the base (up to `available`, at least 1) one slice of `method`
+    takes, with or without the base among its sources: its input contract (slerp: one beside the
+    base; nuslerp: at most two; passthrough: one)."""
+    n = available
+    if getattr(method, "max_non_base", None) is not None:
+        n = min(n, method.max_non_base)
+    if method.max_sources is not None:
+        n = min(n, method.max_sources - int(has_base))
+    return max(1, n)
+
+
 def merge_group(
     method: MergeMethod,
     group: TensorGroup,
@@ -122,6 +134,7 @@ __all__: Sequence[str] = [
     "PassthroughMerge",
     "TaskArithmeticMerge",
     "TensorGroup",
+    "fine_tune_count",
     "get_method",
     "merge_group",
     "method_names",
