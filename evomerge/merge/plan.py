@@ -86,7 +86,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     method = get_method(recipe.merge_method)
     sources: dict[str, SourceModel] = {}
     for name in recipe.referenced_models():
-        sources[name] = load_source(name, allow_pickle=allow_pickle)
+        sources[name] = load_source(name, allow_pickle=allow_pickle, base=recipe.base_model)
 
     def source(name: str) -> SourceModel:
         return next(s for k, s in sources.items() if same_model(k, name))

@@ -113,8 +113,15 @@ class SourceModel:
         return self._handles[file].get_tensor(name)
 
 
-def load_source(name: str, *, allow_pickle: bool = False) -> SourceModel:
-    """Index a model folder; raises MergeError with a message for each kind of bad input."""
+def load_source(name: str, *, allow_pickle: bool = False, base: str | None = None) -> SourceModel:
+    """Index a model folder; raises MergeError with a message for each kind of bad input.
+
+    A LoRA adapter (a PEFT folder, or mergekit's ``base+adapter``) reads as its base plus the
+    adapter (models/adapters.py); ``base`` is its base when the name gives none."""
+    from evomerge.models.adapters import is_adapter_reference, load_adapter_source
+
+    if is_adapter_reference(name):
+        return load_adapter_source(name, base=base, allow_pickle=allow_pickle)
     path = Path(name).expanduser()
     try:  # the one config.json reader and causal-LM rule (models/folders.py), as MergeErrors
         config = read_model_config(path)

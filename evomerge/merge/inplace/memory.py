@@ -250,7 +250,7 @@ def plan(models: Sequence[str], base_model: str | None, method: str, *,
          device: str | torch.device = "cpu", allow_pickle: bool = False) -> MemoryPlan:
     """Memory an `InPlaceMerger` needs, from config.json and the safetensors headers only."""
     recipe = probe_recipe(models, base_model, method, None, dtype)
-    sources = {name: load_source(name, allow_pickle=allow_pickle)
+    sources = {name: load_source(name, allow_pickle=allow_pickle, base=base_model)
                for name in recipe.referenced_models()}
     donor = next(iter(sources.values()))  # the base when there is one (listed first)
     order = recipe.output_slices(donor.layout.num_layers)[0].sources
