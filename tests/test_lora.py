@@ -160,3 +160,58 @@ def test_adapter_config_read_with_peft(family):
     assert type(cfg).__name__ == "LoraConfig" and cfg.use_rslora and cfg.r == 2
     assert set(src.adapter.scalings.values()) == {8 / 2 ** 0.5}
     assert json.loads((family["a2"] / "adapter_config.json").read_text())["r"] == 2
+
+
+# --- export as an adapter ----------------------------------------------------------------------
+
+
+def _peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"weight": 0.6, "lambda": 1.3}), ("linear", {"weight": 0.5})])
+def test_exported_adapter_loads_in_peft_and_equals_the_full_merge(family, tmp_path, method,
+                                                                  params):
+    from evomerge.runs.adapter import write_adapter
+
+    adapters = [str(family[k]) for k in ("a1", "a2", "a3")]
+    data = {"merge_method": method, "dtype": "float32",
+            "models": [{"model": m, "parameters": {"weight": params["weight"]}} for m in adapters]}
+    if method == "task_arithmetic":
+        data.update(base_model=str(family["base"]), parameters={"lambda": params["lambda"]})
+        # a per-layer gradient, as a layer-wise search writes it
+        data["models"][0]["parameters"]["weight"] = [0.2, 0.9]
+    recipe = Recipe.from_dict(data)
+    out = write_adapter(recipe, tmp_path / "adapter")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 + 2 + 3 and cfg["lora_alpha"] == cfg["r"]
+    assert cfg["rank_pattern"]  # modules that only some adapters target have a smaller rank
+    got = _peft_merged(family["base"], out)
+    want = merge_state_dict(recipe)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0)
+
+
+def test_adapter_export_refuses_inexact_methods(family, tmp_path):
+    from evomerge.core.errors import UsageError
+    from evomerge.runs.adapter import write_adapter
+
+    ties = _recipe("ties", family["base"], [str(family["a1"]), str(family["a2"])], weight=1.0,
+                   density=0.5)
+    with pytest.raises(UsageError, match="a ties merge of LoRA adapters is not a LoRA"):
+        write_adapter(ties, tmp_path / "x")
+    mixed = _recipe("task_arithmetic", family["base"], [str(family["a1"]),
+                                                        str(family["full_a2"])], weight=1.0)
+    with pytest.raises(UsageError, match="is a full model, not an adapter"):
+        write_adapter(mixed, tmp_path / "x")
+    unnormalized = Recipe.from_dict({
+        "merge_method": "linear", "parameters": {"normalize": False},
+        "models": [{"model": str(family[k]), "parameters": {"weight": 0.7}} for k in ("a1", "a2")]})
+    with pytest.raises(UsageError, match="without normalize"):
+        write_adapter(unnormalized, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -15,10 +15,20 @@ from evomerge.search.config import SearchConfig
 from evomerge.search.spaces.dataflow import DfsSpace
 
 
-def _read_config_json(name: str, field: str) -> dict:
-    """config.json, after checking that the folder's safetensors files are whole (headers only)."""
+def _read_config_json(name: str, field: str, base: str | None = None,
+                      allow_pickle: bool = False) -> dict:
+    """config.json, after checking that the folder's safetensors files are whole (headers only).
+    A LoRA adapter (models/adapters.py) is read and checked against its base: the base's config."""
+    from evomerge.models.adapters import is_adapter_reference
     from evomerge.models.folders import ModelFolderError, check_weight_files, read_model_config
 
+    if is_adapter_reference(name):
+        from evomerge.models.sources import MergeError, load_source
+
+        try:
+            return load_source(name, base=base, allow_pickle=allow_pickle).config
+        except MergeError as e:
+            raise ConfigError(f"{field}: {e}") from None
     try:
         config = read_model_config(name)
         check_weight_files(name)
@@ -77,7 +87,8 @@ def check_sources(cfg: SearchConfig) -> int:
     named = [(f"models.{i}", m) for i, m in enumerate(cfg.models)]
     if cfg.base_model:
         named.insert(0, ("base_model", cfg.base_model))
-    configs = [(field, name, _read_config_json(name, field)) for field, name in named]
+    configs = [(field, name, _read_config_json(name, field, cfg.base_model, cfg.allow_pickle))
+               for field, name in named]
     for field, name, c in configs:
         check_no_remote_code(cfg, field, name, c)
     _check_weight_files(cfg, named)
@@ -101,8 +112,12 @@ def _check_weight_files(cfg: SearchConfig, named: list[tuple[str, str]]) -> None
     messages name the --allow-pickle flag of `evomerge merge` and `evomerge eval`)."""
     from pathlib import Path
 
+    from evomerge.models.adapters import is_adapter_reference
+
     for field, name in named:
         path = Path(name).expanduser()
+        if is_adapter_reference(name):
+            continue  # read and checked by _read_config_json
         if cfg.allow_pickle or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json")):
             continue
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))

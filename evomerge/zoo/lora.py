@@ -34,14 +34,14 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @dataclass(frozen=True)
 class LoraZooParams:
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     rank: int = 8
     alpha: int = 16
-    lr: float = 3e-3
-    max_steps: int = 400
+    lr: float = 1e-2
+    max_steps: int = 150
     batch: int = 64
     val_items: int = 300
-    val_target: float = 0.97
+    val_target: float = 0.9
     target_modules: tuple[str, ...] = TARGETS
 
 
@@ -137,7 +137,7 @@ def _train_one(zoo_dir: Path, out: Path, skill: str, i: int, params: LoraZooPara
         return [SKILLS[skill].item(rng) for _ in range(n)]
 
     steps = train(model, tok, TrainConfig(steps=params.max_steps, lr=params.lr, batch=params.batch,
-                                          warmup=20, final_lr_frac=1.0, answer_only=True),
+                                          warmup=10, final_lr_frac=1.0, answer_only=True),
                   seq_len, draw, seed=params.seed + 200 + i, stop=stop)
     model.save_pretrained(str(out))
     _finish_folder(out, base_dir)
