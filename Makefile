@@ -39,7 +39,7 @@ test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 zoo: install
-	$(VENV)/bin/evomerge zoo --out $(ZOO)
+	$(VENV)/bin/evomerge zoo --out $(ZOO) --lora
 
 demo: install
 	$(PY) scripts/demo.py --zoo $(ZOO)

@@ -37,6 +37,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     quiet_libraries()
     build_zoo(args.out, ZooParams(seed=args.seed, threads=args.threads), force=args.force,
               progress=True)  # a bar of training steps on a terminal
+    if args.lora:  # the LoRA specialists, cached under their own key (evomerge/zoo/lora.py)
+        from evomerge.zoo.lora import LoraZooParams, build_lora_zoo
+
+        build_lora_zoo(args.out, LoraZooParams(seed=args.seed))
     return 0
 
 
@@ -50,6 +54,8 @@ def _add_zoo(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=2, help="torch threads used for training (default 2)")
     p.add_argument("--force", action="store_true", help="replace a folder that holds something else")
+    p.add_argument("--lora", action="store_true", help="also train one rank-8 LoRA adapter per skill "
+                   "into OUT/lora (peft; under a minute on 2 cores; docs/lora.md)")
     p.set_defaults(func=cmd_zoo)
 
 
@@ -363,6 +369,12 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     from evomerge.runs.materialize import materialize
 
     quiet_libraries()
+    if args.adapter:  # a merge of LoRA adapters as one PEFT adapter (evomerge/runs/adapter.py)
+        from evomerge.runs.adapter import materialize_adapter
+
+        out, info = materialize_adapter(args.run_dir, args.out, rank=args.rank, force=args.force)
+        print(f"wrote adapter {out} (rank {info['r']}, recipe {info['recipe_hash'][:12]})")
+        return 0
     out, info = materialize(args.run_dir, args.out, rank=args.rank, dtype=args.dtype, device=args.device,
                             force=args.force, score_test=not args.no_test)
     print(f"wrote {out} (recipe {info['recipe_hash'][:12]}, search fitness {info['record'].fitness:.4f})")
@@ -384,6 +396,8 @@ def _add_materialize(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-test", action="store_true", help="skip scoring the test split for the model card")
+    p.add_argument("--adapter", action="store_true", help="write a PEFT LoRA adapter of the base instead "
+                   "(task_arithmetic / linear merges of LoRA adapters; docs/lora.md)")
     p.set_defaults(func=cmd_materialize)
 
 

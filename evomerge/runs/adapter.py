@@ -144,3 +144,15 @@ def write_adapter(recipe, out: str | Path, *, force: bool = False, dtype: str = 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def materialize_adapter(run_dir: str | Path, out: str | Path, *, rank: int = 1,
+                        force: bool = False) -> tuple[Path, dict]:
+    """The run's rank-th best recipe as a PEFT adapter folder."""
+    from evomerge.runs.export import describe, recipe_from_run
+
+    recipe, record = recipe_from_run(run_dir, rank)
+    note = f"Found by `evomerge search` in `{run_dir}` (rank {rank}: {describe(record)})."
+    path = write_adapter(recipe, out, force=force, note=note)
+    r = json.loads((path / "adapter_config.json").read_text())["r"]
+    return path, {"record": record, "recipe_hash": recipe.hash(), "r": r}

@@ -186,7 +186,8 @@ def memory_plan_from_shapes(shapes: Mapping[str, Sequence[int]], method: str, ro
                             dtype: torch.dtype | str = torch.float32,
                             placement: Placement = "resident",
                             device: str | torch.device = "cpu",
-                            chunk: int | None = None) -> MemoryPlan:
+                            chunk: int | None = None,
+                            adapter_bytes: int | None = None) -> MemoryPlan:
     """The memory formula over the merged tensors' shapes (see docs/inplace.md).
 
     With s the dtype's bytes, N the parameters, n the rows per tensor and M the largest tensor:
@@ -200,7 +201,8 @@ def memory_plan_from_shapes(shapes: Mapping[str, Sequence[int]], method: str, ro
     at a time; their temporaries (counted as "whole": M*4*(2n + 6), an estimate of the
     largest: float32 copies, stacked task vectors, norms) are allocated per tensor and freed.
     "stream" keeps the inputs on the host and adds device staging buffers for the largest
-    tensor's inputs.
+    tensor's inputs. `adapter_bytes` (LoRA adapters under task_arithmetic / linear, lowrank.py):
+    target N*s, base N*s and the adapters' factors instead of any dense input.
     """
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if placement not in PLACEMENTS:
@@ -217,6 +219,13 @@ def memory_plan_from_shapes(shapes: Mapping[str, Sequence[int]], method: str, ro
     input_place = "device" if placement == "resident" else "host"
 
     parts: dict[str, tuple[str, int]] = {"target": ("device", n_params * s)}
+    if adapter_bytes is not None:
+        parts["base"] = ("device", n_params * s)
+        parts["adapters"] = ("device", adapter_bytes)
+        if dev.type == "cpu":
+            parts = {k: ("host", b) for k, (_, b) in parts.items()}
+        return MemoryPlan(method=method, placement=placement, device=str(dev), dtype=torch_dtype,
+                          parameters=n_params, rows=n, parts=parts)
     per_element = n * s  # inputs
     if isinstance(m, TaskArithmeticMerge):
         parts["base"] = (input_place, n_params * s)
@@ -257,8 +266,14 @@ def plan(models: Sequence[str], base_model: str | None, method: str, *,
     m = get_method(method)
     rows = len(order) - (1 if isinstance(m, TaskArithmeticMerge) else 0)
     shapes = {k: v for k, v in donor.shapes.items() if donor.dtypes[k].is_floating_point}
+    from evomerge.merge.inplace import lowrank  # LoRA adapters kept as factors
+
+    adapter_bytes = None
+    if lowrank.applies(method, sources, base_model):
+        torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        adapter_bytes = lowrank.resident_bytes(sources.values(), torch_dtype)
     return memory_plan_from_shapes(shapes, method, rows, dtype=dtype, placement=placement,
-                                   device=device)
+                                   device=device, adapter_bytes=adapter_bytes)
 
 
 __all__ = ["CPU_CHUNK", "MAGNITUDE_SPARSIFIERS", "PLACEMENTS", "RANDOM_SPARSIFIERS", "Entry",

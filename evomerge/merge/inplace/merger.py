@@ -45,6 +45,7 @@ from evomerge.merge.engine import (
     plan_jobs,
     plan_merge,
 )
+from evomerge.merge.inplace import lowrank
 from evomerge.merge.inplace.chunked import ChunkedMath
 from evomerge.merge.inplace.fused import FusedKernels
 from evomerge.merge.inplace.masks import fill_uniforms, precompute
@@ -115,6 +116,9 @@ class InPlaceMerger:
         self._host = torch.device("cpu") if placement == "stream" else self.device
         self._pin = placement == "stream" and torch.cuda.is_available()
         self._mask_seed: int | None = None
+        # LoRA adapters of the base under task_arithmetic / linear: kept as factors (lowrank.py)
+        self._lowrank = lowrank.applies(method, self._plan.sources, base_model)
+        self._lowrank_entries: dict[str, lowrank.LowRankEntry] = {}
 
         self.model = self._make_model()
         targets = self.model.state_dict(keep_vars=True)
@@ -125,6 +129,12 @@ class InPlaceMerger:
                 param = targets.get(job.name)
                 if param is None:
                     raise MergeError(f"{job.name}: the target model has no such tensor")
+                if self._lowrank:
+                    covered.add(param.data_ptr())
+                    self._lowrank_entries[job.name] = lowrank.make_entry(
+                        job, self._plan, param.detach(), dtype=self.dtype, device=self.device,
+                        stack=stack)
+                    continue
                 tensors = load_inputs(self._plan, job, stack, device=self._host,
                                       dtype=self.dtype)
                 covered.add(param.data_ptr())
@@ -264,6 +274,12 @@ class InPlaceMerger:
             self._ensure_uniforms(recipe.mask_seed)
         with torch.no_grad():
             for job in jobs:
+                if self._lowrank:
+                    try:
+                        lowrank.build(self._lowrank_entries[job.name], job, self.method_name)
+                    except ValueError as err:
+                        raise MergeError(f"{job.name}: {err}") from None
+                    continue
                 entry = self._entries.get(job.name)
                 if entry is None:
                     continue
