@@ -37,8 +37,11 @@ class LoraZooParams:
     threads: int = 1
     rank: int = 8
     alpha: int = 16
-    lr: float = 1e-2
-    max_steps: int = 150
+    lr: float = 5e-3
+    max_steps: int = 200
+    # a share of each batch replays the base's own corpus (restricted ranges of every skill): an
+    # adapter that forgets the other skills leaves nothing for a merge to combine
+    replay: float = 0.25
     batch: int = 64
     val_items: int = 300
     val_target: float = 0.9
@@ -133,8 +136,15 @@ def _train_one(zoo_dir: Path, out: Path, skill: str, i: int, params: LoraZooPara
         accs.append(exact_match(model, tok, val, seq_len))
         return accs[-1] >= params.val_target
 
+    others = [s for s in SKILLS if s != skill]
+
     def draw(rng: np.random.Generator, n: int) -> list[Item]:
-        return [SKILLS[skill].item(rng) for _ in range(n)]
+        n_replay = int(round(params.replay * n))
+        items = [SKILLS[skill].item(rng) for _ in range(n - n_replay)]
+        for _ in range(n_replay):
+            other = others[int(rng.integers(len(others)))]
+            items.append(SKILLS[other].item(rng, restricted=other != "copy"))
+        return items
 
     steps = train(model, tok, TrainConfig(steps=params.max_steps, lr=params.lr, batch=params.batch,
                                           warmup=10, final_lr_frac=1.0, answer_only=True),
