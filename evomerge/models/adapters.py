@@ -254,7 +254,7 @@ def _check_targets(config, base, modules: dict[str, Any], name: str) -> None:
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FINGERPRINT_KEY", "AdapterInfo", "LoraFactors",
            "base_fingerprint", "is_adapter_folder", "is_adapter_reference", "read_adapter",
-           "read_lora_config", "split_reference", "AdapterSource"]
+           "read_lora_config", "recorded_base", "split_reference", "AdapterSource"]
 
 
 # --- an adapter as a source model ------------------------------------------------------------------
@@ -266,7 +266,7 @@ def load_adapter_source(name: str, *, base: str | None = None, allow_pickle: boo
     if ref is None:
         raise MergeError(f"{name} is not a LoRA adapter reference")
     ref_base, adapter_path = ref
-    base_name = ref_base or base or _recorded_base(adapter_path)
+    base_name = ref_base or base or recorded_base(adapter_path)
     if base_name is None:
         raise MergeError(f"{name}: a LoRA adapter needs its base model: write it as "
                          f"BASE+{name} (mergekit's syntax) or give the recipe a base_model")
@@ -278,7 +278,7 @@ def load_adapter_source(name: str, *, base: str | None = None, allow_pickle: boo
     return make_adapter_source(name, base_source, info)
 
 
-def _recorded_base(adapter_path: str) -> str | None:
+def recorded_base(adapter_path: str) -> str | None:
     """peft's base_model_name_or_path when it is a folder that exists (relative to the adapter
     folder or as written); a hub id is not downloaded."""
     try:

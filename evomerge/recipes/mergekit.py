@@ -27,7 +27,7 @@ def mergekit_yaml(recipe: Recipe | PathRecipe, note: str | None = None) -> str:
 
         recipe = passthrough_recipe(recipe)
         note = (f"{note}; " if note else "") + "a layer path folded into passthrough slices"
-    data = yaml.safe_load(recipe.to_yaml())
+    data = _adapter_references(yaml.safe_load(recipe.to_yaml()), recipe.base_model)
     for key in EVOMERGE_ONLY_KEYS:
         data.pop(key, None)
     lines = ["# mergekit recipe exported by evomerge (mergekit-yaml THIS_FILE OUT_DIR)"]
@@ -40,3 +40,24 @@ def mergekit_yaml(recipe: Recipe | PathRecipe, note: str | None = None) -> str:
         lines += ["# arcee_fusion: mergekit samples the quantiles of tensors above 1,000,000 elements at",
                   "# random; evomerge sorts them all. Below that size both give the same model."]
     return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False)
+
+
+def _adapter_references(data: dict, base: str | None) -> dict:
+    """LoRA adapter folders named as mergekit names them: ``base+adapter`` (models/adapters.py).
+    An adapter's base is the recipe's base_model, else the base its config records."""
+    from evomerge.models.adapters import is_adapter_folder, recorded_base
+
+    def ref(name):
+        if isinstance(name, str) and "+" not in name and is_adapter_folder(name):
+            b = base if base and not is_adapter_folder(base) else recorded_base(name)
+            return f"{b}+{name}" if b else name
+        return name
+
+    for m in data.get("models") or []:
+        m["model"] = ref(m.get("model"))
+    for s in data.get("slices") or []:
+        for src in s.get("sources") or []:
+            src["model"] = ref(src.get("model"))
+    if data.get("tokenizer_source") not in (None, "base"):
+        data["tokenizer_source"] = ref(data["tokenizer_source"])
+    return data

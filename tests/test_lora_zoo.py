@@ -1,0 +1,113 @@
+"""The zoo's LoRA specialists and a search over them, end to end: the run resumes exactly, its
+mergekit YAML (with base+adapter references) rebuilds the winner through `evomerge merge`, and
+the winner materializes as a full folder and as a PEFT adapter whose merged weights equal it."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from merge_helpers import load_folder
+
+from evomerge.runs.folder import RunFolder, history
+from evomerge.runs.start import run_search
+from evomerge.search.config import SearchConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lora_zoo(zoo_dir) -> Path:
+    from evomerge.zoo.lora import build_lora_zoo
+
+    with open(zoo_dir.parent / f"{zoo_dir.name}.lora.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        threads = torch.get_num_threads()
+        try:
+            build_lora_zoo(zoo_dir, log=lambda *_: None)
+        finally:
+            torch.set_num_threads(threads)
+    return zoo_dir
+
+
+def test_lora_specialists_are_rank_8_adapters_of_the_base_only(lora_zoo):
+    from evomerge.models.sources import MergeError, load_source
+    from evomerge.zoo.lora import lora_cache_key, lora_paths, read_lora_manifest
+
+    manifest = read_lora_manifest(lora_zoo)
+    assert manifest["key"] == lora_cache_key(lora_zoo, __import__(
+        "evomerge.zoo.lora", fromlist=["LoraZooParams"]).LoraZooParams())
+    for skill, path in lora_paths(lora_zoo).items():
+        src = load_source(str(path))  # its base found through base_model_name_or_path
+        assert src.base_source.path.resolve() == (lora_zoo / "base").resolve()
+        assert set(src.adapter.ranks.values()) == {8}
+        assert manifest["adapters"][f"lora_{skill}"]["steps"] > 0
+    with pytest.raises(MergeError, match="trained on another base"):
+        load_source(f"{lora_zoo / 'spec_add'}+{lora_paths(lora_zoo)['add']}")
+
+
+def _config(zoo: Path, run_dir: Path, generations: int) -> SearchConfig:
+    from evomerge.zoo.lora import lora_paths
+
+    return SearchConfig.from_dict({
+        "models": [str(p) for p in lora_paths(zoo).values()],
+        "base_model": str(zoo / "base"),
+        "search_space": "ps_task_arithmetic",
+        "tasks": [{"name": t, "metric": "acc", "weight": 1 / 3, "limit": 24}
+                  for t in ("zoo_add", "zoo_rev", "zoo_sub")],
+        "batch_size": 32, "threads": 1, "optimizer": {"name": "cma", "popsize": 4},
+        "budget": {"generations": generations}, "seed": 3, "rescore_top_k": 1,
+        "run_dir": str(run_dir),
+    })
+
+
+@pytest.fixture(scope="module")
+def lora_run(lora_zoo, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("lora_run")
+    run_search(_config(lora_zoo, tmp / "run", 2), quiet=True)
+    return tmp / "run"
+
+
+def test_search_over_adapters_resumes_exactly(lora_zoo, lora_run, tmp_path):
+    part = tmp_path / "part"
+    run_search(_config(lora_zoo, part, 1), quiet=True)
+    run_search(_config(lora_zoo, part, 2), run_dir=part, resume=True, quiet=True)
+    assert history(RunFolder.open(part).records()) == history(RunFolder.open(lora_run).records())
+
+
+def test_winner_exports_rebuilds_and_materializes_as_folder_and_adapter(lora_zoo, lora_run,
+                                                                         tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.runs.adapter import materialize_adapter
+    from evomerge.runs.materialize import materialize
+
+    env_cmd = [sys.executable, "-m", "evomerge.cli"]
+    yml = tmp_path / "best.mergekit.yaml"
+    r = subprocess.run([*env_cmd, "export", str(lora_run), "--format", "mergekit", "--out",
+                        str(yml)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = yml.read_text()
+    assert text.count(f"{lora_zoo / 'base'}+{lora_zoo / 'lora'}") == 3  # base+adapter refs
+    r = subprocess.run([*env_cmd, "merge", str(yml), str(tmp_path / "rebuilt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    full, info = materialize(lora_run, tmp_path / "full", score_test=False)
+    rebuilt, want = load_folder(tmp_path / "rebuilt"), load_folder(full)
+    assert all(torch.equal(rebuilt[k], want[k]) for k in want)
+
+    adapter, ainfo = materialize_adapter(lora_run, tmp_path / "adapter")
+    assert ainfo["r"] == 24 and ainfo["recipe_hash"] == info["recipe_hash"]
+    base = AutoModelForCausalLM.from_pretrained(str(lora_zoo / "base"), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(merged[k], v, atol=1e-5, rtol=0)
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 24
+    shutil.rmtree(tmp_path / "rebuilt")
