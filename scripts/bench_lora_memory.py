@@ -86,7 +86,7 @@ def write_family(root: Path, size: tuple[int, int, int, int], rank: int, n: int,
             part = name.split(".")[2] if name.startswith("model.layers.") else "rest"
             shards.setdefault(part, {})[name] = shape
         weight_map = {}
-        for i, (part, group) in enumerate(shards.items(), start=1):
+        for i, group in enumerate(shards.values(), start=1):
             file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             write_header_only(base / file, group)
             weight_map.update({k: file for k in group})

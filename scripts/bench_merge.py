@@ -24,6 +24,11 @@ on disk), 5 repeats; about 15 minutes and 12 GB of memory on 2 cores. --quick: a
 parameters (80 MB per model, 400 MB touched per candidate: far beyond the caches), 3 repeats.
 With --mergekit-venv (or mergekit importable), mergekit-yaml's time for the same recipe is
 added (its process: load, merge, write).
+
+LoRA rows (unless --no-lora): task_arithmetic over three rank-16 adapters of the base (every
+attention and MLP projection; the merger keeps them as factors, one addmm per tensor) against
+task_arithmetic over the same deltas made dense (full models base + s*B@A: the dense path), on
+the same sources, timed alternately; with the bytes each holds for its inputs.
 """
 
 from __future__ import annotations
@@ -189,6 +194,74 @@ def copy_reference(total: int) -> Callable[[], None]:
     return once
 
 
+def write_lora_sources(root: Path, base: Path, rank: int, n: int) -> tuple[list[Path], list[Path]]:
+    """n random rank-`rank` PEFT adapters of `base` and the same deltas as dense full models."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(base / "model.safetensors"))
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    g = torch.Generator().manual_seed(1)
+    adapters, dense = [], []
+    for i in range(n):
+        a_dir, d_dir = root / f"lora{i}", root / f"lora{i}_dense"
+        a_dir.mkdir(parents=True)
+        shutil.copytree(base, d_dir)
+        (a_dir / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+            "target_modules": list(targets), "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str(base)}))
+        factors, full = {}, dict(state)
+        for name, w in state.items():
+            module = name[: -len(".weight")]
+            if module.rsplit(".", 1)[-1] not in targets:
+                continue
+            a = torch.randn(rank, w.shape[1], generator=g) * 0.02
+            b = torch.randn(w.shape[0], rank, generator=g) * 0.02
+            factors[f"base_model.model.{module}.lora_A.weight"] = a
+            factors[f"base_model.model.{module}.lora_B.weight"] = b
+            full[name] = w + (b @ a) * 2.0
+        save_file(factors, str(a_dir / "adapter_model.safetensors"))
+        save_file(full, str(d_dir / "model.safetensors"), metadata={"format": "pt"})
+        adapters.append(a_dir)
+        dense.append(d_dir)
+    return adapters, dense
+
+
+def lora_rows(work: Path, base: Path, repeats: int, rank: int = 16) -> list[str]:
+    """The LoRA table: task_arithmetic over adapters (low-rank) vs the same deltas dense."""
+    adapters, dense = write_lora_sources(work / "lora", base, rank, 3)
+    mergers, recipes, held = {}, {}, {}
+    for label, sources in (("adapters (low-rank)", adapters), ("same deltas, dense", dense)):
+        recipe, _ = recipe_for("task_arithmetic", base, sources)
+        merger = InPlaceMerger([str(s) for s in sources], str(base), "task_arithmetic",
+                               dtype=torch.float32)
+        merger.build(recipe)  # warm-up
+        mergers[label], recipes[label] = merger, recipe
+        if merger._lowrank:
+            held[label] = sum(t.numel() * t.element_size() for e in merger._lowrank_entries.values()
+                              for t in (*e.scaled_b.values(), e.a_cat, e.b_cat) if t is not None)
+        else:
+            held[label] = sum(e.inputs.numel() * e.inputs.element_size()
+                              for e in merger._entries.values())
+    times: dict[str, list[float]] = {k: [] for k in mergers}
+    for _ in range(repeats):
+        for k, m in mergers.items():
+            times[k].append(timed(m.build, recipes[k]))
+    dense_out = mergers["same deltas, dense"].build(recipes["same deltas, dense"]).state_dict()
+    low_out = mergers["adapters (low-rank)"].build(recipes["adapters (low-rank)"]).state_dict()
+    diff = max(float((low_out[k] - dense_out[k]).abs().max()) for k in dense_out)
+    t_dense = statistics.median(times["same deltas, dense"])
+    lines = [f"task_arithmetic over 3 rank-{rank} LoRA adapters vs the same deltas dense "
+             f"(max |difference| {diff:.1e}; load average {os.getloadavg()[0]:.2f})", "",
+             "| sources | ms / candidate | inputs held GB | speed vs dense | memory vs dense |",
+             "|---|---|---|---|---|"]
+    for k in mergers:
+        t = statistics.median(times[k])
+        lines.append(f"| {k} | {t * 1e3:.0f} | {held[k] / 1e9:.3f} | {t_dense / t:.2f}x | "
+                     f"{held[k] / held['same deltas, dense']:.3f} |")
+    return lines
+
+
 def timed(fn: Callable[..., object], *args: object) -> float:
     t0 = time.perf_counter()
     fn(*args)
@@ -252,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mergekit-venv", default=None,
                         help="a virtual environment with mergekit-yaml (e.g. /work/mkvenv)")
     parser.add_argument("--workdir", default=None, help="where to write the sources (temp)")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA adapter rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"
@@ -307,11 +381,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"(runs {[round(t * 1e3) for t in times]}), sum of {inputs} inputs "
                   f"{t_sum * 1e3:.0f} ms, old copy {t_copy * 1e3:.0f} ms"
                   + (f", mergekit {mk:.1f}s" if mk else ""), flush=True)
+        lora = [] if args.no_lora else lora_rows(work, base, repeats)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"total {time.perf_counter() - t0:.0f}s\n")
     print("\n".join(table(rows)))
+    if lora:
+        print("\n" + "\n".join(lora))
     return 0
 
 

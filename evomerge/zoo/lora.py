@@ -161,8 +161,13 @@ def _finish_folder(out: Path, base_dir: Path) -> None:
     """The base recorded relative to the adapter (the zoo folder moves), and its fingerprint."""
     from safetensors.torch import load_file, save_file
 
-    from evomerge.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINGERPRINT_KEY, \
-        base_fingerprint, read_adapter
+    from evomerge.models.adapters import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        FINGERPRINT_KEY,
+        base_fingerprint,
+        read_adapter,
+    )
     from evomerge.models.sources import load_source
 
     cfg_file = out / ADAPTER_CONFIG
