@@ -171,3 +171,34 @@ def test_float32_and_bfloat16_inputs_keep_their_dtype(name):
     with pytest.raises(ValueError, match="needs the base model"):
         method.merge(TensorGroup(MATRIX, {0: torch.zeros(2, 2), 1: torch.ones(2, 2)}, base=None),
                      values, {0: {"weight": 1.0}, 1: {"weight": 1.0}}, mask_seed=0)
+
+
+@pytest.mark.parametrize("space_name,dim", [("ps_tsv", 3 * 4 + 1), ("ps_tsv_fine", 3 * 10 + 1)])
+def test_the_tsv_spaces_decode_to_tsv_recipes_on_the_zoo(zoo_dir, space_name, dim):
+    from pathlib import Path
+
+    from evomerge.models.sources import load_source
+    from evomerge.search.codecs.parameter import Codec
+    from evomerge.search.spaces.parameter import SearchSpace
+
+    space = SearchSpace.load(Path(__file__).resolve().parents[1] / "search_spaces"
+                             / f"{space_name}.yaml")
+    specs = [str(zoo_dir / f"spec_{s}") for s in ("add", "rev", "sub")]
+    codec = Codec(space, specs, str(zoo_dir / "base"), load_source(str(zoo_dir / "base")).layout)
+    assert codec.dim == dim
+    recipe = codec.to_recipe(codec.x0)  # the start: weight 1.5 everywhere, rank fraction 0.5
+    assert recipe.merge_method == "tsv" and recipe.base_model == str(zoo_dir / "base")
+    text = recipe.to_yaml()
+    assert "rank_fraction: 0.5" in text and "value: 1.5" in text
+
+
+def test_the_quality_config_validates():
+    from pathlib import Path
+
+    import yaml
+
+    from evomerge.search.config import SearchConfig
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/zoo_quality.yaml").read_text())
+    cfg = SearchConfig.from_dict(raw)
+    assert cfg.space.method == "tsv" and cfg.budget.generations * cfg.optimizer.popsize == 150
