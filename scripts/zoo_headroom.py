@@ -12,7 +12,7 @@ table (every zoo model and the plain merges). The zoo passes when the winner's m
 
 The table's rows: the zoo models, the plain merges (uniform average, task arithmetic, TIES, DARE)
 and the spherical/geometric methods (SLERP of spec_rev and spec_sub, NuSLERP of their task
-vectors, model stock, SCE, the Karcher mean); `--rows` scores only the rows whose names start
+vectors, model stock, SCE, the Karcher mean; TSV-Merge, Iso-C and Iso-CTS); `--rows` scores only the rows whose names start
 with one of the given prefixes.
 """
 

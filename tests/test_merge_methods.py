@@ -120,9 +120,16 @@ EXPECTED_METHODS.update({
     "ram": ("2601.13572", {"epsilon": 1e-5}, True, None),
     "ramplus_tl": ("2601.13572", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, True, None),
 })
+# evomerge's own spectral methods: the papers' defaults, a per-model weight (evomerge's) first
+EXPECTED_METHODS.update({
+    "tsv": ("2412.00081", {"weight": 1.0, "rank_fraction": 1.0, "alpha": 1.0}, True, None),
+    "iso_c": ("2502.04959", {"weight": 1.0, "alpha": 1.0}, True, None),
+    "iso_cts": ("2502.04959", {"weight": 1.0, "common_space_fraction": 0.8, "alpha": 1.0}, True,
+                None),
+})
 SHARED = {"normalize", "rescale", "rescale_mode", "lambda", "int8_mask", "t", "nuslerp_row_wise",
           "nuslerp_flatten", "normalize_weights", "eps", "max_iter", "tol", "filter_wise",
-          "select_topk", "r", "alpha"}
+          "select_topk", "r", "alpha", "rank_fraction", "common_space_fraction"}
 
 
 def test_every_registered_method_and_its_metadata():
@@ -153,9 +160,11 @@ def test_every_registered_method_and_its_metadata():
 
 
 def test_registry_holds_all_20_mergekit_methods():
-    from evomerge.methods.registry import MERGEKIT_METHODS, MERGEKIT_ONLY
+    from evomerge.methods.registry import EVOMERGE_ONLY, MERGEKIT_METHODS, MERGEKIT_ONLY
 
-    assert len(MERGEKIT_METHODS) == 20 and method_names() == sorted(MERGEKIT_METHODS)
+    assert len(MERGEKIT_METHODS) == 20
+    assert method_names() == sorted({*MERGEKIT_METHODS, *EVOMERGE_ONLY})
+    assert not set(EVOMERGE_ONLY) & set(MERGEKIT_METHODS)
     assert MERGEKIT_ONLY == ()
 
 

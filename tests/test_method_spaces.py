@@ -86,4 +86,4 @@ def test_the_zoo_table_rows_of_the_new_methods_are_valid_recipes(zoo_dir):
 
     recipes = {n: Recipe.from_dict(r) for n, r in method_merge_recipes(zoo_dir).items()}
     assert sorted(r.merge_method for r in recipes.values()) == [
-        "karcher", "model_stock", "nuslerp", "sce", "slerp"]
+        "iso_c", "iso_cts", "karcher", "model_stock", "nuslerp", "sce", "slerp", "tsv"]

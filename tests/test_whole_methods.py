@@ -12,7 +12,7 @@ from merge_helpers import load_folder, model_family
 from whole_recipes import WHOLE, whole_recipe
 
 from evomerge.cli.main import main
-from evomerge.methods.registry import MERGEKIT_METHODS, TensorGroup, get_method
+from evomerge.methods.registry import EVOMERGE_ONLY, MERGEKIT_METHODS, TensorGroup, get_method
 from evomerge.recipes.parameter_space import Recipe
 
 
@@ -196,9 +196,9 @@ TASK_ARITHMETIC = {"linear": {"weight": 0.5}, "task_arithmetic": {"weight": 0.5}
 
 def test_evomerge_merge_accepts_a_recipe_of_each_mergekit_method(tmp_path):
     fam = [str(p) for p in model_family(tmp_path, "llama", n=3, layers=2, hidden=16)]
-    assert sorted({*TASK_ARITHMETIC, *WHOLE}) == sorted(MERGEKIT_METHODS)
+    assert sorted({*TASK_ARITHMETIC, *WHOLE}) == sorted({*MERGEKIT_METHODS, *EVOMERGE_ONLY})
     built = {}
-    for method in MERGEKIT_METHODS:
+    for method in (*MERGEKIT_METHODS, *EVOMERGE_ONLY):
         if method in WHOLE:
             data = whole_recipe(method, fam)
         else:

@@ -1,4 +1,4 @@
-"""Recipes of the whole-tensor methods (slerp ... ramplus_tl, passthrough) over a family
+"""Recipes of the whole-tensor methods (slerp ... ramplus_tl, tsv, iso_c, iso_cts, passthrough) over a family
 [base, ft1, ft2, ft3], with gradients, filters and per-slice parameters, for the tests."""
 
 from __future__ import annotations
@@ -24,6 +24,13 @@ WHOLE: dict[str, tuple[int, bool, dict, Any, Any]] = {
     "ram": (3, True, {"epsilon": 0.04}, None, lambda j: {"epsilon": 0.02 * (j + 1)}),
     "ramplus_tl": (3, True, {"r": 0.3, "alpha": 0.5, "epsilon": 0.04}, None,
                    lambda j: {"r": 0.1 * (j + 1)}),
+    "tsv": (3, True, {"rank_fraction": [0.5, 1.0], "alpha": [{"filter": "mlp", "value": 0.8},
+                                                              {"value": 1.0}]},
+            lambda i: {"weight": [0.5 + 0.2 * i, 1.0]}, lambda j: {"alpha": 0.6 + 0.2 * j}),
+    "iso_c": (3, True, {"alpha": [0.5, 1.5]}, lambda i: {"weight": 0.5 + 0.25 * i},
+              lambda j: {"alpha": 0.8 + 0.1 * j}),
+    "iso_cts": (3, True, {"common_space_fraction": [0.5, 0.9]}, lambda i: {"weight": 1.0},
+                lambda j: {"common_space_fraction": 0.3 * j, "alpha": 1.2}),
     "passthrough": (1, False, {}, lambda i: {"scale": [{"filter": "o_proj", "value": 0.5},
                                                        {"value": 1.0}]}, lambda j: {}),
 }

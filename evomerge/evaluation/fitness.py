@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from evomerge.evaluation.evaluator import Evaluator
+from evomerge.evaluation.floors import FloorsConfig, floored_fitness
 from evomerge.evaluation.tasks import TaskConfig
 
 Samples = dict[str, list[int] | None]  # task -> item indices of its split (None: every item)
@@ -42,10 +43,12 @@ class Score:
 
 
 class FitnessFunction:
-    def __init__(self, tasks: list[TaskConfig], evaluators: dict[str, Evaluator], seed: int):
+    def __init__(self, tasks: list[TaskConfig], evaluators: dict[str, Evaluator], seed: int,
+                 floors: FloorsConfig | None = None):
         self.tasks = tasks
         self.evaluators = evaluators
         self.seed = seed
+        self.floors = floors  # per-task floors (floors.py): the weighted sum minus a lost skill's cost
 
     def subset(self, task_index: int, generation: int | None) -> list[int] | None:
         task = self.tasks[task_index]
@@ -96,6 +99,7 @@ class FitnessFunction:
             total += task.weight * res.metrics[task.metric]
             if res.samples:
                 per_item[task.name] = item_values(res.samples)
+        total = floored_fitness(total, metrics, self.tasks, self.floors)
         return Score(float(total), metrics, items, per_item or None)
 
 

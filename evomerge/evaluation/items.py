@@ -26,6 +26,7 @@ import numpy as np
 
 from evomerge.core.io import atomic_write_bytes
 from evomerge.evaluation.fitness import FitnessFunction, Samples
+from evomerge.evaluation.floors import floored_fitness
 from evomerge.evaluation.trial import (
     TrialResult,
     finite_metrics,
@@ -145,6 +146,7 @@ class ItemStore:
             metrics[t.name] = got
             items[t.name] = len(full)
             total += t.weight * got[t.metric]
+        total = floored_fitness(total, metrics, self.fitness.tasks, self.fitness.floors)
         h = recipe_hash
         merge_s = partial.merge_s if partial else 0.0
         eval_s = partial.eval_s if partial else 0.0

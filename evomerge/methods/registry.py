@@ -22,6 +22,8 @@ from evomerge.methods import (
     dare_ties,
     della,
     della_linear,
+    iso_c,
+    iso_cts,
     karcher,
     linear,
     model_stock,
@@ -35,6 +37,7 @@ from evomerge.methods import (
     slerp,
     task_arithmetic,
     ties,
+    tsv,
 )
 from evomerge.methods.base import MergeMethod, Paper, ParamScope, ParamSpec, TensorGroup
 from evomerge.methods.generalized import Consensus, TaskArithmeticMerge
@@ -47,7 +50,7 @@ _METHODS: dict[str, MergeMethod] = {
     m.METHOD.name: m.METHOD
     for m in (linear, passthrough, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
               breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, karcher,
-              model_stock, nearswap, arcee_fusion, sce, ram, ramplus_tl)
+              model_stock, nearswap, arcee_fusion, sce, ram, ramplus_tl, tsv, iso_c, iso_cts)
 }
 
 # The 20 methods mergekit 0.1.5 registers (mergekit/merge_methods/registry.py).
@@ -56,6 +59,10 @@ MERGEKIT_METHODS: tuple[str, ...] = (
     "della_linear", "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp",
     "passthrough", "ram", "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties",
 )
+
+# evomerge's own methods beyond mergekit's (no mergekit recipe can run them): the spectral
+# interference-aware merges TSV-Merge, Iso-C and Iso-CTS (docs/merge.md).
+EVOMERGE_ONLY: tuple[str, ...] = ("iso_c", "iso_cts", "tsv")
 
 # mergekit 0.1.5's methods that evomerge does not implement (none today): a recipe using one is
 # told so, rather than that the name is unknown.
@@ -123,6 +130,7 @@ def merge_group(
 __all__: Sequence[str] = [
     "MERGEKIT_METHODS",
     "MERGEKIT_ONLY",
+    "EVOMERGE_ONLY",
     "BasePolicy",
     "WholeTensorMerge",
     "Consensus",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from evomerge.methods.registry import get_method, uses_random_masks
+from evomerge.methods.registry import EVOMERGE_ONLY, get_method, uses_random_masks
 from evomerge.recipes.layer_path import PathRecipe
 from evomerge.recipes.parameter_space import Recipe
 
@@ -36,6 +36,9 @@ def mergekit_yaml(recipe: Recipe | PathRecipe, note: str | None = None) -> str:
     if uses_random_masks(get_method(recipe.merge_method)):
         lines += [f"# {recipe.merge_method} draws random masks: mergekit reproduces the evaluated model only in",
                   "# distribution. `evomerge merge` on the evomerge recipe (with its mask_seed) rebuilds it exactly."]
+    if recipe.merge_method in EVOMERGE_ONLY:
+        lines += [f"# {recipe.merge_method} is evomerge's own method: mergekit 0.1.5 cannot run this recipe;",
+                  "# build it with `evomerge merge` on the evomerge recipe."]
     if recipe.merge_method == "arcee_fusion":
         lines += ["# arcee_fusion: mergekit samples the quantiles of tensors above 1,000,000 elements at",
                   "# random; evomerge sorts them all. Below that size both give the same model."]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.core.errors import UsageError
+from evomerge.evaluation.floors import floored_fitness
 from evomerge.recipes.mergekit import mergekit_yaml  # noqa: F401  (re-exported)
 from evomerge.recipes.parameter_space import Recipe
 from evomerge.search import ranking
@@ -75,7 +76,8 @@ def parse_weights(text: str) -> dict[str, float]:
 
 def pick_from_front(run_dir: str | Path, weights: dict[str, float]) -> tuple[Recipe, FrontMember]:
     """The Pareto-front member (pareto.json) with the largest weighted sum of its task metrics
-    (tasks not named weigh 0; ties: the earliest candidate), and its front entry."""
+    (tasks not named weigh 0; with `floors:` in the run's config, minus the floors' term; ties:
+    the earliest candidate), and its front entry."""
     import json
 
     from evomerge.runs.folder import PARETO, RunFolder, RunFolderError
@@ -99,8 +101,10 @@ def pick_from_front(run_dir: str | Path, weights: dict[str, float]) -> tuple[Rec
     if not front:
         raise RunFolderError(f"run {str(run_dir)!r}: the Pareto front is empty (every candidate failed)")
     w = [weights.get(t, 0.0) for t in tasks]
-    member = max(front, key=lambda m: (sum(a * b for a, b in zip(w, m["objectives"], strict=True)),
-                                       -m["generation"], -m["index"]))
+    # with floors in the config, a member below a floor pays for it (evaluation/floors.py)
+    member = max(front, key=lambda m: (
+        floored_fitness(sum(a * b for a, b in zip(w, m["objectives"], strict=True)), m["metrics"] or {},
+                        cfg.tasks, cfg.floors), -m["generation"], -m["index"]))
     recipe = make_codec(cfg).to_recipe(np.array(member["genome"]))
     if recipe.hash() != member["recipe_hash"]:
         raise RunFolderError(f"the genome of generation {member['generation']}, candidate {member['index']} no "

@@ -14,6 +14,7 @@ import torch
 
 from evomerge.core.errors import ConfigError
 from evomerge.evaluation.fitness import FitnessFunction
+from evomerge.evaluation.floors import measure_base_scores
 from evomerge.evaluation.trial import CandidateBuilder
 from evomerge.execution.local import LocalExecutor
 from evomerge.runs.folder import RunFolder
@@ -119,6 +120,23 @@ def _missing(module: str) -> bool:
         return True
 
 
+def with_base_scores(cfg: SearchConfig, evaluators) -> SearchConfig:
+    """The config with its floors' base scores measured (the base model on each task's split)."""
+    if cfg.floors is None or not cfg.floors.needs_base_scores():
+        return cfg
+    scores = measure_base_scores(cfg.base_model or cfg.models[0], cfg.tasks, evaluators,
+                                 trust_remote_code=cfg.trust_remote_code)
+    return cfg.model_copy(update={"floors": cfg.floors.model_copy(update={"base_scores": scores})})
+
+
+def with_frozen_base_scores(cfg: SearchConfig | None, frozen: SearchConfig) -> SearchConfig | None:
+    """A resume's config with the base scores its run measured when it started."""
+    if cfg is None or cfg.floors is None or frozen.floors is None or not cfg.floors.needs_base_scores():
+        return cfg
+    return cfg.model_copy(update={"floors": cfg.floors.model_copy(
+        update={"base_scores": frozen.floors.base_scores})})
+
+
 def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
                quiet: bool = False, builder_factory=default_builder, config_path: str | None = None,
                workers: int | str | None = None, ray_address: str | None = None, sources: str = "path",
@@ -138,6 +156,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
             frozen = frozen.model_copy(update={"background": False})
         if cfg is not None and cfg.background is None:
             cfg = cfg.model_copy(update={"background": frozen.background})
+        cfg = with_frozen_base_scores(cfg, frozen)
         if cfg is not None:
             diff = _diff_keys(frozen.search_key(), cfg.search_key())
             if diff:
@@ -173,6 +192,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
             raise ConfigError("a config is needed to start a search")
         check_mirrors(with_mirror_settings(cfg, None, study_storage))
         evaluators = validate(cfg)  # before the run folder exists: a bad config leaves nothing behind
+        cfg = with_base_scores(cfg, evaluators)  # floors at the base's scores: measured once, frozen
         if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
             cfg = cfg.model_copy(update={"background": uses_ray})
         run_dir = Path(run_dir or cfg.run_dir or default_run_dir(config_path))

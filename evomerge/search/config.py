@@ -28,6 +28,7 @@ from pydantic import (
 from evomerge.core.data import data_dir
 from evomerge.core.errors import ConfigError
 from evomerge.core.validation import format_errors
+from evomerge.evaluation.floors import FloorsConfig
 from evomerge.evaluation.tasks import TaskConfig
 from evomerge.search.optimizers import OPTIMIZERS
 from evomerge.search.spaces.dataflow import DfsSpace
@@ -222,6 +223,8 @@ class SearchConfig(_Strict):
                                      "(`tracking: mlflow` or {mlflow: {uri, experiment}})")
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    floors: FloorsConfig | None = Field(None, description="per-task floors: a lost skill costs "
+                                        "fitness (evomerge/evaluation/floors.py, docs/quality.md)")
 
     @model_validator(mode="before")
     @classmethod
@@ -276,6 +279,8 @@ class SearchConfig(_Strict):
                                  "optimizer nsga2 (one objective per task)")
         if self.optimizer.name == "nsga2" and len(self.tasks) < 2:
             raise ValueError("optimizer.name: nsga2 keeps one objective per task and needs at least two tasks")
+        if self.floors is not None:
+            self.floors.check_tasks(self.tasks)
         return self
 
     @property

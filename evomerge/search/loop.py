@@ -87,7 +87,7 @@ class Search:
         kw = {"n_objectives": len(cfg.tasks)} if self.multi else {}
         self.optimizer = make_optimizer(o.name, self.codec.x0, o.sigma0 or cfg.space.sigma0, o.popsize, cfg.seed,
                                         sampler=o.sampler, sampler_args=o.sampler_args, **kw)
-        self.fitness = FitnessFunction(cfg.tasks, evaluators, cfg.seed)
+        self.fitness = FitnessFunction(cfg.tasks, evaluators, cfg.seed, floors=cfg.floors)
         self.items = ItemStore(self.run.path, self.fitness, self._extra())
         self.max_generations = budget.max_generations(cfg.budget, self.optimizer.popsize)
         # A time budget counts the time of earlier sessions (up to their last generation or final).

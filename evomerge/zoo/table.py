@@ -37,7 +37,8 @@ def plain_merge_recipes(zoo_dir: str | Path) -> dict[str, dict]:
 
 def method_merge_recipes(zoo_dir: str | Path) -> dict[str, dict]:
     """The zoo table's rows for the spherical and geometric methods (mergekit's defaults unless
-    named): slerp and nuslerp of spec_rev and spec_sub, model stock, SCE and the Karcher mean."""
+    named): slerp and nuslerp of spec_rev and spec_sub, model stock, SCE, the Karcher mean, and
+    evomerge's TSV-Merge, Iso-C and Iso-CTS with their papers' defaults."""
     zoo_dir = Path(zoo_dir)
     m = read_manifest(zoo_dir)
     base = str(zoo_dir / m["base"])
@@ -55,6 +56,11 @@ def method_merge_recipes(zoo_dir: str | Path) -> dict[str, dict]:
         "SCE topk=1": {"merge_method": "sce", **every},
         "Karcher mean of the specialists": {
             "merge_method": "karcher", "dtype": "float32", "models": every["models"]},
+        # evomerge's spectral methods with their papers' defaults (rank 1/T each, alpha 1;
+        # Iso-CTS: 0.8 of the rank common)
+        "TSV-Merge": {"merge_method": "tsv", **every},
+        "Iso-C": {"merge_method": "iso_c", **every},
+        "Iso-CTS": {"merge_method": "iso_cts", **every},
     }
 
 

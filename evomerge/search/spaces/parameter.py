@@ -27,6 +27,8 @@ PARAMETER_RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "lambda": (-math.inf, math.inf, True, True),
     "t": (-math.inf, math.inf, True, True),  # slerp: 0..1 interpolates, outside extrapolates
     "select_topk": (0.0, 1.0, False, True),  # sce: the fraction of elements kept
+    "rank_fraction": (0.0, 1.0, False, True),  # tsv: the share of each task's 1/T of the rank
+    "common_space_fraction": (0.0, 1.0, True, True),  # iso_cts: the common subspace's share
 }
 
 # mergekit-evolve's genome options and how a search space says them.
