@@ -79,8 +79,12 @@ def test_anchor_set_larger_than_the_split_is_refused(zoo_dir, tmp_path):
         fake_config(zoo_dir, tmp_path, fitness={"estimator": "irt", "anchors": 30}, racing={"stages": [30, None]})
 
 
-def test_irt_search_scores_anchors_and_logs_its_fits(zoo_dir, tmp_path):
+def test_irt_search_scores_anchors_and_logs_its_fits(zoo_dir, tmp_path, capsys):
     fake_search(fake_config(zoo_dir, tmp_path, budget={"generations": 2}, **IRT))
+    from evomerge.cli.main import main
+
+    assert main(["status", str(tmp_path / "run")]) == 0  # an irt record does not trouble the report
+    assert "item evaluations" in capsys.readouterr().out
     records = RunFolder.open(tmp_path / "run").records()
     fits = [r for r in records if r.type == "irt"]
     assert [f.generation for f in fits] == [-1, 0, 1]
