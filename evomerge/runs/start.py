@@ -24,6 +24,7 @@ from evomerge.runs.progress import Display
 from evomerge.runs.study import StudyMirror, shown, study_target
 from evomerge.runs.tracking import MlflowMirror
 from evomerge.search.config import SearchConfig, StudyConfig, default_run_dir
+from evomerge.search.irt_fitness import check_anchors
 from evomerge.search.jobs import Executor
 from evomerge.search.loop import Search, SearchOutcome
 from evomerge.search.validation import check_sources, check_tasks
@@ -55,7 +56,9 @@ def _diff_keys(a, b, prefix="") -> list[str]:
 def validate(cfg: SearchConfig):
     """Every check that needs no weights: sources' configs, tasks and metrics, codec sizes."""
     check_sources(cfg)
-    return check_tasks(cfg)
+    evaluators = check_tasks(cfg)
+    check_anchors(cfg, evaluators)
+    return evaluators
 
 
 def make_executor_factory(workers: int | str | None = None, ray_address: str | None = None, *,

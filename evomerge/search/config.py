@@ -30,6 +30,7 @@ from evomerge.core.errors import ConfigError
 from evomerge.core.validation import format_errors
 from evomerge.evaluation.floors import FloorsConfig
 from evomerge.evaluation.tasks import TaskConfig
+from evomerge.search.fitness_config import FitnessConfig, check_fitness, irt_requested
 from evomerge.search.optimizers import OPTIMIZERS
 from evomerge.search.spaces.dataflow import DfsSpace
 from evomerge.search.spaces.parameter import SearchSpace
@@ -209,6 +210,8 @@ class SearchConfig(_Strict):
                                         "promoting the better fraction; default: {stages: [30, 100, null], keep: "
                                         "0.25} when no task has a limit (and the optimizer is not nsga2), else off; "
                                         "null: off")
+    fitness: FitnessConfig = Field(default_factory=FitnessConfig, description="mean (default) or an IRT "
+                                   "estimate from anchor items: {estimator: irt, anchors: 25} (docs/irt.md)")
     rescore_top_k: int = Field(3, ge=1, le=MAX_RESCORE_TOP_K, description="candidates re-scored on the full dev split at the end")
     penalty_fitness: float = Field(-1.0, description="fitness of a failed or non-finite candidate")
     background: bool | None = Field(None, description="during the search, re-score the top candidates on the "
@@ -234,7 +237,7 @@ class SearchConfig(_Strict):
             opt = data.get("optimizer")
             name = opt.get("name") if isinstance(opt, dict) else None
             if (isinstance(tasks, list) and tasks and all(isinstance(t, dict) and t.get("limit") is None for t in tasks)
-                    and name != "nsga2"):
+                    and name != "nsga2" and not irt_requested(data)):
                 data = dict(data, racing=DEFAULT_RACING)
         return data
 
@@ -277,6 +280,7 @@ class SearchConfig(_Strict):
             if self.optimizer.name == "nsga2":
                 raise ValueError("racing: needs a single fitness to promote by; it does not combine with "
                                  "optimizer nsga2 (one objective per task)")
+        check_fitness(self)
         if self.optimizer.name == "nsga2" and len(self.tasks) < 2:
             raise ValueError("optimizer.name: nsga2 keeps one objective per task and needs at least two tasks")
         if self.floors is not None:

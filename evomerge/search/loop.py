@@ -34,6 +34,7 @@ from evomerge.search import budget, racing, ranking
 from evomerge.search.background import SearchBackground
 from evomerge.search.codecs.parameter import make_codec
 from evomerge.search.config import SearchConfig
+from evomerge.search.irt_fitness import IrtFitness
 from evomerge.search.jobs import EvalJob, SearchStopped
 from evomerge.search.journal import RunJournal, SearchObserver
 from evomerge.search.optimizers import make_optimizer
@@ -89,6 +90,7 @@ class Search:
                                         sampler=o.sampler, sampler_args=o.sampler_args, **kw)
         self.fitness = FitnessFunction(cfg.tasks, evaluators, cfg.seed, floors=cfg.floors)
         self.items = ItemStore(self.run.path, self.fitness, self._extra())
+        self.irt = IrtFitness(cfg, self.fitness, self.items, self.run.path, records) if cfg.fitness.irt else None
         self.max_generations = budget.max_generations(cfg.budget, self.optimizer.popsize)
         # A time budget counts the time of earlier sessions (up to their last generation or final).
         self.spent_before = budget.spent_s(records)
@@ -130,7 +132,7 @@ class Search:
         # items scored by the search's own evaluations; re-scoring (background work, which may run at any
         # time) is in the log's records but not in this count, so generation records do not depend on timing
         self.items_spent = sum(sum((r.items_scored or {}).values()) for r in records
-                               if r.type in ("reference", "candidate"))
+                               if r.type in ("reference", "candidate", "irt"))
         # Background work (top-k re-scoring, test scores of a new best): in idle slots of a
         # pipelined executor, else at the end of each generation (see background.py).
         self.background = SearchBackground(self, records) if self.cfg.background else None
@@ -140,6 +142,8 @@ class Search:
             if reference is None:
                 reference = self._evaluate([self.job("reference", -1, 0, self.codec.x0, None)])[(-1, 0)]
             self.display.reference(reference)
+            if self.irt is not None and (rec := self.irt.prepare(reference, tok, self.run.append, self.display.message)):
+                self.items_spent += sum(rec.items_scored.values())
 
             g = 0
             # Logged generations are replayed whatever the time left; new ones need budget (a time
@@ -169,6 +173,8 @@ class Search:
                     self.optimizer.tell(genomes, self._objectives(gen_records))
                 else:
                     self.optimizer.tell(genomes, np.array(told, dtype=np.float64))
+                if self.irt is not None:
+                    self.irt.refit(g, candidates, reference, self.run.append)
                 if g not in done_gens:
                     self._end_generation(g, gen_records, told, candidates, race)
                 elif g + 1 not in done_gens:  # the last logged generation: its checkpoint may be stale
@@ -193,6 +199,8 @@ class Search:
             samples=None, stage: int | None = None) -> EvalJob:
         """The job that scores ``genome``: on generation ``subset_generation``'s item subset, or
         on ``samples``, or (both None) on the whole dev split."""
+        if samples is None and kind == "candidate" and self.irt is not None:
+            samples = self.irt.anchor_samples()  # IRT: a candidate is scored on its anchors
         if samples is None:
             samples = self.fitness.samples(subset_generation)
         key = self.fitness.settings_key(samples, self._extra())
@@ -204,13 +212,14 @@ class Search:
         """One generation of racing: stage by stage, each a batch of its own; returns each candidate's
         last evaluation and the race's summary (told values, stage reached, items spent)."""
         rc = self.cfg.racing
-        n_stages = len(rc.stages)
+        sizes = self._stage_sizes()
+        n_stages = len(sizes)
         alive = list(range(len(genomes)))
         last: dict[int, EvalRecord] = {}
         reached: dict[int, int] = {}
         spent = [0] * len(genomes)
-        for k, n in enumerate(rc.stages):
-            samples = self.fitness.stage_samples(g, n)
+        for k, n in enumerate(sizes):
+            samples = self.irt.stage_samples(g, k, n) if self.irt else self.fitness.stage_samples(g, n)
             todo = [self.job("candidate", g, i, genomes[i], None, samples=samples, stage=k)
                     for i in alive if (g, i, k) not in logged]
             results = {i: logged[(g, i, k)] for i in alive if (g, i, k) in logged}
@@ -223,6 +232,10 @@ class Search:
         told = racing.told_values(reached, {i: r.fitness for i, r in last.items()}, n_stages)
         n = len(genomes)
         return last, RaceSummary([told[i] for i in range(n)], [reached[i] for i in range(n)], spent)
+
+    def _stage_sizes(self) -> list[int | None]:
+        """The race's stages: with IRT the anchors come first (fitness_config.check_fitness)."""
+        return ([self.irt.n_anchors] if self.irt is not None else []) + list(self.cfg.racing.stages)
 
     def _objectives(self, gen_records: list[EvalRecord]) -> np.ndarray:
         """One maximized objective per task (its metric); failed candidates get the penalty."""
@@ -309,15 +322,17 @@ class Search:
             name = f"{job.kind}-g{job.generation}-i{job.index}" + (f"-s{job.stage}" if job.stage is not None else "")
             items_file = self.items.save(name + ".npz", res.recipe_hash, res.item_scores)
         scored = {} if hit is not None else dict(res.items if scored is None else scored)
+        estimated = hit.estimated if hit is not None else self.irt.estimate(job, res) if self.irt else None
+        fitness = res.fitness if estimated is None or hit is not None else self.irt.fitness_of(estimated)
         racing_on = job.stage is not None
         rec = EvalRecord(
             type=job.kind, generation=job.generation, index=job.index, genome=list(job.genome),
-            recipe_hash=res.recipe_hash, eval_key=job.eval_key, fitness=res.fitness, status=res.status,
+            recipe_hash=res.recipe_hash, eval_key=job.eval_key, fitness=fitness, status=res.status,
             reason=res.reason, metrics=res.metrics, items=res.items, items_scored=scored,
             cached_from=[hit.generation, hit.index] if hit is not None else None, timings=_timings(res),
             worker=res.worker, time=time.time(), stage=job.stage, node=res.node,
-            stages=(len(self.cfg.racing.stages) if self.cfg.racing else None) if racing_on else None,
-            items_file=items_file, items_key=self.items.base_key if items_file else None)
+            stages=(len(self._stage_sizes()) if self.cfg.racing else None) if racing_on else None,
+            items_file=items_file, items_key=self.items.base_key if items_file else None, estimated=estimated)
         if job.kind in ("reference", "candidate"):
             self.items_spent += sum(scored.values())
         self.run.append(rec)

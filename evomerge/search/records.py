@@ -10,6 +10,8 @@ everything else reads attributes. The JSON form of each record is that of the fi
     test        a would-be winner's test-split scores (reports only, never decisions)
     generation  a generation told to the optimizer: its best so far, median, the race's summary
     final       the winner after the last generation, with its test-split metrics
+    irt         an IRT fit (``fitness: {estimator: irt}``): before the search (generation -1, with the
+                anchors and the sources' scoring) and at each generation's end; resume loads it
 
 The log's first line is a header that names the format version (``LOG_FORMAT``); a log without
 one is format 1, the same records. A log from a newer format is refused (see ``check_header``).
@@ -53,6 +55,7 @@ class EvalRecord:
     items_file: str | None = None  # per-item scores in RUN_DIR/items/ (evaluation.items)
     items_key: str | None = None
     node: str | None = None  # the Ray node that scored it (Ray workers; absent in-process and in older logs)
+    estimated: Metrics | None = None  # fitness.estimator irt: task -> metric -> IRT estimate on the whole split
 
     @property
     def ok(self) -> bool:
@@ -69,7 +72,9 @@ class EvalRecord:
         return self.stage is None or self.stage == (self.stages or 1) - 1
 
     def metric(self, task: str, metric: str, default: float = math.nan) -> float:
-        return self.metrics.get(task, {}).get(metric, default)
+        """The value the search used: the IRT estimate where there is one, else the measured metric."""
+        est = (self.estimated or {}).get(task, {})
+        return est[metric] if metric in est else self.metrics.get(task, {}).get(metric, default)
 
 
 @dataclass(frozen=True)
@@ -139,8 +144,23 @@ class FinalRecord:
     type: Literal["final"] = "final"
 
 
-Record = EvalRecord | TestRecord | GenerationRecord | FinalRecord
-_OPTIONAL = {"stage", "stages", "items_file", "items_key", "racing", "elapsed_s", "node"}  # left out of the JSON when None
+@dataclass(frozen=True)
+class IrtRecord:
+    """An IRT fit (search/irt_fitness.py): its parameters in ``RUN_DIR/irt/<params_file>``, the hash
+    of its inputs (the response matrices), and at generation -1 the anchors and the sources' items."""
+
+    generation: int  # -1: before the search; g: after generation g (used from generation g + 1)
+    params_file: str
+    inputs: str  # sha256 of the fit's inputs: a replay recomputes and compares it
+    rows: dict[str, int]  # task -> models (rows) the fit used
+    anchors: dict[str, list[int]] | None  # task -> anchor items (generation -1 only)
+    items_scored: dict[str, int]  # task -> items scored for this fit (the sources, generation -1)
+    time: float
+    type: Literal["irt"] = "irt"
+
+
+Record = EvalRecord | TestRecord | GenerationRecord | FinalRecord | IrtRecord
+_OPTIONAL = {"stage", "stages", "items_file", "items_key", "racing", "elapsed_s", "node", "estimated"}  # left out of the JSON when None
 
 
 def to_json(record: Record) -> dict[str, Any]:
@@ -178,6 +198,8 @@ def from_json(data: dict[str, Any]) -> Record:
                       racing=RaceSummary(**race) if race else None)
     if kind == "final":
         return _build(FinalRecord, data)
+    if kind == "irt":
+        return _build(IrtRecord, data)
     raise RunFolderError(f"unknown record type {kind!r} in the run log")
 
 
