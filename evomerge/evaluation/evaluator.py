@@ -98,12 +98,18 @@ def _task_manager(names: Sequence[str], include_paths: Sequence[Path]):
 
 
 def _metrics(raw: dict) -> dict[str, float]:
-    out = {}
+    """``metric,filter`` keys; a metric's bare name is its value under the ``none`` filter, or
+    under its only filter (a generation task's answer-extraction filter, say)."""
+    out, filters = {}, {}
     for key, value in raw.items():
         if "," not in key or "_stderr" in key or not isinstance(value, int | float):
             continue
         metric, filt = key.split(",", 1)
+        filters.setdefault(metric, []).append(filt)
         out[metric if filt == "none" else key] = float(value)
+    for metric, fs in filters.items():
+        if len(fs) == 1 and fs[0] != "none":
+            out[metric] = out[f"{metric},{fs[0]}"]
     return out
 
 
@@ -201,17 +207,22 @@ class LmEvalEvaluator:
                  samples: dict[str, list[int]] | None = None) -> dict[str, TaskResult]:
         """Scores ``model``; ``limit`` takes the first N items of each task, ``samples`` the
         given item indices per task (a seeded subset)."""
-        from lm_eval.evaluator import evaluate as lm_evaluate
-
         lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
                            device=str(model.device))
         was_training = model.training
         model.eval()
         try:
-            out = lm_evaluate(lm, self._task_dict, limit=limit, samples=samples, bootstrap_iters=0, cache_requests=False,
-                              log_samples=self.log_samples, verbosity="WARNING")
+            return self.run(lm, limit=limit, samples=samples)
         finally:
             model.train(was_training)
+
+    def run(self, lm, *, limit: int | None = None, samples: dict[str, list[int]] | None = None
+            ) -> dict[str, TaskResult]:
+        """lm-eval's evaluation of the loaded tasks on ``lm`` (an lm-eval LM of any backend)."""
+        from lm_eval.evaluator import evaluate as lm_evaluate
+
+        out = lm_evaluate(lm, self._task_dict, limit=limit, samples=samples, bootstrap_iters=0, cache_requests=False,
+                          log_samples=self.log_samples, verbosity="WARNING")
         results = {}
         for name in self._task_dict["tasks"]:
             raw = out["results"][name]
