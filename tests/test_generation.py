@@ -136,3 +136,23 @@ def test_a_generation_search_runs_races_and_reuses_items(zoo_dir, tmp_path):
         from evomerge.runs.start import validate
 
         validate(SearchConfig.from_dict({**cfg.model_dump(mode="json"), "tasks": [{"name": "zoo_add_gen"}]}))
+
+
+def test_vllm_backend_is_refused_where_it_cannot_run(zoo_dir, tmp_path, monkeypatch):
+    """Before any weights load: without an importable vLLM (the reason named), and with a data-flow
+    space (candidates change the layer count, which one resident engine cannot take)."""
+    from evomerge.evaluation import vllm_engine
+    from evomerge.runs.start import validate
+    from evomerge.search.config import SearchConfig
+
+    base = {"models": [str(zoo_dir / "spec_add"), str(zoo_dir / "spec_rev")], "base_model": str(zoo_dir / "base"),
+            "search_space": "ps_task_arithmetic", "evaluator": {"backend": "vllm"}, "budget": {"generations": 1},
+            "tasks": [{"name": "zoo_add_gen", "metric": "exact_match"}], "run_dir": str(tmp_path / "r")}
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: "ModuleNotFoundError: No module named 'vllm'")
+    with pytest.raises(ConfigError, match=r"tasks.0: evaluator backend 'vllm' needs vLLM .*No module named"):
+        validate(SearchConfig.from_dict(base))
+    dfs = {**base, "search_space": {"kind": "dfs", "repeats": 1, "max_path_length": 8}, "base_model": None}
+    with pytest.raises(ConfigError, match="data-flow search"):
+        validate(SearchConfig.from_dict(dfs))
+    with pytest.raises(ConfigError, match="evaluator.backend"):
+        SearchConfig.from_dict({**base, "evaluator": {"backend": "tgi"}})

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from evomerge.core.errors import ConfigError
 from evomerge.evaluation.evaluator import LmEvalEvaluator
 from evomerge.evaluation.tasks import TaskConfig
 
@@ -43,8 +44,10 @@ def make_evaluator(cfg: EvaluatorConfig | None, task: TaskConfig, *, split: str 
     kwargs = dict(split=split, batch_size=batch_size, log_samples=log_samples, **task.lm_eval_options())
     if cfg is None or cfg.backend == "hf":
         return LmEvalEvaluator([task.name], **kwargs)
-    from evomerge.evaluation.vllm_engine import VllmEvaluator
+    from evomerge.evaluation.vllm_engine import VllmEvaluator, vllm_available
 
+    if reason := vllm_available():  # refused when the config is checked, before any weights load
+        raise ConfigError(f"evaluator backend 'vllm' needs vLLM (pip install 'evomerge[vllm]'): {reason}")
     if model_dir is None:
         raise ValueError("the vllm backend needs a model folder to start its engine from")
     return VllmEvaluator([task.name], model_dir=model_dir, dtype=dtype, max_model_len=cfg.max_model_len,
