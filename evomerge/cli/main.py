@@ -72,7 +72,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [t for spec in args.tasks for t in spec.split(",") if t]
     results = evaluate_model_dir(args.model_dir, tasks, split=args.split, limit=args.limit,
                                  batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                                 allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                                 allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                                 backend=args.backend)
     results_table({str(args.model_dir): results}, title=f"split={args.split or 'default'}").print()
     if args.json:
         import json
@@ -95,8 +96,9 @@ def _positive_int(text: str) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a model folder with lm-eval tasks",
-                       description="Runs lm-eval (Hugging Face backend) on a model folder and prints the task "
-                       "metrics. The zoo tasks (zoo_add, zoo_rev, zoo_sub; tag: zoo; and zoo_rev_2shot, 2-shot) are found "
+                       description="Runs lm-eval (Hugging Face or vLLM backend) on a model folder and prints the task "
+                       "metrics. The zoo tasks (zoo_add, zoo_rev, zoo_sub; tag: zoo; and zoo_rev_2shot, 2-shot; "
+                       "generation tasks zoo_add_gen, zoo_rev_gen, zoo_sub_gen, zoo_rev_gen_2shot) are found "
                        "in evals/; any "
                        "registered lm-eval task name also works when its data is available; more task folders "
                        "can be added with EVOMERGE_TASKS=dir1:dir2. Task folders are trusted code: a task YAML's "
@@ -110,6 +112,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=32, help="fixed batch size (default 32; never 'auto')")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="hf: lm-eval's Hugging Face backend; vllm: a vLLM engine (pip install 'evomerge[vllm]')")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (can run code)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")

@@ -1,7 +1,7 @@
 """Evaluation of causal LMs with lm-eval: the only module that imports lm-eval.
 
-``Evaluator`` is the small interface a search calls (another backend, vLLM say, can implement it
-later). ``LmEvalEvaluator`` loads its tasks once and then scores any number of models, including
+``Evaluator`` is the small interface a search calls (the vLLM backend, vllm_engine.py, is
+another implementation; backends.py picks one). ``LmEvalEvaluator`` loads its tasks once and then scores any number of models, including
 an in-memory ``torch.nn.Module`` whose weights change in place between calls.
 
 Settings that make scores reproducible (see shared conventions): a fixed batch size (never "auto":
@@ -98,12 +98,18 @@ def _task_manager(names: Sequence[str], include_paths: Sequence[Path]):
 
 
 def _metrics(raw: dict) -> dict[str, float]:
-    out = {}
+    """A metric's bare name for its value under the ``none`` filter, or under its only filter (a
+    generation task's answer extraction, as per-item scores have it); ``metric,filter`` otherwise."""
+    out, filters = {}, {}
     for key, value in raw.items():
         if "," not in key or "_stderr" in key or not isinstance(value, int | float):
             continue
         metric, filt = key.split(",", 1)
+        filters.setdefault(metric, []).append(filt)
         out[metric if filt == "none" else key] = float(value)
+    for metric, fs in filters.items():
+        if len(fs) == 1 and fs[0] != "none":
+            out[metric] = out.pop(f"{metric},{fs[0]}")
     return out
 
 
@@ -153,7 +159,9 @@ class LmEvalEvaluator:
 
     def __init__(self, tasks: Sequence[str], *, split: str | None = None, batch_size: int = 32,
                  num_fewshot: int | None = None, fewshot_seed: int = 1234,
-                 include_paths: Sequence[str | Path] | None = None, log_samples: bool = False):
+                 include_paths: Sequence[str | Path] | None = None, log_samples: bool = False,
+                 apply_chat_template: bool = False, fewshot_as_multiturn: bool = False,
+                 system_instruction: str | None = None, gen_kwargs: dict | None = None):
         if isinstance(batch_size, str) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer (got {batch_size!r}); 'auto' changes padding and scores")
         if not tasks:
@@ -162,6 +170,12 @@ class LmEvalEvaluator:
         self.split = split
         self.batch_size = batch_size
         self.log_samples = log_samples
+        # lm-eval's per-run prompt options (its evaluate() arguments), the same for every call
+        self.prompt_options = {"apply_chat_template": apply_chat_template,
+                               "fewshot_as_multiturn": fewshot_as_multiturn,
+                               "system_instruction": system_instruction}
+        if fewshot_as_multiturn and not apply_chat_template:
+            raise ConfigError("fewshot_as_multiturn needs apply_chat_template")
         paths = [Path(p) for p in (include_paths if include_paths is not None else default_include_paths())]
         tm = _task_manager(self.tasks, paths)
         self._task_dict = tm.load(self.tasks)
@@ -174,6 +188,10 @@ class LmEvalEvaluator:
                 task.set_config(key="test_split", value=split)
             if num_fewshot is not None:
                 task.set_config(key="num_fewshot", value=num_fewshot)
+            if gen_kwargs:  # as lm-eval's --gen_kwargs: updates the task's generation_kwargs
+                if task.get_config("output_type") != "generate_until":
+                    raise ConfigError(f"task {name!r} is not a generation task: gen_kwargs do not apply")
+                task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
             task.set_fewshot_seed(seed=fewshot_seed)
             task.fewshot_context = _PerDocFewshot(task, fewshot_seed)
 
@@ -201,17 +219,22 @@ class LmEvalEvaluator:
                  samples: dict[str, list[int]] | None = None) -> dict[str, TaskResult]:
         """Scores ``model``; ``limit`` takes the first N items of each task, ``samples`` the
         given item indices per task (a seeded subset)."""
-        from lm_eval.evaluator import evaluate as lm_evaluate
-
         lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size,
                            device=str(model.device))
         was_training = model.training
         model.eval()
         try:
-            out = lm_evaluate(lm, self._task_dict, limit=limit, samples=samples, bootstrap_iters=0, cache_requests=False,
-                              log_samples=self.log_samples, verbosity="WARNING")
+            return self.run(lm, limit=limit, samples=samples)
         finally:
             model.train(was_training)
+
+    def run(self, lm, *, limit: int | None = None, samples: dict[str, list[int]] | None = None
+            ) -> dict[str, TaskResult]:
+        """lm-eval's evaluation of the loaded tasks on ``lm`` (an lm-eval LM of any backend)."""
+        from lm_eval.evaluator import evaluate as lm_evaluate
+
+        out = lm_evaluate(lm, self._task_dict, limit=limit, samples=samples, bootstrap_iters=0, cache_requests=False,
+                          log_samples=self.log_samples, verbosity="WARNING", **self.prompt_options)
         results = {}
         for name in self._task_dict["tasks"]:
             raw = out["results"][name]
@@ -224,11 +247,19 @@ class LmEvalEvaluator:
 def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[str], *, split: str | None = None,
                        limit: int | None = None, batch_size: int = 32, device: str = "cpu",
                        dtype: str = "float32", allow_pickle: bool = False,
-                       trust_remote_code: bool = False) -> dict[str, TaskResult]:
-    """``evomerge eval``: loads a model folder and scores it with the same evaluator as in memory."""
+                       trust_remote_code: bool = False, backend: str = "hf") -> dict[str, TaskResult]:
+    """``evomerge eval``: loads a model folder and scores it with the same evaluator as in memory
+    (``backend="vllm"``: a vLLM engine started from the folder, no weight swap)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer (got {limit!r})")
+    if backend not in ("hf", "vllm"):
+        raise ConfigError(f"unknown evaluator backend {backend!r} (hf or vllm)")
     check_model_dir(model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)  # fails before tasks load
+    if backend == "vllm":
+        from evomerge.evaluation.vllm_engine import VllmEvaluator
+
+        ev = VllmEvaluator(tasks, split=split, batch_size=batch_size, model_dir=model_dir, dtype=dtype)
+        return ev.evaluate(None, limit=limit)
     evaluator = LmEvalEvaluator(tasks, split=split, batch_size=batch_size)  # unknown tasks fail first
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model = load_causal_lm(model_dir, device=device, dtype=dtype, allow_pickle=allow_pickle,

@@ -105,8 +105,11 @@ class FitnessFunction:
 
 def item_values(samples: list[dict]) -> dict[str, list]:
     """lm-eval's logged samples (``log_samples=True``) as per-item metric values of the ``none``
-    filter, sorted by item index: {"doc": [...], metric: [...]}."""
-    rows = sorted((s for s in samples if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
+    filter (or of the only filter, a generation task's answer extraction), sorted by item index:
+    {"doc": [...], metric: [...]}."""
+    filters = {s.get("filter", "none") for s in samples}
+    keep = "none" if "none" in filters or len(filters) != 1 else filters.pop()
+    rows = sorted((s for s in samples if s.get("filter", "none") == keep), key=lambda s: s["doc_id"])
     metrics = rows[0]["metrics"] if rows else []
     out: dict[str, list] = {"doc": [int(s["doc_id"]) for s in rows]}
     for m in metrics:

@@ -34,13 +34,15 @@ class Table:
 
 def results_table(results: Mapping[str, Mapping[str, TaskResult]], title: str = "",
                   metric: str = "acc") -> Table:
-    """One row per model, one column per task (``metric``), plus the mean over tasks."""
+    """One row per model, one column per task (``metric``; a generation task without it shows its
+    ``exact_match``), plus the mean over tasks."""
     tasks: list[str] = []
     for per_task in results.values():
         tasks += [t for t in per_task if t not in tasks]
     rows = []
     for name, per_task in results.items():
-        vals = [per_task[t].metrics.get(metric) if t in per_task else None for t in tasks]
+        vals = [per_task[t].metrics.get(metric, per_task[t].metrics.get("exact_match")) if t in per_task else None
+                for t in tasks]
         cells = [f"{v:.3f}" if v is not None else "-" for v in vals]
         present = [v for v in vals if v is not None]
         mean = f"{sum(present) / len(present):.3f}" if present else "-"

@@ -113,7 +113,7 @@ def test_split_metrics(model: torch.nn.Module, tokenizer, tasks, batch_size: int
     out = {}
     for t in tasks:
         try:
-            ev = LmEvalEvaluator([t.name], split="test", batch_size=batch_size, num_fewshot=t.num_fewshot)
+            ev = LmEvalEvaluator([t.name], split="test", batch_size=batch_size, **t.lm_eval_options())
         except ConfigError:  # no test split
             continue
         out[t.name] = ev.evaluate(model, tokenizer)[t.name].metrics

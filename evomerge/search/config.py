@@ -28,6 +28,7 @@ from pydantic import (
 from evomerge.core.data import data_dir
 from evomerge.core.errors import ConfigError
 from evomerge.core.validation import format_errors
+from evomerge.evaluation.backends import EvaluatorConfig
 from evomerge.evaluation.floors import FloorsConfig
 from evomerge.evaluation.tasks import TaskConfig
 from evomerge.search.fitness_config import FitnessConfig, check_fitness, irt_requested
@@ -201,6 +202,8 @@ class SearchConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description="fixed lm-eval batch size")
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig, description="the evaluator backend "
+                                       "(`{backend: hf}` or `{backend: vllm}`, docs/evaluation.md)")
     threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="torch CPU threads")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     budget: BudgetConfig

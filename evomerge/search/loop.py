@@ -193,7 +193,7 @@ class Search:
 
     def _extra(self) -> dict:
         cfg = self.cfg
-        return {"dtype": cfg.dtype, "batch_size": cfg.batch_size, "device": cfg.device}
+        return {"dtype": cfg.dtype, "batch_size": cfg.batch_size, "device": cfg.device, **cfg.evaluator.settings()}
 
     def job(self, kind: str, generation: int, index: int, genome, subset_generation: int | None,
             samples=None, stage: int | None = None) -> EvalJob:

@@ -182,14 +182,18 @@ def check_dfs_sources(cfg: SearchConfig) -> list[int]:
 
 def check_tasks(cfg: SearchConfig):
     """Loads the tasks (no model) and checks splits and metrics; returns the evaluators by split."""
-    from evomerge.evaluation.evaluator import LmEvalEvaluator, UnknownTaskError
+    from evomerge.evaluation.backends import make_evaluator
+    from evomerge.evaluation.evaluator import UnknownTaskError
 
+    if cfg.evaluator.backend == "vllm" and cfg.is_dfs:
+        raise ConfigError("evaluator.backend: vllm keeps one resident engine of one architecture; a data-flow "
+                          "search's candidates change the layer count (use backend: hf)")
     evaluators = {}
     for i, t in enumerate(cfg.tasks):
         try:
             # log_samples: per-item scores, kept so a larger subset reuses the items already scored
-            ev = LmEvalEvaluator([t.name], split=t.split, batch_size=cfg.batch_size, num_fewshot=t.num_fewshot,
-                                 log_samples=True)
+            ev = make_evaluator(cfg.evaluator, t, split=t.split, batch_size=cfg.batch_size, log_samples=True,
+                                model_dir=cfg.models[0], dtype=cfg.dtype)
         except UnknownTaskError as e:
             raise ConfigError(f"tasks.{i}.name: {e}") from None
         except ValueError as e:

