@@ -36,6 +36,9 @@ def mergekit_yaml(recipe: Recipe | PathRecipe, note: str | None = None) -> str:
     if uses_random_masks(get_method(recipe.merge_method)):
         lines += [f"# {recipe.merge_method} draws random masks: mergekit reproduces the evaluated model only in",
                   "# distribution. `evomerge merge` on the evomerge recipe (with its mask_seed) rebuilds it exactly."]
+    if recipe.merge_method == "lorahub":
+        lines += ["# lorahub is evomerge's own method (LoraHub's composition of LoRA factors): mergekit",
+                  "# cannot read this file; `evomerge merge` can."]
     if recipe.merge_method == "arcee_fusion":
         lines += ["# arcee_fusion: mergekit samples the quantiles of tensors above 1,000,000 elements at",
                   "# random; evomerge sorts them all. Below that size both give the same model."]
