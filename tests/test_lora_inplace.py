@@ -40,7 +40,7 @@ def _recipe(method, family, weights, **shared) -> Recipe:
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
 def test_low_rank_path_equals_the_engine(family, method, monkeypatch):
-    from evomerge.models.adapters import AdapterSource
+    from evomerge.models.sources import AdapterSource
 
     base = None if method == "linear" else str(family["base"])
     models = [str(family["a1"]), str(family["a2"])]

@@ -48,7 +48,7 @@ def coefficients(method: str, weights: Mapping[int, float], shared: Mapping[str,
 def applies(method_name: str, sources: Mapping[str, Any], base_model: str | None) -> bool:
     """Whether the low-rank path builds this merger's candidates: task_arithmetic or linear,
     and every source an adapter of the base (linear: or the base itself)."""
-    from evomerge.models.adapters import AdapterSource
+    from evomerge.models.sources import AdapterSource
 
     if method_name not in LOW_RANK_METHODS:
         return False
@@ -83,7 +83,7 @@ def make_entry(job, plan, target: torch.Tensor, *, dtype: torch.dtype, device: t
                stack) -> LowRankEntry:
     """Reads the base tensor and the adapters' factors of one job (no dense delta)."""
     from evomerge.merge.engine import plan_source
-    from evomerge.models.adapters import AdapterSource
+    from evomerge.models.sources import AdapterSource
 
     base_t = None
     scaled_b: dict[int, torch.Tensor] = {}
@@ -168,7 +168,7 @@ def _lorahub(e: LowRankEntry, job) -> None:
 
 def resident_bytes(sources, dtype: torch.dtype) -> int:
     """Bytes of the adapters' factors the low-rank path keeps (A and s*B, and the B workspace)."""
-    from evomerge.models.adapters import AdapterSource
+    from evomerge.models.sources import AdapterSource
 
     adapters = [s for s in sources if isinstance(s, AdapterSource)]
     if not adapters:
