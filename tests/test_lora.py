@@ -215,3 +215,21 @@ def test_adapter_export_refuses_inexact_methods(family, tmp_path):
     with pytest.raises(UsageError, match="without normalize"):
         write_adapter(unnormalized, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_search_config_with_a_bad_adapter_names_the_field(family, tmp_path):
+    from evomerge.core.errors import ConfigError
+    from evomerge.search.config import SearchConfig
+    from evomerge.search.validation import check_sources
+
+    a = _copy(family, tmp_path)
+    edit_config(a, use_dora=True)
+    cfg = SearchConfig.from_dict({
+        "models": [str(family["a1"]), str(a)], "base_model": str(family["base"]),
+        "search_space": "ps_task_arithmetic", "tasks": [{"name": "zoo_add", "metric": "acc"}],
+        "budget": {"generations": 1}})
+    with pytest.raises(ConfigError, match=r"models\.1: .*DoRA adapter"):
+        check_sources(cfg)
+    ok = SearchConfig.from_dict({**cfg.model_dump(exclude_none=True),
+                                 "models": [str(family["a1"]), str(family["a3"])]})
+    assert check_sources(ok) == 2

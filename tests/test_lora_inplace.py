@@ -40,7 +40,7 @@ def _recipe(method, family, weights, **shared) -> Recipe:
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
 def test_low_rank_path_equals_the_engine(family, method, monkeypatch):
-    from evomerge.models.adapters import AdapterSource
+    from evomerge.models.sources import AdapterSource
 
     base = None if method == "linear" else str(family["base"])
     models = [str(family["a1"]), str(family["a2"])]
@@ -89,3 +89,43 @@ def test_memory_plan_counts_adapter_factors(family):
     held = sum(t.numel() * t.element_size() for e in merger._lowrank_entries.values()
                for t in (*e.scaled_b.values(), e.a_cat, e.b_cat) if t is not None)
     assert low.parts["adapters"][1] == held
+
+
+def test_lorahub_composes_factors_in_engine_and_in_place(family, tmp_path):
+    """LoraHub: base + (sum w_i s_i B_i) @ (sum w_i A_i), from the factors, in both builders;
+    refused over a full model and over adapters of different ranks."""
+    from lora_helpers import make_adapter
+
+    from evomerge.models.sources import MergeError, load_source
+
+    a3 = make_adapter(family["base"], tmp_path / "a3", seed=5)  # a1's rank and modules
+    models = [str(family["a1"]), str(a3)]
+    recipe = Recipe.from_dict({
+        "merge_method": "lorahub", "base_model": str(family["base"]), "dtype": "float32",
+        "models": [{"model": m, "parameters": {"weight": w}}
+                   for m, w in zip(models, (0.6, -0.3), strict=True)]})
+    got = merge_state_dict(recipe)
+    s1, s3 = load_source(models[0]), load_source(models[1])
+    base = s1.base_source
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for name, f1 in ((n, s1.lora(n)) for n in s1.adapter.modules):
+            f3 = s3.lora(name)
+            want = base.read(name, stack) + (0.6 * f1.scaling * f1.b - 0.3 * f3.scaling * f3.b) @ (
+                0.6 * f1.a - 0.3 * f3.a)
+            torch.testing.assert_close(got[name], want, atol=ATOL, rtol=0)
+            ta = merge_state_dict(Recipe.from_dict({**recipe.model_dump(exclude_none=True),
+                                                    "merge_method": "task_arithmetic"}))
+            assert not torch.allclose(ta[name], got[name])  # a different composition
+            break
+    merger = InPlaceMerger(models, str(family["base"]), "lorahub")
+    assert merger._lowrank
+    built = merger.build(recipe).state_dict()
+    for k, v in got.items():
+        torch.testing.assert_close(built[k], v, atol=ATOL, rtol=0)
+    mixed = Recipe.from_dict({**recipe.model_dump(exclude_none=True), "models": [
+        {"model": str(family["a1"]), "parameters": {"weight": 1.0}},
+        {"model": str(family["a2"]), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(MergeError, match="lorahub: (only some adapters|the adapters of)"):
+        merge_state_dict(mixed)

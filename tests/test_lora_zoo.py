@@ -78,7 +78,12 @@ def test_search_over_adapters_resumes_exactly(lora_zoo, lora_run, tmp_path):
     part = tmp_path / "part"
     run_search(_config(lora_zoo, part, 1), quiet=True)
     run_search(_config(lora_zoo, part, 2), run_dir=part, resume=True, quiet=True)
-    assert history(RunFolder.open(part).records()) == history(RunFolder.open(lora_run).records())
+    # a stop after generation 0 and a resume with a larger budget: the same candidates, genome
+    # bits, recipes and scores as the uninterrupted run (the first leg's final record aside)
+    def candidates(run):
+        return [r for r in history(RunFolder.open(run).records()) if r["type"] == "candidate"]
+
+    assert candidates(part) == candidates(lora_run) and len(candidates(part)) == 8
 
 
 def test_winner_exports_rebuilds_and_materializes_as_folder_and_adapter(lora_zoo, lora_run,
@@ -95,7 +100,9 @@ def test_winner_exports_rebuilds_and_materializes_as_folder_and_adapter(lora_zoo
                         str(yml)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     text = yml.read_text()
-    assert text.count(f"{lora_zoo / 'base'}+{lora_zoo / 'lora'}") == 3  # base+adapter refs
+    models = [ln.split("model: ", 1)[1] for ln in text.splitlines() if "model: " in ln]
+    adapters = [m for m in models if "/lora/" in m]
+    assert len(adapters) >= 3 and all(m.startswith(f"{lora_zoo / 'base'}+") for m in adapters)
     r = subprocess.run([*env_cmd, "merge", str(yml), str(tmp_path / "rebuilt")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -93,6 +93,8 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu",
         for job in plan.jobs:
             tensors = load_inputs(plan, job, stack, device=device, dtype=compute)
             group = TensorGroup(name=job.name, tensors=tensors, base=job.base)
+            if getattr(plan.method, "needs_factors", False):  # lorahub: the adapters' factors
+                group = factor_group(plan, job, group)
             try:
                 out = merge_group(plan.method, group, job.shared, job.per_source,
                                   mask_seed=plan.recipe.mask_seed)
@@ -101,6 +103,16 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu",
             if out_dtype and out.is_floating_point():
                 out = out.to(DTYPES[out_dtype])
             yield job.name, out
+
+
+def factor_group(plan: MergePlan, job: TensorJob, group: TensorGroup) -> TensorGroup:
+    """`group` with the LoRA factors of its adapter sources (methods.lorahub.FactorGroup)."""
+    from evomerge.methods.lorahub import FactorGroup
+
+    factors = {k: src.lora(name) for k, (model, name) in enumerate(zip(job.models, job.inputs,
+                                                                      strict=True))
+               if hasattr(src := plan_source(plan, model), "lora") and k != job.base}
+    return FactorGroup(name=group.name, tensors=group.tensors, base=group.base, factors=factors)
 
 
 def load_inputs(plan: MergePlan, job: TensorJob, stack: ExitStack, *,

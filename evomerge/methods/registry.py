@@ -83,6 +83,10 @@ def get_method(name: str) -> MergeMethod:
         return _METHODS[name]
     except KeyError:
         pass
+    if name == "lorahub":  # over LoRA adapters only, so not among the registered methods
+        from evomerge.methods.lorahub import METHOD as LORAHUB
+
+        return LORAHUB
     supported = ", ".join(method_names())
     if name in MERGEKIT_ONLY:
         raise ValueError(

@@ -4,7 +4,7 @@ A source may be a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.sa
 mergekit's ``base+adapter`` reference. Either reads as a model: the base's config, layout,
 tokenizer and tensors, with every targeted weight W replaced by ``W + scaling * B @ A`` (as peft's
 ``merge_and_unload`` computes it), so every merge method works on it unchanged. The low-rank
-factors stay available (``AdapterSource.lora``) for the in-place merger, which keeps them
+factors stay available (``AdapterSource.lora`` in models/sources.py) for the in-place merger, which keeps them
 resident instead of a dense task vector, and for adapter export.
 
 The adapter's config is read with peft's ``LoraConfig`` (rank, alpha, rslora, rank and alpha
@@ -30,7 +30,6 @@ from safetensors import safe_open
 
 from evomerge.core.errors import MergeError
 from evomerge.models.folders import safetensors_problem
-from evomerge.models.sources import SourceModel, load_source
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -252,32 +251,6 @@ def _check_targets(config, base, modules: dict[str, Any], name: str) -> None:
         raise MergeError(f"{name}: target_modules {absent} do not exist in the base {base.name}")
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FINGERPRINT_KEY", "AdapterInfo", "LoraFactors",
-           "base_fingerprint", "is_adapter_folder", "is_adapter_reference", "read_adapter",
-           "read_lora_config", "recorded_base", "split_reference", "AdapterSource"]
-
-
-# --- an adapter as a source model ------------------------------------------------------------------
-
-
-def load_adapter_source(name: str, *, base: str | None = None, allow_pickle: bool = False):
-    """The SourceModel of ``base+adapter`` (or of an adapter folder over ``base``)."""
-    ref = split_reference(name)
-    if ref is None:
-        raise MergeError(f"{name} is not a LoRA adapter reference")
-    ref_base, adapter_path = ref
-    base_name = ref_base or base or recorded_base(adapter_path)
-    if base_name is None:
-        raise MergeError(f"{name}: a LoRA adapter needs its base model: write it as "
-                         f"BASE+{name} (mergekit's syntax) or give the recipe a base_model")
-    if is_adapter_reference(base_name):
-        raise MergeError(f"{name}: the base {base_name} is itself an adapter; stacked adapters "
-                         "are not supported")
-    base_source = load_source(base_name, allow_pickle=allow_pickle)
-    info = read_adapter(adapter_path, base_source, name=name, allow_pickle=allow_pickle)
-    return make_adapter_source(name, base_source, info)
-
-
 def recorded_base(adapter_path: str) -> str | None:
     """peft's base_model_name_or_path when it is a folder that exists (relative to the adapter
     folder or as written); a hub id is not downloaded."""
@@ -294,31 +267,6 @@ def recorded_base(adapter_path: str) -> str | None:
     return None
 
 
-@dataclass
-class AdapterSource(SourceModel):
-    """A base model plus one LoRA adapter: reads W + scaling * B @ A for targeted tensors."""
-
-    base_source: SourceModel | None = None
-    adapter: AdapterInfo | None = None
-
-    def lora(self, tensor: str) -> LoraFactors | None:
-        return self.adapter.factors(tensor) if tensor in self.adapter.modules else None
-
-    def read(self, tensor: str, stack: ExitStack) -> torch.Tensor:
-        t = self.base_source.read(tensor, stack)
-        f = self.lora(tensor)
-        if f is None:
-            return t
-        # peft's merge: the delta in the weight's dtype (float32 on CPU for half weights)
-        work = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
-        return t + f.delta(work).to(t.dtype)
-
-
-def make_adapter_source(name: str, base_source: SourceModel, info: AdapterInfo) -> AdapterSource:
-    b = base_source
-    return AdapterSource(name=name, path=b.path, config=b.config, files=b.files, shapes=b.shapes,
-                         dtypes=b.dtypes, weight_files=(*b.weight_files, info.file),
-                         pickled=b.pickled, layout=b.layout, base_source=b, adapter=info)
-
-
-__all__ += ["load_adapter_source", "make_adapter_source"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FINGERPRINT_KEY", "AdapterInfo", "LoraFactors",
+           "base_fingerprint", "is_adapter_folder", "is_adapter_reference", "read_adapter",
+           "read_lora_config", "recorded_base", "split_reference"]

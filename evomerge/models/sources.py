@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from evomerge.core.errors import MergeError, ModelFolderError
+from evomerge.models import adapters
 from evomerge.models.architectures import layer_count
 from evomerge.models.folders import causal_lm_problem, read_model_config, safetensors_problem
 
@@ -118,9 +119,7 @@ def load_source(name: str, *, allow_pickle: bool = False, base: str | None = Non
 
     A LoRA adapter (a PEFT folder, or mergekit's ``base+adapter``) reads as its base plus the
     adapter (models/adapters.py); ``base`` is its base when the name gives none."""
-    from evomerge.models.adapters import is_adapter_reference, load_adapter_source
-
-    if is_adapter_reference(name):
+    if adapters.is_adapter_reference(name):
         return load_adapter_source(name, base=base, allow_pickle=allow_pickle)
     path = Path(name).expanduser()
     try:  # the one config.json reader and causal-LM rule (models/folders.py), as MergeErrors
@@ -246,6 +245,54 @@ def _layout(name: str, config: Mapping[str, Any], tensor_names: list[str]) -> La
 
 def num_layers_key(config: Mapping[str, Any]) -> str | None:
     return layer_count(dict(config))[0]
+
+
+# --- a LoRA adapter as a source model (models/adapters.py reads and checks it) -------------
+
+
+def load_adapter_source(name: str, *, base: str | None = None, allow_pickle: bool = False):
+    """The SourceModel of ``base+adapter`` (or of an adapter folder over ``base``)."""
+    ref = adapters.split_reference(name)
+    if ref is None:
+        raise MergeError(f"{name} is not a LoRA adapter reference")
+    ref_base, adapter_path = ref
+    base_name = ref_base or base or adapters.recorded_base(adapter_path)
+    if base_name is None:
+        raise MergeError(f"{name}: a LoRA adapter needs its base model: write it as "
+                         f"BASE+{name} (mergekit's syntax) or give the recipe a base_model")
+    if adapters.is_adapter_reference(base_name):
+        raise MergeError(f"{name}: the base {base_name} is itself an adapter; stacked adapters "
+                         "are not supported")
+    base_source = load_source(base_name, allow_pickle=allow_pickle)
+    info = adapters.read_adapter(adapter_path, base_source, name=name, allow_pickle=allow_pickle)
+    return make_adapter_source(name, base_source, info)
+
+
+@dataclass
+class AdapterSource(SourceModel):
+    """A base model plus one LoRA adapter: reads W + scaling * B @ A for targeted tensors."""
+
+    base_source: SourceModel | None = None
+    adapter: adapters.AdapterInfo | None = None
+
+    def lora(self, tensor: str) -> adapters.LoraFactors | None:
+        return self.adapter.factors(tensor) if tensor in self.adapter.modules else None
+
+    def read(self, tensor: str, stack: ExitStack) -> torch.Tensor:
+        t = self.base_source.read(tensor, stack)
+        f = self.lora(tensor)
+        if f is None:
+            return t
+        # peft's merge: the delta in the weight's dtype (float32 on CPU for half weights)
+        work = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+        return t + f.delta(work).to(t.dtype)
+
+
+def make_adapter_source(name: str, base_source: SourceModel, info: adapters.AdapterInfo) -> AdapterSource:
+    b = base_source
+    return AdapterSource(name=name, path=b.path, config=b.config, files=b.files, shapes=b.shapes,
+                         dtypes=b.dtypes, weight_files=(*b.weight_files, info.file),
+                         pickled=b.pickled, layout=b.layout, base_source=b, adapter=info)
 
 
 # --- tokenizers ---------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def mergekit_yaml(recipe: Recipe | PathRecipe, note: str | None = None) -> str:
     if uses_random_masks(get_method(recipe.merge_method)):
         lines += [f"# {recipe.merge_method} draws random masks: mergekit reproduces the evaluated model only in",
                   "# distribution. `evomerge merge` on the evomerge recipe (with its mask_seed) rebuilds it exactly."]
-    if recipe.merge_method in EVOMERGE_ONLY:
+    if recipe.merge_method in (*EVOMERGE_ONLY, "lorahub"):
         lines += [f"# {recipe.merge_method} is evomerge's own method: mergekit 0.1.5 cannot run this recipe;",
                   "# build it with `evomerge merge` on the evomerge recipe."]
     if recipe.merge_method == "arcee_fusion":

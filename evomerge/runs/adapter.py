@@ -37,7 +37,7 @@ def adapter_factors(recipe) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]
     """Per targeted base tensor, (B [out, R], A [R, in]) of the merged adapter (scaling 1);
     also the base's SourceModel and name. UsageError with the reason when not exact."""
     from evomerge.merge.engine import plan_merge, plan_source
-    from evomerge.models.adapters import AdapterSource
+    from evomerge.models.sources import AdapterSource
 
     method = recipe.merge_method
     if method not in EXACT_METHODS:

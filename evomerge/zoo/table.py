@@ -77,9 +77,10 @@ def merged_model(recipe: dict, template: torch.nn.Module) -> torch.nn.Module:
 def zoo_scores(zoo_dir: str | Path, split: str = "test", batch_size: int = 64,
                limit: int | None = None, plain_merges: bool = True,
                evaluator: LmEvalEvaluator | None = None,
-               rows: list[str] | None = None) -> dict[str, dict[str, TaskResult]]:
+               rows: list[str] | None = None,
+               lora: bool = False) -> dict[str, dict[str, TaskResult]]:
     """Scores of the zoo models and the plain merges; `rows`: only the rows whose name starts
-    with one of these."""
+    with one of these; `lora`: also the LoRA specialists and their plain merges (zoo/lora.py)."""
     zoo_dir = Path(zoo_dir)
     manifest = read_manifest(zoo_dir)
     evaluator = evaluator or LmEvalEvaluator(list(manifest["tasks"].values()), split=split, batch_size=batch_size)
@@ -96,6 +97,10 @@ def zoo_scores(zoo_dir: str | Path, split: str = "test", batch_size: int = 64,
     if plain_merges:
         template = load_causal_lm(zoo_dir / manifest["base"])
         recipes = {**plain_merge_recipes(zoo_dir), **method_merge_recipes(zoo_dir)}
+        if lora:
+            from evomerge.zoo.lora_table import lora_table_recipes
+
+            recipes.update(lora_table_recipes(zoo_dir))
         for name, recipe in recipes.items():
             if wanted(name):
                 scores[name] = evaluator.evaluate(merged_model(recipe, template), tok,

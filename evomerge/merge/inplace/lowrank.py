@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-LOW_RANK_METHODS = ("task_arithmetic", "linear")
+LOW_RANK_METHODS = ("task_arithmetic", "linear", "lorahub")
 
 
 def coefficients(method: str, weights: Mapping[int, float], shared: Mapping[str, Any],
@@ -48,7 +48,7 @@ def coefficients(method: str, weights: Mapping[int, float], shared: Mapping[str,
 def applies(method_name: str, sources: Mapping[str, Any], base_model: str | None) -> bool:
     """Whether the low-rank path builds this merger's candidates: task_arithmetic or linear,
     and every source an adapter of the base (linear: or the base itself)."""
-    from evomerge.models.adapters import AdapterSource
+    from evomerge.models.sources import AdapterSource
 
     if method_name not in LOW_RANK_METHODS:
         return False
@@ -61,8 +61,7 @@ def applies(method_name: str, sources: Mapping[str, Any], base_model: str | None
         if isinstance(s, AdapterSource):
             if s.base_source.path.resolve() != base_path or s.adapter.config.fan_in_fan_out:
                 return False
-        elif s.path.resolve() != base_path or (method_name == "task_arithmetic"
-                                               and s is not base_src):
+        elif s.path.resolve() != base_path or (method_name != "linear" and s is not base_src):
             return False
     return True
 
@@ -77,13 +76,14 @@ class LowRankEntry:
     a_cat: torch.Tensor | None  # [R, in]: the A_k of the targeted keys, stacked
     b_cat: torch.Tensor | None  # [out, R] workspace: c_k s_k B_k per candidate
     all_keys: tuple[int, ...]  # every source key of the job (linear's weights)
+    hub: tuple[torch.Tensor, torch.Tensor] | None = None  # lorahub: [out, r], [r, in] workspaces
 
 
 def make_entry(job, plan, target: torch.Tensor, *, dtype: torch.dtype, device: torch.device,
                stack) -> LowRankEntry:
     """Reads the base tensor and the adapters' factors of one job (no dense delta)."""
     from evomerge.merge.engine import plan_source
-    from evomerge.models.adapters import AdapterSource
+    from evomerge.models.sources import AdapterSource
 
     base_t = None
     scaled_b: dict[int, torch.Tensor] = {}
@@ -116,6 +116,9 @@ def build(e: LowRankEntry, job, method: str) -> None:
     if not e.base.is_floating_point():
         e.target.copy_(e.base)
         return
+    if method == "lorahub":
+        _lorahub(e, job)
+        return
     keys = e.keys if method == "task_arithmetic" else e.all_keys
     weights = {k: job.per_source[k]["weight"] for k in keys if k != job.base
                or method == "linear"}
@@ -136,9 +139,36 @@ def build(e: LowRankEntry, job, method: str) -> None:
     torch.addmm(e.base, e.b_cat, e.a_cat, beta=beta, out=e.target)
 
 
+def _lorahub(e: LowRankEntry, job) -> None:
+    """LoraHub's composition: base + (sum w_k s_k B_k) @ (sum w_k A_k) (methods/lorahub.py)."""
+    present = [k for k in e.keys if k in e.scaled_b]
+    if not present:
+        e.target.copy_(e.base)
+        return
+    if len(present) != len(e.keys):
+        raise ValueError(f"lorahub: only some adapters target {e.name}; LoraHub composes "
+                         "adapters of the same modules")
+    ranks = {e.scaled_b[k].shape[1] for k in present}
+    if len(ranks) != 1:
+        raise ValueError(f"lorahub: the adapters of {e.name} have ranks {sorted(ranks)}; LoraHub "
+                         "sums their factors, so they need one rank")
+    r = ranks.pop()
+    if e.hub is None:
+        e.hub = (torch.empty((e.target.shape[0], r), dtype=e.base.dtype, device=e.base.device),
+                 torch.empty((r, e.a_cat.shape[1]), dtype=e.base.dtype, device=e.base.device))
+    b, a = e.hub
+    b.zero_()
+    a.zero_()
+    for i, k in enumerate(present):
+        w = job.per_source[k]["weight"]
+        b.add_(e.scaled_b[k], alpha=w)
+        a.add_(e.a_cat[i * r:(i + 1) * r], alpha=w)
+    torch.addmm(e.base, b, a, out=e.target)
+
+
 def resident_bytes(sources, dtype: torch.dtype) -> int:
     """Bytes of the adapters' factors the low-rank path keeps (A and s*B, and the B workspace)."""
-    from evomerge.models.adapters import AdapterSource
+    from evomerge.models.sources import AdapterSource
 
     adapters = [s for s in sources if isinstance(s, AdapterSource)]
     if not adapters:
