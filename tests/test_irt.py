@@ -150,3 +150,18 @@ def test_resume_refuses_a_changed_fit_input(zoo_dir, tmp_path):
     with pytest.raises(RunFolderError, match="IRT fit after generation 0"):
         fake_search(fake_config(zoo_dir, tmp_path, budget={"generations": 2}, **IRT), resume=True,
                     run_dir=tmp_path / "run")
+
+
+def test_nsga2_objectives_are_the_estimates(zoo_dir, tmp_path):
+    import json
+
+    from evomerge.runs.folder import PARETO
+
+    fake_search(fake_config(zoo_dir, tmp_path, budget={"generations": 1}, optimizer={"name": "nsga2", "popsize": 6},
+                            **IRT))
+    recs = {(r.generation, r.index): r for r in RunFolder.open(tmp_path / "run").records() if r.type == "candidate"}
+    front = json.loads((tmp_path / "run" / PARETO).read_text())["front"]
+    assert front
+    for m in front:
+        est = recs[(m["generation"], m["index"])].estimated
+        assert m["objectives"] == [est["zoo_add"]["acc"], est["zoo_sub"]["acc"]]
