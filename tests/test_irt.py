@@ -79,6 +79,7 @@ def test_anchor_set_larger_than_the_split_is_refused(zoo_dir, tmp_path):
         fake_config(zoo_dir, tmp_path, fitness={"estimator": "irt", "anchors": 30}, racing={"stages": [30, None]})
 
 
+@pytest.mark.slow
 def test_irt_search_scores_anchors_and_logs_its_fits(zoo_dir, tmp_path, capsys):
     fake_search(fake_config(zoo_dir, tmp_path, budget={"generations": 2}, **IRT))
     from evomerge.cli.main import main
@@ -106,6 +107,7 @@ def test_irt_search_scores_anchors_and_logs_its_fits(zoo_dir, tmp_path, capsys):
     assert final.type == "final" and not any(r.estimated for r in records if r.type == "rescore")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("over", [IRT, {"fitness": {"estimator": "irt", "anchors": 8},
                                         "racing": {"stages": [24, None], "keep": 0.5}}],
                          ids=["irt", "irt+racing"])
@@ -131,6 +133,7 @@ def test_irt_search_killed_and_resumed_equals_uninterrupted(zoo_dir, tmp_path, o
         assert all(len(v) == 8 for v in anchors.values())
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_fit_input(zoo_dir, tmp_path):
     fake_search(fake_config(zoo_dir, tmp_path, budget={"generations": 1}, **IRT))
     import json
@@ -152,6 +155,7 @@ def test_resume_refuses_a_changed_fit_input(zoo_dir, tmp_path):
                     run_dir=tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_nsga2_objectives_are_the_estimates(zoo_dir, tmp_path):
     import json
 
