@@ -23,9 +23,9 @@ item scores in RUN_DIR/items/), per task, the rank correlation with the full-dev
 IRT estimate from the anchors (the pre-search fit: the sources and the starting point, as the
 search does at generation -1), (b) the anchors' plain mean, (c) a random subset of N items.
 
-Time budget: full mode (10 seeds x 3 generations x popsize 8, 6 fitnesses) about 50 minutes on 2
+Time budget: full mode (10 seeds x 3 generations x popsize 8, 6 fitnesses) 37 minutes measured (2204 s) on 2
 busy cores at 1 torch thread (the full-dev runs are two thirds of it); --quick (1 seed x 1
-generation x popsize 4) under 2 minutes. Results go to --out as JSON lines as each run ends;
+generation x popsize 4) about 2 minutes (141 s measured at load average 7). Results go to --out as JSON lines as each run ends;
 --report FILE prints the table from such a file (a partial bench too).
 
     PYTHONPATH=. python scripts/bench_fitness.py [--quick] [--seeds 10] [--out /tmp/bench.jsonl]

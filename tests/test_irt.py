@@ -79,6 +79,7 @@ def test_anchor_set_larger_than_the_split_is_refused(zoo_dir, tmp_path):
         fake_config(zoo_dir, tmp_path, fitness={"estimator": "irt", "anchors": 30}, racing={"stages": [30, None]})
 
 
+@pytest.mark.slow
 def test_irt_search_scores_anchors_and_logs_its_fits(zoo_dir, tmp_path, capsys):
     fake_search(fake_config(zoo_dir, tmp_path, budget={"generations": 2}, **IRT))
     from evomerge.cli.main import main
@@ -106,6 +107,7 @@ def test_irt_search_scores_anchors_and_logs_its_fits(zoo_dir, tmp_path, capsys):
     assert final.type == "final" and not any(r.estimated for r in records if r.type == "rescore")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("over", [IRT, {"fitness": {"estimator": "irt", "anchors": 8},
                                         "racing": {"stages": [24, None], "keep": 0.5}}],
                          ids=["irt", "irt+racing"])
@@ -131,6 +133,7 @@ def test_irt_search_killed_and_resumed_equals_uninterrupted(zoo_dir, tmp_path, o
         assert all(len(v) == 8 for v in anchors.values())
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_fit_input(zoo_dir, tmp_path):
     fake_search(fake_config(zoo_dir, tmp_path, budget={"generations": 1}, **IRT))
     import json
@@ -150,3 +153,19 @@ def test_resume_refuses_a_changed_fit_input(zoo_dir, tmp_path):
     with pytest.raises(RunFolderError, match="IRT fit after generation 0"):
         fake_search(fake_config(zoo_dir, tmp_path, budget={"generations": 2}, **IRT), resume=True,
                     run_dir=tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_nsga2_objectives_are_the_estimates(zoo_dir, tmp_path):
+    import json
+
+    from evomerge.runs.folder import PARETO
+
+    fake_search(fake_config(zoo_dir, tmp_path, budget={"generations": 1}, optimizer={"name": "nsga2", "popsize": 6},
+                            **IRT))
+    recs = {(r.generation, r.index): r for r in RunFolder.open(tmp_path / "run").records() if r.type == "candidate"}
+    front = json.loads((tmp_path / "run" / PARETO).read_text())["front"]
+    assert front
+    for m in front:
+        est = recs[(m["generation"], m["index"])].estimated
+        assert m["objectives"] == [est["zoo_add"]["acc"], est["zoo_sub"]["acc"]]

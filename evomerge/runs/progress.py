@@ -74,7 +74,11 @@ class Display:
                      f"generation {rec.generation}, candidate {rec.index}")
 
     def _per_task(self, rec) -> str:
-        parts = [f"{t} {next(iter(m.values())):.3f}" for t, m in rec.metrics.items() if m]
+        # an IRT-estimated candidate shows its estimates (what its fitness sums), marked "est."
+        shown = getattr(rec, "estimated", None) or rec.metrics
+        parts = [f"{t} {next(iter(m.values())):.3f}" for t, m in shown.items() if m]
+        if shown is not rec.metrics and parts:
+            parts[0] = "est. " + parts[0]
         return f"({', '.join(parts)})" if parts else ""
 
     def _timing(self) -> str:
