@@ -150,6 +150,39 @@ class _PerDocFewshot:
         return self.inner(doc, *args, **kwargs)
 
 
+class _MemoRequests:
+    """A task's ``build_all_requests`` that builds each document's requests (its prompt, few-shot
+    examples and targets rendered by the task's templates) once per evaluator and prompt settings,
+    and hands every later call fresh copies: the prompts are the same for every candidate, and
+    building them was about half of an evaluation's time on the zoo (scripts/bench_eval.py).
+    A document's prompt depends on nothing else (few-shot examples are seeded per document)."""
+
+    def __init__(self, task):
+        self.task, self.inner = task, task.build_all_requests
+        self.memo: dict[tuple, dict[int, list]] = {}
+
+    def __call__(self, *, limit=None, samples=None, rank=0, world_size=1, **kw):
+        import dataclasses
+
+        if world_size != 1:
+            return self.inner(limit=limit, samples=samples, rank=rank, world_size=world_size, **kw)
+        key = tuple((k, kw.get(k)) for k in ("system_instruction", "apply_chat_template",
+                                             "fewshot_as_multiturn", "tokenizer_name"))
+        memo = self.memo.setdefault(key, {})
+        n = len(self.task.eval_docs)
+        wanted = sorted(set(samples)) if samples else list(range(min(int(limit) if limit else n, n)))
+        missing = [d for d in wanted if d not in memo]
+        if missing:
+            self.inner(limit=None, samples=missing, rank=rank, world_size=world_size, **kw)
+            for inst in self.task.instances:  # with samples, lm-eval numbers docs by position
+                memo.setdefault(missing[inst.doc_id], []).append(inst)
+        # doc_id as lm-eval's evaluate() reads it: the position among the samples, else the index
+        self.task._instances = [
+            dataclasses.replace(inst, resps=[], filtered_resps={},
+                                metadata=(inst.task_name, j if samples else d, inst.repeats))
+            for j, d in enumerate(wanted) for inst in memo[d]]
+
+
 class LmEvalEvaluator:
     """lm-eval's HF backend over an in-memory model; tasks are loaded once at construction.
 
@@ -194,6 +227,7 @@ class LmEvalEvaluator:
                 task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
             task.set_fewshot_seed(seed=fewshot_seed)
             task.fewshot_context = _PerDocFewshot(task, fewshot_seed)
+            task.build_all_requests = _MemoRequests(task)
 
     def metric_names(self, task: str) -> list[str]:
         """The metrics a task reports (from its config; no model needed)."""
