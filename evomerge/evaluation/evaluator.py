@@ -281,19 +281,12 @@ class LmEvalEvaluator:
 def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[str], *, split: str | None = None,
                        limit: int | None = None, batch_size: int = 32, device: str = "cpu",
                        dtype: str = "float32", allow_pickle: bool = False,
-                       trust_remote_code: bool = False, backend: str = "hf") -> dict[str, TaskResult]:
+                       trust_remote_code: bool = False) -> dict[str, TaskResult]:
     """``evomerge eval``: loads a model folder and scores it with the same evaluator as in memory
-    (``backend="vllm"``: a vLLM engine started from the folder, no weight swap)."""
+    (the vllm backend: evaluation/backends.py ``evaluate_folder``)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer (got {limit!r})")
-    if backend not in ("hf", "vllm"):
-        raise ConfigError(f"unknown evaluator backend {backend!r} (hf or vllm)")
     check_model_dir(model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)  # fails before tasks load
-    if backend == "vllm":
-        from evomerge.evaluation.vllm_engine import VllmEvaluator
-
-        ev = VllmEvaluator(tasks, split=split, batch_size=batch_size, model_dir=model_dir, dtype=dtype)
-        return ev.evaluate(None, limit=limit)
     evaluator = LmEvalEvaluator(tasks, split=split, batch_size=batch_size)  # unknown tasks fail first
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model = load_causal_lm(model_dir, device=device, dtype=dtype, allow_pickle=allow_pickle,
