@@ -156,3 +156,18 @@ def test_vllm_backend_is_refused_where_it_cannot_run(zoo_dir, tmp_path, monkeypa
         validate(SearchConfig.from_dict(dfs))
     with pytest.raises(ConfigError, match="evaluator.backend"):
         SearchConfig.from_dict({**base, "evaluator": {"backend": "tgi"}})
+
+
+def test_requests_built_once_score_as_freshly_built(spec, tok):
+    """The evaluator builds a document's requests once and reuses them: a later call on an
+    overlapping subset logs what a fresh evaluator logs (doc ids, prompts, answers, scores)."""
+    def rows(res):
+        return [(s["doc_id"], s["arguments"][0][0], s["filtered_resps"][0], s["exact_match"]) for s in res.samples]
+
+    ev = LmEvalEvaluator(["zoo_add_gen"], split="dev", log_samples=True)
+    ev.evaluate(spec["add"], tok, samples={"zoo_add_gen": [3, 5, 7]})
+    again = ev.evaluate(spec["rev"], tok, samples={"zoo_add_gen": [5, 9]})["zoo_add_gen"]
+    fresh = LmEvalEvaluator(["zoo_add_gen"], split="dev", log_samples=True)
+    assert rows(again) == rows(fresh.evaluate(spec["rev"], tok, samples={"zoo_add_gen": [5, 9]})["zoo_add_gen"])
+    assert [r[0] for r in rows(again)] == [5, 9]
+    assert rows(ev.evaluate(spec["rev"], tok, limit=4)["zoo_add_gen"]) == rows(fresh.evaluate(spec["rev"], tok, limit=4)["zoo_add_gen"])

@@ -107,7 +107,7 @@ def test_cli_reports_one_line(zoo_dir, tmp_path):
     p.write_text(yaml.safe_dump(edit(base_config(zoo_dir, tmp_path), "tasks.0.name", "zoo_addd")))
     r = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(p)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "tasks.0.name: unknown lm-eval task 'zoo_addd' (did you mean zoo_add?)" in r.stderr
+    assert "tasks.0.name: unknown lm-eval task 'zoo_addd' (did you mean zoo_add, zoo_add_gen?)" in r.stderr
 
 
 # ------------------------------------------------------------------ della: density against epsilon

@@ -110,6 +110,18 @@ def test_loglikelihood_task_on_vllm(engine, candidates, tok):
         assert max(abs(la[i] - lb[i]) for i in la) < 1e-3
 
 
+def test_evaluate_model_dir_on_vllm_scores_the_folder(engine, candidates, tok, zoo_dir):
+    """``evomerge eval --backend vllm`` on the folder the resident engine was started from, after
+    other candidates were swapped in: the folder's weights are put back first."""
+    from evomerge.evaluation.backends import evaluate_folder
+
+    vl, hf = engine
+    vl["zoo_rev_gen"].evaluate(candidates["merged"], tok, limit=5)  # the engine now holds another model
+    got = evaluate_folder(zoo_dir / "spec_add", ["zoo_add_gen"], backend="vllm", limit=N)["zoo_add_gen"]
+    want = hf["zoo_add_gen"].evaluate(candidates["add"], tok, limit=N)["zoo_add_gen"]
+    assert got.metrics == want.metrics and got.n_items == N
+
+
 def _search_cfg(zoo_dir, run_dir):
     from evomerge.search.config import SearchConfig
 

@@ -63,14 +63,14 @@ def _add_zoo(sub) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from evomerge.evaluation.evaluator import evaluate_model_dir
+    from evomerge.evaluation.backends import evaluate_folder
     from evomerge.evaluation.report import results_table
 
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = [t for spec in args.tasks for t in spec.split(",") if t]
-    results = evaluate_model_dir(args.model_dir, tasks, split=args.split, limit=args.limit,
+    results = evaluate_folder(args.model_dir, tasks, split=args.split, limit=args.limit,
                                  batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                                  allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                                  backend=args.backend)

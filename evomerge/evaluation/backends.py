@@ -52,3 +52,27 @@ def make_evaluator(cfg: EvaluatorConfig | None, task: TaskConfig, *, split: str 
         raise ValueError("the vllm backend needs a model folder to start its engine from")
     return VllmEvaluator([task.name], model_dir=model_dir, dtype=dtype, max_model_len=cfg.max_model_len,
                          kv_cache_gib=cfg.kv_cache_gib, enforce_eager=cfg.enforce_eager, **kwargs)
+
+
+def evaluate_folder(model_dir: str | Path, tasks: list[str], *, backend: str = "hf", **kwargs):
+    """``evomerge eval --backend``: a model folder scored by either backend (vllm: an engine
+    started from the folder, or the process's resident one with the folder's weights put back)."""
+    from evomerge.evaluation.evaluator import evaluate_model_dir
+    from evomerge.models.folders import check_model_dir
+
+    if backend == "hf":
+        return evaluate_model_dir(model_dir, tasks, **kwargs)
+    if backend != "vllm":
+        raise ConfigError(f"unknown evaluator backend {backend!r} (hf or vllm)")
+    limit = kwargs.pop("limit", None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer (got {limit!r})")
+    check_model_dir(model_dir, allow_pickle=kwargs.get("allow_pickle", False),
+                    trust_remote_code=kwargs.get("trust_remote_code", False))
+    from evomerge.evaluation.vllm_engine import VllmEvaluator, vllm_available
+
+    if reason := vllm_available():
+        raise ConfigError(f"--backend vllm needs vLLM (pip install 'evomerge[vllm]'): {reason}")
+    ev = VllmEvaluator(tasks, split=kwargs.get("split"), batch_size=kwargs.get("batch_size", 32),
+                       model_dir=model_dir, dtype=kwargs.get("dtype", "float32"))
+    return ev.evaluate(None, limit=limit)

@@ -150,6 +150,39 @@ class _PerDocFewshot:
         return self.inner(doc, *args, **kwargs)
 
 
+class _MemoRequests:
+    """A task's ``build_all_requests`` that builds each document's requests (its prompt, few-shot
+    examples and targets rendered by the task's templates) once per evaluator and prompt settings,
+    and hands every later call fresh copies: the prompts are the same for every candidate, and
+    building them was about half of an evaluation's time on the zoo (scripts/bench_eval.py).
+    A document's prompt depends on nothing else (few-shot examples are seeded per document)."""
+
+    def __init__(self, task):
+        self.task, self.inner = task, task.build_all_requests
+        self.memo: dict[tuple, dict[int, list]] = {}
+
+    def __call__(self, *, limit=None, samples=None, rank=0, world_size=1, **kw):
+        import dataclasses
+
+        if world_size != 1:
+            return self.inner(limit=limit, samples=samples, rank=rank, world_size=world_size, **kw)
+        key = tuple((k, kw.get(k)) for k in ("system_instruction", "apply_chat_template",
+                                             "fewshot_as_multiturn", "tokenizer_name"))
+        memo = self.memo.setdefault(key, {})
+        n = len(self.task.eval_docs)
+        wanted = sorted(set(samples)) if samples else list(range(min(int(limit) if limit else n, n)))
+        missing = [d for d in wanted if d not in memo]
+        if missing:
+            self.inner(limit=None, samples=missing, rank=rank, world_size=world_size, **kw)
+            for inst in self.task.instances:  # with samples, lm-eval numbers docs by position
+                memo.setdefault(missing[inst.doc_id], []).append(inst)
+        # doc_id as lm-eval's evaluate() reads it: the position among the samples, else the index
+        self.task._instances = [
+            dataclasses.replace(inst, resps=[], filtered_resps={},
+                                metadata=(inst.task_name, j if samples else d, inst.repeats))
+            for j, d in enumerate(wanted) for inst in memo[d]]
+
+
 class LmEvalEvaluator:
     """lm-eval's HF backend over an in-memory model; tasks are loaded once at construction.
 
@@ -194,6 +227,7 @@ class LmEvalEvaluator:
                 task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
             task.set_fewshot_seed(seed=fewshot_seed)
             task.fewshot_context = _PerDocFewshot(task, fewshot_seed)
+            task.build_all_requests = _MemoRequests(task)
 
     def metric_names(self, task: str) -> list[str]:
         """The metrics a task reports (from its config; no model needed)."""
@@ -247,19 +281,12 @@ class LmEvalEvaluator:
 def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[str], *, split: str | None = None,
                        limit: int | None = None, batch_size: int = 32, device: str = "cpu",
                        dtype: str = "float32", allow_pickle: bool = False,
-                       trust_remote_code: bool = False, backend: str = "hf") -> dict[str, TaskResult]:
+                       trust_remote_code: bool = False) -> dict[str, TaskResult]:
     """``evomerge eval``: loads a model folder and scores it with the same evaluator as in memory
-    (``backend="vllm"``: a vLLM engine started from the folder, no weight swap)."""
+    (the vllm backend: evaluation/backends.py ``evaluate_folder``)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer (got {limit!r})")
-    if backend not in ("hf", "vllm"):
-        raise ConfigError(f"unknown evaluator backend {backend!r} (hf or vllm)")
     check_model_dir(model_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)  # fails before tasks load
-    if backend == "vllm":
-        from evomerge.evaluation.vllm_engine import VllmEvaluator
-
-        ev = VllmEvaluator(tasks, split=split, batch_size=batch_size, model_dir=model_dir, dtype=dtype)
-        return ev.evaluate(None, limit=limit)
     evaluator = LmEvalEvaluator(tasks, split=split, batch_size=batch_size)  # unknown tasks fail first
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model = load_causal_lm(model_dir, device=device, dtype=dtype, allow_pickle=allow_pickle,

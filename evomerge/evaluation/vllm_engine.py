@@ -18,6 +18,7 @@ with prefix caching off: no KV block computed with one candidate's weights serve
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ _ENGINES: dict[tuple, object] = {}  # engine settings -> lm-eval VLLM LM (one en
 
 def vllm_available() -> str | None:
     """None when vLLM can be imported here, else the reason it cannot."""
+    # vLLM reads its log level at import: its per-request INFO lines would flood a search's output
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm  # noqa: F401
     except Exception as e:  # a missing package, or a build that does not match torch
@@ -118,9 +121,21 @@ def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size
 def swap_weights(lm, weights: dict[str, torch.Tensor]) -> None:
     """Writes ``weights`` (Hugging Face names, a merged model's state dict) into the resident
     engine through vLLM's in-place reload, then drops every cached KV block."""
+    # Each swap warns "RotaryEmbedding: Failed to load weights": the rotary cache is no checkpoint
+    # tensor and vLLM keeps the layer's own. (Weights missing from ``weights`` are still reported,
+    # by vLLM's reload/inplace.py logger.)
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
     lm.model.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
                                                       "is_checkpoint_format": True})
     lm.model.reset_prefix_cache()
+    lm.evomerge_swapped = True
+
+
+def restore_folder_weights(lm) -> None:
+    """Puts the weights of the folder the engine was started from back (vLLM's reload from disk)."""
+    lm.model.collective_rpc("reload_weights", kwargs={"is_checkpoint_format": True})
+    lm.model.reset_prefix_cache()
+    lm.evomerge_swapped = False
 
 
 class VllmEvaluator(LmEvalEvaluator):
@@ -142,8 +157,9 @@ class VllmEvaluator(LmEvalEvaluator):
 
     def evaluate(self, model: torch.nn.Module | None, tokenizer=None, *, limit: int | None = None,
                  samples: dict[str, list[int]] | None = None) -> dict[str, TaskResult]:
-        """Scores ``model``'s weights (None: the engine's current weights, the folder it was
-        started from until a first swap). ``tokenizer`` is unused: the engine has the folder's."""
+        """Scores ``model``'s weights (None: the weights of the folder the engine was started from,
+        reloaded if a candidate was swapped in since). ``tokenizer`` is unused: the engine has the
+        folder's."""
         import time
 
         lm = self.engine()
@@ -152,4 +168,6 @@ class VllmEvaluator(LmEvalEvaluator):
             with torch.no_grad():
                 swap_weights(lm, dict(model.state_dict()))
             self.swap_s = time.perf_counter() - t0
+        elif getattr(lm, "evomerge_swapped", False):
+            restore_folder_weights(lm)
         return self.run(lm, limit=limit, samples=samples)
