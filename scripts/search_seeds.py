@@ -60,6 +60,8 @@ def item_evaluations(run_dir: Path, cfg: SearchConfig, dev_sizes: dict[str, int]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=Path("artifacts/zoo"))
+    ap.add_argument("--zoo-seed", type=int, default=0, help="the seed the zoo was built with "
+                    "(`evomerge zoo --seed N`): the same config on another zoo")
     ap.add_argument("--config", type=Path, default=REPO / "configs/zoo_ps.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", type=Path, default=Path("artifacts/runs"))
@@ -70,7 +72,7 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     quiet_libraries()
-    build_zoo(args.zoo, ZooParams())
+    build_zoo(args.zoo, ZooParams(seed=args.zoo_seed))
     manifest = read_manifest(args.zoo)
     base = load_causal_lm(args.zoo / manifest["base"])
     tok = load_tokenizer(args.zoo / manifest["base"])
@@ -108,7 +110,8 @@ def main() -> int:
 
     seed_rows, means, ok, floors_ok = [], [], True, True
     for seed in args.seeds:
-        run_dir = args.runs / f"{args.config.stem}{'_quick' if args.quick else ''}_seed{seed}"
+        zoo_tag = f"_zoo{args.zoo_seed}" if args.zoo_seed else ""
+        run_dir = args.runs / f"{args.config.stem}{zoo_tag}{'_quick' if args.quick else ''}_seed{seed}"
         cfg = SearchConfig.from_dict(dict(raw, seed=seed, run_dir=str(run_dir)))
         resume = (run_dir / "config.yaml").is_file()
         print(f"seed {seed}: {'resuming' if resume else 'running'} {run_dir}", flush=True)

@@ -278,6 +278,27 @@ def test_pareto_front_is_non_dominated(nsga_run):
             assert any(dominates(m["objectives"], vec(c)) or m["objectives"] == vec(c) for m in members)
 
 
+def test_export_weights_picks_by_the_floors_of_the_runs_config(nsga_run, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from evomerge.recipes.parameter_space import Recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(nsga_run, run)
+    members = json.loads((run / PARETO).read_text())["front"]
+    floor = max(m["objectives"][1] for m in members)  # a floor on zoo_rev that only the best meet
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["floors"] = {"base": False, "values": {"zoo_rev": floor}, "strength": 10.0}
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    best = max(members, key=lambda m: (m["objectives"][0] - 10.0 * max(0.0, floor - m["objectives"][1]),
+                                       -m["generation"], -m["index"]))
+    assert best["objectives"][1] == floor  # strength 10 outweighs any gain on zoo_add
+    assert main(["export", str(run), "--weights", "zoo_add=1"]) == 0
+    assert Recipe.from_yaml(capsys.readouterr().out).hash() == best["recipe_hash"]
+
+
 def test_export_weights_picks_the_right_member(nsga_run, tmp_path, capsys):
     from evomerge.recipes.parameter_space import Recipe
 

@@ -202,3 +202,16 @@ def test_the_quality_config_validates():
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/zoo_quality.yaml").read_text())
     cfg = SearchConfig.from_dict(raw)
     assert cfg.space.method == "tsv" and cfg.budget.generations * cfg.optimizer.popsize == 150
+
+
+def test_a_mergekit_export_of_a_spectral_recipe_says_mergekit_cannot_run_it():
+    from evomerge.recipes.mergekit import mergekit_yaml
+    from evomerge.recipes.parameter_space import Recipe
+
+    for name in ("tsv", "iso_c", "iso_cts"):
+        recipe = Recipe.from_dict({"merge_method": name, "base_model": "b",
+                                   "models": [{"model": "x"}, {"model": "y"}]})
+        assert f"# {name} is evomerge's own method: mergekit 0.1.5 cannot run" in mergekit_yaml(recipe)
+    ties = Recipe.from_dict({"merge_method": "ties", "base_model": "b",
+                             "models": [{"model": "x", "parameters": {"weight": 1.0}}]})
+    assert "cannot run" not in mergekit_yaml(ties)
