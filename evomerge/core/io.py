@@ -7,6 +7,7 @@ write, even if the process is killed at any moment.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -59,3 +60,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_folder(staging: Path, out: Path) -> None:
+    """Puts the complete folder ``staging`` at ``out`` (a sibling), replacing what was there: the
+    old folder is moved aside first and removed only once the new one is in place."""
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -113,12 +113,12 @@ def _metrics(raw: dict) -> dict[str, float]:
     return out
 
 
-def _quiet_hflm():
-    """HFLM without its per-call progress bars (it passes ``disable_tqdm=False`` explicitly, so
-    TQDM_DISABLE has no effect); a search calls it thousands of times under its own display."""
-    from lm_eval.models.huggingface import HFLM
+def quiet_lm_class(lm_class):
+    """``lm_class`` (an lm-eval LM) without its per-call progress bars: lm-eval's backends pass
+    ``disable_tqdm=False`` explicitly, so TQDM_DISABLE has no effect, and a search calls them
+    thousands of times under its own display."""
 
-    class QuietHFLM(HFLM):
+    class Quiet(lm_class):
         def loglikelihood(self, requests, disable_tqdm: bool = True):
             return super().loglikelihood(requests, disable_tqdm=True)
 
@@ -128,7 +128,14 @@ def _quiet_hflm():
         def generate_until(self, requests, disable_tqdm: bool = True):
             return super().generate_until(requests, disable_tqdm=True)
 
-    return QuietHFLM
+    Quiet.__name__ = Quiet.__qualname__ = f"Quiet{lm_class.__name__}"
+    return Quiet
+
+
+def _quiet_hflm():
+    from lm_eval.models.huggingface import HFLM
+
+    return quiet_lm_class(HFLM)
 
 
 class _PerDocFewshot:

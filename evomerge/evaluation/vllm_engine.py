@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from evomerge.core.errors import ConfigError
-from evomerge.evaluation.evaluator import LmEvalEvaluator, TaskResult
+from evomerge.evaluation.evaluator import LmEvalEvaluator, TaskResult, quiet_lm_class
 
 _ENGINES: dict[tuple, object] = {}  # engine settings -> lm-eval VLLM LM (one engine per process)
 
@@ -78,19 +78,7 @@ def lm_eval_vllm_module():
 
 
 def _quiet_vllm_class():
-    VLLM = lm_eval_vllm_module().VLLM
-
-    class QuietVLLM(VLLM):
-        def loglikelihood(self, requests, disable_tqdm: bool = True):
-            return super().loglikelihood(requests, disable_tqdm=True)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
-
-        def generate_until(self, requests, disable_tqdm: bool = True):
-            return super().generate_until(requests, disable_tqdm=True)
-
-    return QuietVLLM
+    return quiet_lm_class(lm_eval_vllm_module().VLLM)
 
 
 def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size: int = 32,

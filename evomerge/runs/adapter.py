@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from evomerge.core.errors import UsageError
-from evomerge.core.io import atomic_write_text, fsync_dir
+from evomerge.core.io import atomic_write_text, replace_folder
 
 EXACT_METHODS = ("task_arithmetic", "linear")
 
@@ -135,12 +135,7 @@ def write_adapter(recipe, out: str | Path, *, force: bool = False, dtype: str = 
         atomic_write_text(staging / "README.md", "\n".join(card))
         atomic_write_text(staging / "evomerge_recipe.json",
                           json.dumps({"recipe_hash": recipe.hash()}, indent=2) + "\n")
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        staging.rename(out)
-        fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

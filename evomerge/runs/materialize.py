@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from evomerge.core.errors import UsageError
-from evomerge.core.io import atomic_write_text, fsync_dir
+from evomerge.core.io import atomic_write_text, replace_folder
 from evomerge.runs.export import describe, recipe_from_run
 from evomerge.runs.folder import RunFolder
 from evomerge.search.config import SearchConfig
@@ -61,12 +61,7 @@ def materialize(run_dir: str | Path, out: str | Path, *, rank: int = 1, dtype: s
             test = test_split_metrics(model, tok, cfg.tasks, cfg.batch_size)
         card = staging / "README.md"
         atomic_write_text(card, card.read_text() + _card_section(run_dir, rank, record, cfg, test, dtype))
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        staging.rename(out)
-        fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out, {"record": record, "test": test, "recipe_hash": recipe.hash()}
