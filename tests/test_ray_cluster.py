@@ -10,6 +10,7 @@ temporary folders checked for live processes and removed). The node-killing test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,9 +34,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def config(zoo_dir: Path) -> dict:
+def config(zoo_dir: Path, generations: int = 1) -> dict:
     # one generation of 4, background at the end only: small, and still every kind of record
-    return tiny_config(zoo_dir, budget={"generations": 1}, background=False)
+    return tiny_config(zoo_dir, budget={"generations": generations}, background=False)
 
 
 def _nodes(dash: str) -> list[dict]:
@@ -92,7 +93,16 @@ class Cluster:
             time.sleep(0.5)
 
     def kill_second(self) -> None:
-        stop_process_group(self.procs["second"], signal.SIGKILL)  # a crash: nothing shuts down gracefully
+        """A crash: every process of the second node dies at once, nothing shuts down gracefully.
+        Ray starts its workers in sessions of their own, so the node's process group alone would
+        leave its worker running (and serving the search) after its raylet is gone."""
+        import psutil
+
+        tree = psutil.Process(self.procs["second"].pid).children(recursive=True)
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        stop_process_group(self.procs["second"], signal.SIGKILL)
 
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
@@ -128,9 +138,9 @@ def cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def write_config(zoo_dir: Path, tmp_path: Path) -> Path:
+def write_config(zoo_dir: Path, tmp_path: Path, generations: int = 1) -> Path:
     cfg = tmp_path / "search.yml"
-    cfg.write_text(yaml.safe_dump(config(zoo_dir)))
+    cfg.write_text(yaml.safe_dump(config(zoo_dir, generations)))
     return cfg
 
 
@@ -154,11 +164,13 @@ def test_submit_with_object_store_sources_then_jobs(cluster, expected, zoo_dir, 
     assert r.returncode == 0 and "evomerge-2node" in r.stdout and "SUCCEEDED" in r.stdout, r.stdout + r.stderr
 
 
-def logged_nodes(log: Path) -> set[str]:
+def logged_nodes(log: Path, kind: str = "candidate") -> set[str]:
     out = set()
     for line in log.read_text().splitlines() if log.is_file() else ():
         try:
-            out.add(json.loads(line).get("node"))
+            record = json.loads(line)
+            if record.get("type") == kind:
+                out.add(record.get("node"))
         except json.JSONDecodeError:  # a line being written
             pass
     return out
@@ -167,9 +179,14 @@ def logged_nodes(log: Path) -> set[str]:
 def test_a_search_on_both_nodes_survives_the_worker_node_killed(cluster, expected, zoo_dir, tmp_path):
     """Sources by shared path, joined with --ray-address; the second node crashes (SIGKILL to its
     process group) once it has logged a candidate: its worker restarts on the head, a job it held
-    runs again, every candidate is logged once, and the rest of the search runs on the head."""
+    runs again, every candidate is logged once, and the rest of the search runs on the head.
+    Three generations, so that the crash lands with most of the search still to run (with one, the
+    second node could finish the last job before the kill took effect)."""
+    local = tmp_path / "local"
+    run_search(SearchConfig.from_dict(config(zoo_dir, 3)), run_dir=local, quiet=True, workers=0)
+    expected3 = history(RunFolder.open(local).records())
     run_dir = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(write_config(zoo_dir, tmp_path)),
+    p = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(write_config(zoo_dir, tmp_path, 3)),
                           "--run-dir", str(run_dir), "--quiet", "--ray-address", cluster.gcs, "--workers", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env,
                          start_new_session=True)
@@ -178,14 +195,18 @@ def test_a_search_on_both_nodes_survives_the_worker_node_killed(cluster, expecte
         while p.poll() is None and cluster.second_id not in logged_nodes(log):
             time.sleep(0.1)
         cluster.kill_second()
+        logged_before_kill = len(log.read_text().splitlines())
         out, _ = p.communicate(timeout=300)
     finally:
         stop_process_group(p)
     assert p.returncode == 0, out[-3000:]
     got = RunFolder.open(run_dir).records()
     keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
-    assert len(keys) == len(set(keys)) == 4
+    assert len(keys) == len(set(keys)) == 12
     assert nodes_of(got) == {cluster.head_id, cluster.second_id}  # SPREAD: a worker on each node
-    late = [r for r in got if r.type in ("rescore", "test")]
-    assert late and all(r.node == cluster.head_id for r in late)  # after the crash: the head only
-    assert history(got) == expected
+    lines = log.read_text().splitlines()[logged_before_kill:]
+    after = [json.loads(line) for line in lines]
+    late = [r for r in after if r.get("type") in ("candidate", "rescore", "test")]
+    on_second = [(r["type"], r["generation"], r["index"]) for r in late if r["node"] != cluster.head_id]
+    assert late and not on_second, (on_second, cluster.head_id)  # after the crash: the head only
+    assert history(got) == expected3
