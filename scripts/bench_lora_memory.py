@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_llama import llama_shapes  # noqa: E402
+from synthetic_llama import llama_shapes, write_safetensors_header  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -40,12 +40,9 @@ def write_header_only(path: Path, shapes: dict[str, tuple], dtype: str = "F32") 
             n *= d
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        f.truncate(8 + len(raw) + offset)
+        write_safetensors_header(f, header)
+        f.truncate(f.tell() + offset)
 
 
 def llama_config(hidden: int, inter: int, layers: int, vocab: int) -> dict:

@@ -30,6 +30,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+from synthetic_llama import write_safetensors_header  # noqa: E402
+
 MB = 1 << 20
 
 
@@ -41,11 +44,8 @@ def write_shard(path: Path, size: int, piece: int = 64 * MB) -> None:
         ln = piece if i < n - 1 else size - piece * (n - 1)
         header[f"pad.{i}"] = {"dtype": "U8", "shape": [ln], "data_offsets": [off, off + ln]}
         off += ln
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        write_safetensors_header(f, header)
         for i in range(n):
             f.write(os.urandom(header[f"pad.{i}"]["data_offsets"][1] - header[f"pad.{i}"]["data_offsets"][0]))
 
