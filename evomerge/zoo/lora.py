@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from evomerge.core.errors import ZooError
-from evomerge.core.io import atomic_write_text
+from evomerge.core.io import atomic_write_text, replace_folder
 from evomerge.zoo.build import read_manifest
 from evomerge.zoo.skills import SKILLS, SPECIALIST_SKILLS, Item, sample_items
 
@@ -100,9 +100,7 @@ def build_lora_zoo(zoo_dir: str | Path, params: LoraZooParams = LoraZooParams(),
                     "adapters": adapters, "params": asdict(params),
                     "seconds": round(time.perf_counter() - t_start, 1)}
         atomic_write_text(tmp / "lora.json", json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder(tmp, out)
     finally:
         torch.set_num_threads(prev)
         shutil.rmtree(tmp, ignore_errors=True)
