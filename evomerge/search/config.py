@@ -140,7 +140,9 @@ class OptimizerConfig(_Strict):
         elif self.sampler != "CmaEsSampler" or self.sampler_args:
             raise ValueError(f"sampler and sampler_args apply to name: optuna, not {self.name!r}")
         if self.name != "cma":
-            given = [k for k in ("separable", "bounds", "restarts", "start", "plain_levels") if k in self.model_fields_set]
+            # non-default values only: a frozen config.yaml writes every field, defaults included
+            given = [k for k in ("separable", "bounds", "restarts", "start", "plain_levels")
+                     if getattr(self, k) != type(self).model_fields[k].default]
             if given:
                 raise ValueError(f"{', '.join(given)} apply to name: cma, not {self.name!r}")
         return self
