@@ -40,7 +40,7 @@ class RunStatus:
 
     @property
     def finished(self) -> bool:
-        return budget.finished(self.final, self.config.budget, self.max_generations, budget.spent_s(self.records))
+        return budget.finished(self.final, self.config.budget, budget.spent_s(self.records))
 
     @property
     def seconds_per_candidate(self) -> float | None:

@@ -69,12 +69,57 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RestartsConfig(_Strict):
+    """CMA-ES restarts (docs/search.md, "CMA-ES options"): pycma's IPOP / BIPOP rules."""
+
+    kind: Literal["ipop", "bipop"] = Field("ipop", description="ipop: each restart doubles the population; "
+                                           "bipop: large-population runs interleaved with small local ones")
+    max: int = Field(3, ge=1, le=20, description="restarts with a larger population (BIPOP's small runs not counted)")
+    incpopsize: float = Field(2.0, gt=1, le=10, description="population factor per large restart")
+    tolfun: float | None = Field(None, gt=0, description="pycma's tolfun (a run stops when the fitness range "
+                                 "falls below it); default pycma's 1e-11")
+    tolx: float | None = Field(None, gt=0, description="pycma's tolx (a run stops when every step falls below "
+                               "it); default pycma's 1e-11")
+    patience: int | None = Field(None, ge=1, le=MAX_GENERATIONS, description="a run also stops after this many "
+                                 "generations without a better fitness")
+    start: Literal["random", "x0"] = Field("random", description="where a restart begins: a uniform random "
+                                           "point of the cube (the optimizer's own stream) or the first run's start")
+
+
+PLAIN_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
 class OptimizerConfig(_Strict):
     name: str = Field("cma", description=f"one of {', '.join(OPTIMIZERS)}")
     popsize: int | None = Field(None, ge=2, le=MAX_POPSIZE, description="population per generation (default: 4 + 3 ln n)")
     sigma0: float | None = Field(None, gt=0, le=1, description="initial step (default: the space's sigma0)")
     sampler: str = Field("CmaEsSampler", description="with name: optuna, an Optuna sampler class name")
     sampler_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the sampler")
+    # cma only (docs/search.md, "CMA-ES options")
+    separable: bool | Literal["auto"] = Field(False, description="cma: a diagonal covariance (pycma's "
+                                              "CMA_diagonal); auto: when the genome has more than 20 genes")
+    bounds: Literal["transform", "penalty"] = Field("transform", description="cma: pycma's BoundTransform "
+                                                    "or BoundPenalty for the unit cube")
+    restarts: RestartsConfig | None = Field(None, description="cma: IPOP/BIPOP restarts; null: none")
+    start: Literal["x0", "best_plain"] = Field("x0", description="cma: x0 (the space's start) or best_plain "
+                                               "(generation 0 scores plain merges, CMA-ES starts at the best)")
+    plain_levels: tuple[float, ...] = Field(PLAIN_LEVELS, min_length=1, max_length=20, description="start: "
+                                            "best_plain: positions in [0, 1] that every per-model gene takes at once")
+
+    @field_validator("plain_levels")
+    @classmethod
+    def _levels(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 <= x <= 1 for x in v):
+            raise ValueError("plain_levels are positions in the unit cube: each in [0, 1]")
+        return v
+
+    def cma_options(self) -> dict:
+        """The keyword options of optimizers.cma.CMAES (the seeds are added by the loop)."""
+        from evomerge.search.optimizers.cma import Restarts
+
+        r = self.restarts
+        return {"separable": self.separable, "bounds": self.bounds,
+                "restarts": None if r is None else Restarts(**r.model_dump())}
 
     @field_validator("name")
     @classmethod
@@ -94,6 +139,12 @@ class OptimizerConfig(_Strict):
             sampler_class(self.sampler)
         elif self.sampler != "CmaEsSampler" or self.sampler_args:
             raise ValueError(f"sampler and sampler_args apply to name: optuna, not {self.name!r}")
+        if self.name != "cma":
+            # non-default values only: a frozen config.yaml writes every field, defaults included
+            given = [k for k in ("separable", "bounds", "restarts", "start", "plain_levels")
+                     if getattr(self, k) != type(self).model_fields[k].default]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to name: cma, not {self.name!r}")
         return self
 
 
@@ -288,6 +339,9 @@ class SearchConfig(_Strict):
             raise ValueError("optimizer.name: nsga2 keeps one objective per task and needs at least two tasks")
         if self.floors is not None:
             self.floors.check_tasks(self.tasks)
+        if self.optimizer.start == "best_plain" and self.is_dfs:
+            raise ValueError("optimizer.start: best_plain needs a parameter space (per-model genes); "
+                             "a data-flow space has none")
         return self
 
     @property

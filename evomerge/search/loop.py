@@ -38,6 +38,7 @@ from evomerge.search.irt_fitness import IrtFitness
 from evomerge.search.jobs import EvalJob, SearchStopped
 from evomerge.search.journal import RunJournal, SearchObserver
 from evomerge.search.optimizers import make_optimizer
+from evomerge.search.optimizers.cma import plain_merge_genomes
 from evomerge.search.pareto import pareto_front
 from evomerge.search.records import (
     CandidateRef,
@@ -86,6 +87,11 @@ class Search:
         o = cfg.optimizer
         self.multi = o.name == "nsga2"
         kw = {"n_objectives": len(cfg.tasks)} if self.multi else {}
+        if o.name == "cma":
+            kw["cma_options"] = o.cma_options()
+            if o.start == "best_plain":  # generation 0 is the seed population of plain merges
+                per_model = np.array([g.model is not None for g in self.codec.genes])
+                kw["cma_options"]["seeds"] = plain_merge_genomes(self.codec.x0, per_model, o.plain_levels)
         self.optimizer = make_optimizer(o.name, self.codec.x0, o.sigma0 or cfg.space.sigma0, o.popsize, cfg.seed,
                                         sampler=o.sampler, sampler_args=o.sampler_args, **kw)
         self.fitness = FitnessFunction(cfg.tasks, evaluators, cfg.seed, floors=cfg.floors)
@@ -114,7 +120,7 @@ class Search:
         done_gens = {r.generation for r in records if r.type == "generation"}
         final = next((r for r in reversed(records) if r.type == "final"), None)
         reference = next((r for r in records if r.type == "reference"), None)
-        if budget.finished(final, self.cfg.budget, self.max_generations, self.elapsed()):
+        if budget.finished(final, self.cfg.budget, self.elapsed()):
             self.display.message(f"this run is finished: {final.generations} generations, "
                                  f"best fitness {final.fitness:.4f}; raise the budget to continue it")
             return self._outcome(records)
@@ -145,11 +151,12 @@ class Search:
             if self.irt is not None and (rec := self.irt.prepare(reference, tok, self.run.append, self.display.message)):
                 self.items_spent += sum(rec.items_scored.values())
 
-            g = 0
+            g, asked = 0, 0  # asked: candidates of the generations so far (the optimizer sets each one's size)
             # Logged generations are replayed whatever the time left; new ones need budget (a time
             # budget runs at least one generation, so that there is a winner).
-            while g < self.max_generations and (g in done_gens or g == 0 or self._time_left()):
+            while budget.generations_left(self.cfg.budget, g, asked) and (g in done_gens or g == 0 or self._time_left()):
                 genomes = self.optimizer.ask()
+                asked += len(genomes)
                 for (lg, i, _), rec in logged.items():
                     if lg == g and (i >= len(genomes) or _genome_list(genomes[i]) != rec.genome):
                         raise RunFolderError(

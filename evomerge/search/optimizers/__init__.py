@@ -8,13 +8,15 @@ OPTIMIZERS = ("cma", "random", "optuna", "nsga2")
 
 
 def make_optimizer(name: str, x0, sigma0: float, popsize: int | None, seed: int,
-                   sampler: str = "CmaEsSampler", sampler_args: dict | None = None, n_objectives: int = 1) -> Optimizer:
-    """``cma`` (pycma), ``random``, ``optuna`` with an Optuna sampler named by its class, or
-    ``nsga2`` (Optuna's NSGAIISampler, ``n_objectives`` maximized objectives)."""
+                   sampler: str = "CmaEsSampler", sampler_args: dict | None = None, n_objectives: int = 1,
+                   cma_options: dict | None = None) -> Optimizer:
+    """``cma`` (pycma; ``cma_options``: the keyword options of ``optimizers.cma.CMAES``), ``random``,
+    ``optuna`` with an Optuna sampler named by its class, or ``nsga2`` (Optuna's NSGAIISampler,
+    ``n_objectives`` maximized objectives)."""
     if name == "cma":
         from evomerge.search.optimizers.cma import CMAES
 
-        return CMAES(x0, sigma0, popsize, seed)
+        return CMAES(x0, sigma0, popsize, seed, **(cma_options or {}))
     if name == "random":
         from evomerge.search.optimizers.random_search import RandomSearch
 
