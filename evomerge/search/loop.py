@@ -38,7 +38,6 @@ from evomerge.search.irt_fitness import IrtFitness
 from evomerge.search.jobs import EvalJob, SearchStopped
 from evomerge.search.journal import RunJournal, SearchObserver
 from evomerge.search.optimizers import make_optimizer
-from evomerge.search.optimizers.cma import plain_merge_genomes
 from evomerge.search.pareto import pareto_front
 from evomerge.search.records import (
     CandidateRef,
@@ -90,6 +89,9 @@ class Search:
         if o.name == "cma":
             kw["cma_options"] = o.cma_options()
             if o.start == "best_plain":  # generation 0 is the seed population of plain merges
+                # imported here: pycma costs about 0.7 s of start-up that other optimizers need not pay
+                from evomerge.search.optimizers.cma import plain_merge_genomes
+
                 per_model = np.array([g.model is not None for g in self.codec.genes])
                 kw["cma_options"]["seeds"] = plain_merge_genomes(self.codec.x0, per_model, o.plain_levels)
         self.optimizer = make_optimizer(o.name, self.codec.x0, o.sigma0 or cfg.space.sigma0, o.popsize, cfg.seed,
