@@ -33,6 +33,7 @@ from evomerge.evaluation.floors import FloorsConfig
 from evomerge.evaluation.tasks import TaskConfig
 from evomerge.search.fitness_config import FitnessConfig, check_fitness, irt_requested
 from evomerge.search.optimizers import OPTIMIZERS
+from evomerge.search.optimizers.cma_options import AUTO_SEPARABLE_DIM, Restarts
 from evomerge.search.spaces.dataflow import DfsSpace
 from evomerge.search.spaces.parameter import SearchSpace
 
@@ -72,17 +73,17 @@ class _Strict(BaseModel):
 class RestartsConfig(_Strict):
     """CMA-ES restarts (docs/search.md, "CMA-ES options"): pycma's IPOP / BIPOP rules."""
 
-    kind: Literal["ipop", "bipop"] = Field("ipop", description="ipop: each restart doubles the population; "
+    kind: Literal["ipop", "bipop"] = Field(Restarts.kind, description="ipop: each restart doubles the population; "
                                            "bipop: large-population runs interleaved with small local ones")
-    max: int = Field(3, ge=1, le=20, description="restarts with a larger population (BIPOP's small runs not counted)")
-    incpopsize: float = Field(2.0, gt=1, le=10, description="population factor per large restart")
-    tolfun: float | None = Field(None, gt=0, description="pycma's tolfun (a run stops when the fitness range "
+    max: int = Field(Restarts.max, ge=1, le=20, description="restarts with a larger population (BIPOP's small runs not counted)")
+    incpopsize: float = Field(Restarts.incpopsize, gt=1, le=10, description="population factor per large restart")
+    tolfun: float | None = Field(Restarts.tolfun, gt=0, description="pycma's tolfun (a run stops when the fitness range "
                                  "falls below it); default pycma's 1e-11")
-    tolx: float | None = Field(None, gt=0, description="pycma's tolx (a run stops when every step falls below "
+    tolx: float | None = Field(Restarts.tolx, gt=0, description="pycma's tolx (a run stops when every step falls below "
                                "it); default pycma's 1e-11")
-    patience: int | None = Field(None, ge=1, le=MAX_GENERATIONS, description="a run also stops after this many "
+    patience: int | None = Field(Restarts.patience, ge=1, le=MAX_GENERATIONS, description="a run also stops after this many "
                                  "generations without a better fitness")
-    start: Literal["random", "x0"] = Field("random", description="where a restart begins: a uniform random "
+    start: Literal["random", "x0"] = Field(Restarts.start, description="where a restart begins: a uniform random "
                                            "point of the cube (the optimizer's own stream) or the first run's start")
 
 
@@ -97,7 +98,7 @@ class OptimizerConfig(_Strict):
     sampler_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the sampler")
     # cma only (docs/search.md, "CMA-ES options")
     separable: bool | Literal["auto"] = Field(False, description="cma: a diagonal covariance (pycma's "
-                                              "CMA_diagonal); auto: when the genome has more than 20 genes")
+                                              f"CMA_diagonal); auto: when the genome has more than {AUTO_SEPARABLE_DIM} genes")
     bounds: Literal["transform", "penalty"] = Field("transform", description="cma: pycma's BoundTransform "
                                                     "or BoundPenalty for the unit cube")
     restarts: RestartsConfig | None = Field(None, description="cma: IPOP/BIPOP restarts; null: none")
@@ -115,8 +116,6 @@ class OptimizerConfig(_Strict):
 
     def cma_options(self) -> dict:
         """The keyword options of optimizers.cma.CMAES (the seeds are added by the loop)."""
-        from evomerge.search.optimizers.cma import Restarts
-
         r = self.restarts
         return {"separable": self.separable, "bounds": self.bounds,
                 "restarts": None if r is None else Restarts(**r.model_dump())}

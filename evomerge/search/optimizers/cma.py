@@ -22,29 +22,13 @@ replays restarts exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cma
 import numpy as np
 
 from evomerge.search.optimizers.base import Optimizer
+from evomerge.search.optimizers.cma_options import AUTO_SEPARABLE_DIM, Restarts
 
-AUTO_SEPARABLE_DIM = 20  # separable: auto -> diagonal covariance above this many genes
-
-
-@dataclass(frozen=True)
-class Restarts:
-    """IPOP (each restart ``incpopsize`` x the population) or BIPOP (pycma's interleaving of such
-    large-population runs with small-population local runs). ``max`` counts the large restarts
-    (BIPOP's small runs are not counted, as in pycma)."""
-
-    kind: str = "ipop"  # ipop | bipop
-    max: int = 3
-    incpopsize: float = 2.0
-    tolfun: float | None = None  # pycma's termination tolerances (None: pycma's defaults)
-    tolx: float | None = None
-    patience: int | None = None  # also stop a run after this many generations without improving
-    start: str = "random"  # random | x0: where a restart begins
+__all__ = ["AUTO_SEPARABLE_DIM", "CMAES", "Restarts", "plain_merge_genomes"]
 
 
 class CMAES(Optimizer):
