@@ -1,9 +1,13 @@
-"""The PS / DFS / PS+DFS table on the zoo (docs/dataflow.md): runs (or resumes) the two searches,
-builds each winner with `evomerge merge`, and scores it on the held-out test split.
+"""The spec / PS / DFS / PS+DFS table on the zoo (docs/dataflow.md): runs (or resumes) the DFS and
+the PS+DFS searches, builds each winner with `evomerge merge`, and scores it on the dev and the
+held-out test split (the searches saw only dev).
 
-    python scripts/dfs_table.py [--zoo artifacts/zoo] [--runs runs] [--generations N]
+    python scripts/dfs_table.py [--case zoo|blocks] [--zoo artifacts/zoo] [--runs runs] [--generations N]
 
-The PS row is the PS+DFS run's first stage. About 5 minutes on 2 cores with the configs' budgets.
+`--case zoo`: spec_rev and spec_sub (configs/zoo_dfs.yaml, zoo_ps_dfs.yaml; about 5 minutes on
+2 cores). `--case blocks`: the block-expanded specialists (`evomerge zoo --blocks`;
+configs/blocks_dfs.yaml, blocks_ps_dfs.yaml; about 10 minutes). The PS row is the PS+DFS run's
+first stage.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -25,7 +30,27 @@ from evomerge.models.folders import load_causal_lm, load_tokenizer  # noqa: E402
 from evomerge.runs.folder import RunFolder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TASKS = ["zoo_rev", "zoo_sub"]
+
+
+@dataclass(frozen=True)
+class Case:
+    dfs_config: str  # configs/<name>.yaml: DFS alone
+    ps_dfs_config: str  # configs/<name>.yaml: stages ps, dfs
+    tasks: tuple[str, ...]
+    specialists: tuple[str, ...]  # folders under the zoo; the first is model A
+    ps_label: str
+    dfs_label: str
+    ps_dfs_label: str
+
+
+CASES = {
+    "zoo": Case("zoo_dfs", "zoo_ps_dfs", ("zoo_rev", "zoo_sub"), ("spec_rev", "spec_sub"),
+                "PS (task arithmetic)", "DFS (spec_rev, spec_sub)", "PS+DFS (PS winner, spec_sub)"),
+    "blocks": Case("blocks_dfs", "blocks_ps_dfs", ("zoo_add", "zoo_rev", "zoo_sub"),
+                   ("blocks/spec_add", "blocks/spec_rev", "blocks/spec_sub"),
+                   "PS (task arithmetic, per layer)", "DFS (the three specialists)",
+                   "PS+DFS (PS winner + the three)"),
+}
 
 
 def localized(config: Path, zoo: Path, runs: Path, generations: int | None) -> Path:
@@ -51,28 +76,34 @@ def final_dev(run_dir: Path) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=sorted(CASES), default="zoo")
     ap.add_argument("--zoo", type=Path, default=REPO / "artifacts" / "zoo")
     ap.add_argument("--runs", type=Path, default=REPO / "runs")
     ap.add_argument("--generations", type=int, default=None, help="override every stage's budget")
     args = ap.parse_args()
     quiet_libraries()
     torch.set_num_threads(2)
+    case = CASES[args.case]
     zoo, runs = args.zoo.resolve(), args.runs.resolve()
-    rows: dict[str, tuple[float | None, Path]] = {}
-    for name in ("zoo_dfs", "zoo_ps_dfs"):
+    for name in (case.dfs_config, case.ps_dfs_config):
         cfg = localized(REPO / "configs" / f"{name}.yaml", zoo, runs, args.generations)
         search(cfg, runs / name)
-    rows["spec_rev (model A)"] = (None, zoo / "spec_rev")
-    rows["spec_sub"] = (None, zoo / "spec_sub")
-    rows["PS (task arithmetic)"] = (final_dev(runs / "zoo_ps_dfs" / "stages" / "ps"), runs / "zoo_ps_dfs" / "models" / "ps")
-    rows["DFS (spec_rev, spec_sub)"] = (final_dev(runs / "zoo_dfs"), runs / "zoo_dfs" / "best.yaml")
-    rows["PS+DFS (PS winner, spec_sub)"] = (final_dev(runs / "zoo_ps_dfs" / "stages" / "dfs"), runs / "zoo_ps_dfs" / "best.yaml")
+    rows: dict[str, tuple[float | None, Path]] = {}
+    for i, spec in enumerate(case.specialists):
+        rows[spec + (" (model A)" if i == 0 else "")] = (None, zoo / spec)
+    ps_dfs = runs / case.ps_dfs_config
+    rows[case.ps_label] = (final_dev(ps_dfs / "stages" / "ps"), ps_dfs / "models" / "ps")
+    rows[case.dfs_label] = (final_dev(runs / case.dfs_config), runs / case.dfs_config / "best.yaml")
+    rows[case.ps_dfs_label] = (final_dev(ps_dfs / "stages" / "dfs"), ps_dfs / "best.yaml")
 
-    test = LmEvalEvaluator(TASKS, split="test", batch_size=64)
-    dev = LmEvalEvaluator(TASKS, split="dev", batch_size=64)
+    tasks = list(case.tasks)
+    test = LmEvalEvaluator(tasks, split="test", batch_size=64)
+    dev = LmEvalEvaluator(tasks, split="dev", batch_size=64)
     tok = load_tokenizer(zoo / "base")
-    print("\n| model | dev fitness (search) | dev rev | dev sub | test rev | test sub | test fitness |")
-    print("|---|---|---|---|---|---|---|")
+    short = [t.removeprefix("zoo_") for t in tasks]
+    print("\n| model | dev fitness (search) | " + " | ".join(f"dev {s}" for s in short) + " | "
+          + " | ".join(f"test {s}" for s in short) + " | test mean |")
+    print("|---|---|" + "---|" * (2 * len(tasks) + 1))
     for label, (dev_fit, source) in rows.items():
         folder = source
         if source.suffix == ".yaml":  # build the exported recipe as a user would
@@ -83,8 +114,8 @@ def main() -> int:
         d = {t: r.metrics["acc"] for t, r in dev.evaluate(model, tok).items()}
         t = {t: r.metrics["acc"] for t, r in test.evaluate(model, tok).items()}
         fit = "-" if dev_fit is None else f"{dev_fit:.3f}"
-        print(f"| {label} | {fit} | {d['zoo_rev']:.3f} | {d['zoo_sub']:.3f} | {t['zoo_rev']:.3f} | "
-              f"{t['zoo_sub']:.3f} | {(t['zoo_rev'] + t['zoo_sub']) / 2:.3f} |", flush=True)
+        cells = [f"{d[x]:.3f}" for x in tasks] + [f"{t[x]:.3f}" for x in tasks]
+        print(f"| {label} | {fit} | " + " | ".join(cells) + f" | {sum(t.values()) / len(t):.3f} |", flush=True)
     return 0
 
 

@@ -41,6 +41,10 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         from evomerge.zoo.lora import LoraZooParams, build_lora_zoo
 
         build_lora_zoo(args.out, LoraZooParams(seed=args.seed))
+    if args.blocks:  # the block-expanded specialists, their own key too (evomerge/zoo/blocks.py)
+        from evomerge.zoo.blocks import BlockZooParams, build_block_zoo
+
+        build_block_zoo(args.out, BlockZooParams(seed=args.seed, threads=args.threads))
     return 0
 
 
@@ -56,6 +60,8 @@ def _add_zoo(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace a folder that holds something else")
     p.add_argument("--lora", action="store_true", help="also train one rank-8 LoRA adapter per skill "
                    "into OUT/lora (peft; under a minute on 2 cores; docs/lora.md)")
+    p.add_argument("--blocks", action="store_true", help="also train the block-expanded specialists "
+                   "into OUT/blocks (the data-flow case: docs/dataflow.md; about 6 minutes on 2 cores)")
     p.set_defaults(func=cmd_zoo)
 
 
