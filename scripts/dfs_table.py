@@ -71,7 +71,7 @@ def search(config: Path, run_dir: Path) -> None:
 
 
 def final_dev(run_dir: Path) -> float:
-    return next(r for r in reversed(RunFolder.open(run_dir).records()) if r["type"] == "final")["fitness"]
+    return next(r for r in reversed(RunFolder.open(run_dir).records()) if r.type == "final").fitness
 
 
 def main() -> int:

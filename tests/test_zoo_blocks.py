@@ -68,7 +68,7 @@ def test_the_expanded_base_computes_what_the_base_computes(zoo_dir):
 def test_a_build_trains_only_the_new_blocks_and_is_cached(small_zoo):
     manifest = read_blocks_manifest(small_zoo)
     assert manifest["key"] == blocks_cache_key(small_zoo, SHORT)
-    assert manifest["blocks"] == [2, 3]
+    assert manifest["blocks"] == [3, 4]
     paths = blocks_paths(small_zoo)
     base = load_causal_lm(paths["base"]).state_dict()
     for name in ("spec_add", "spec_rev", "spec_sub"):
@@ -76,7 +76,7 @@ def test_a_build_trains_only_the_new_blocks_and_is_cached(small_zoo):
         assert spec.keys() == base.keys()
         changed = {k.split(".")[2] for k in spec if k.startswith("model.layers.")
                    and not torch.equal(spec[k], base[k])}
-        assert changed == {"2", "3"}, name  # every other tensor is the base's, bit for bit
+        assert changed == {"3", "4"}, name  # every other tensor is the base's, bit for bit
         assert all(torch.equal(spec[k], base[k]) for k in spec if not k.startswith("model.layers."))
         assert manifest["models"][name]["steps"] > 0
     stamp = (small_zoo / "blocks" / "blocks.json").stat().st_mtime_ns
@@ -87,11 +87,11 @@ def test_a_build_trains_only_the_new_blocks_and_is_cached(small_zoo):
 
 
 def _blocks_change(model, ids: torch.Tensor) -> float:
-    """|h_out - h_in| / |h_in| across the new blocks (layers 2-3)."""
+    """|h_out - h_in| / |h_in| across the new blocks (layers 3-4)."""
     seen = {}
-    model.model.layers[2].register_forward_pre_hook(
+    model.model.layers[3].register_forward_pre_hook(
         lambda m, a, kw: seen.__setitem__("in", a[0] if a else kw["hidden_states"]), with_kwargs=True)
-    model.model.layers[3].register_forward_hook(
+    model.model.layers[4].register_forward_hook(
         lambda m, a, kw, out: seen.__setitem__("out", out[0] if isinstance(out, tuple) else out),
         with_kwargs=True)
     with torch.no_grad():
@@ -122,8 +122,8 @@ def test_a_layer_path_runs_every_specialists_blocks_in_turn(small_zoo):
     paths = blocks_paths(small_zoo)
     names = [str(paths[n]) for n in ("spec_add", "spec_rev", "spec_sub")]
     models = {n: load_causal_lm(n) for n in names}
-    steps = [(names[0], i) for i in range(4)] + [(names[1], 2), (names[1], 3)] + \
-            [(names[2], i) for i in (2, 3, 4, 5)]
+    steps = [(names[0], i) for i in range(5)] + [(names[1], 3), (names[1], 4)] + \
+            [(names[2], i) for i in (3, 4, 5)]
     recipe = PathRecipe.from_dict({"path": [{"model": m, "layer": i} for m, i in steps]})
     path_model = assemble(recipe, models)
     by_hand = load_causal_lm(small_zoo / "base")  # the stack, assembled by hand

@@ -44,7 +44,7 @@ BLOCKS_FORMAT = 1
 class BlockZooParams:
     seed: int = 0
     threads: int = 2
-    at: int = 2  # the new blocks sit at layer indices at .. at + n_blocks - 1
+    at: int = 3  # the new blocks sit at layer indices at .. at + n_blocks - 1 (before the last base layer)
     n_blocks: int = 2
     lr: float = 3e-3
     max_steps: int = 600
