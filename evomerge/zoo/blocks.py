@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from evomerge.core.errors import ZooError
-from evomerge.core.io import atomic_write_text, replace_folder
 from evomerge.zoo.build import _base_batch, read_manifest
+from evomerge.zoo.cached import build_cached
 from evomerge.zoo.skills import SKILLS, SPECIALIST_SKILLS, sample_items
 from evomerge.zoo.train import _target_mask, encode, exact_match
 
@@ -106,24 +105,11 @@ def build_block_zoo(zoo_dir: str | Path, params: BlockZooParams = BlockZooParams
     """Trains the block-expanded specialists into ``<zoo_dir>/blocks`` unless an identical build
     is there."""
     zoo_dir = Path(zoo_dir)
-    out = zoo_dir / BLOCKS_DIR
     key = blocks_cache_key(zoo_dir, params)
-    if (out / "blocks.json").is_file():
-        try:
-            if json.loads((out / "blocks.json").read_text()).get("key") == key:
-                log(f"block-expanded specialists at {out} are up to date (key {key})")
-                return out
-        except (OSError, ValueError):
-            pass
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t_start = time.perf_counter()
-    prev = torch.get_num_threads()
-    torch.set_num_threads(params.threads)
-    tmp = zoo_dir / f".{BLOCKS_DIR}.building"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    def build(tmp: Path) -> dict:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         manifest = read_manifest(zoo_dir)
         base_dir = zoo_dir / manifest["base"]
         tok = AutoTokenizer.from_pretrained(str(base_dir))
@@ -144,17 +130,12 @@ def build_block_zoo(zoo_dir: str | Path, params: BlockZooParams = BlockZooParams
                                        "val_acc": val_acc}
             log(f"  blocks spec_{skill}: {steps} steps, val acc {val_acc:.3f}, "
                 f"{time.perf_counter() - t0:.0f} s")
-        blocks = list(range(params.at, params.at + params.n_blocks))
-        atomic_write_text(tmp / "blocks.json", json.dumps(
-            {"format": BLOCKS_FORMAT, "key": key, "zoo_key": manifest["key"], "blocks": blocks,
-             "models": models, "params": asdict(params),
-             "seconds": round(time.perf_counter() - t_start, 1)}, indent=2) + "\n")
-        replace_folder(tmp, out)
-    finally:
-        torch.set_num_threads(prev)
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"block-expanded specialists written to {out} in {time.perf_counter() - t_start:.0f} s")
-    return out
+        return {"format": BLOCKS_FORMAT, "zoo_key": manifest["key"],
+                "blocks": list(range(params.at, params.at + params.n_blocks)), "models": models,
+                "params": asdict(params)}
+
+    return build_cached(zoo_dir / BLOCKS_DIR, "blocks.json", key, params.threads,
+                        "block-expanded specialists", build, log)
 
 
 def _train_one(expanded, tok, seq_len: int, skill: str, i: int, params: BlockZooParams):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +21,9 @@ import numpy as np
 import torch
 
 from evomerge.core.errors import ZooError
-from evomerge.core.io import atomic_write_text, replace_folder
+from evomerge.core.io import atomic_write_text
 from evomerge.zoo.build import read_manifest
+from evomerge.zoo.cached import build_cached
 from evomerge.zoo.skills import SKILLS, SPECIALIST_SKILLS, Item, sample_items
 
 LORA_DIR = "lora"
@@ -76,36 +76,16 @@ def build_lora_zoo(zoo_dir: str | Path, params: LoraZooParams = LoraZooParams(),
                    log=print) -> Path:
     """Trains the LoRA specialists into ``<zoo_dir>/lora`` unless an identical build is there."""
     zoo_dir = Path(zoo_dir)
-    out = zoo_dir / LORA_DIR
     key = lora_cache_key(zoo_dir, params)
-    if (out / "lora.json").is_file():
-        try:
-            if json.loads((out / "lora.json").read_text()).get("key") == key:
-                log(f"LoRA specialists at {out} are up to date (key {key})")
-                return out
-        except (OSError, ValueError):
-            pass
-    t_start = time.perf_counter()
-    prev = torch.get_num_threads()
-    torch.set_num_threads(params.threads)
-    tmp = zoo_dir / f".{LORA_DIR}.building"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        adapters = {}
-        for i, skill in enumerate(SPECIALIST_SKILLS):
-            adapters[f"lora_{skill}"] = _train_one(zoo_dir, tmp / f"lora_{skill}", skill, i,
-                                                   params, log)
-        manifest = {"format": LORA_FORMAT, "key": key, "zoo_key": read_manifest(zoo_dir)["key"],
-                    "adapters": adapters, "params": asdict(params),
-                    "seconds": round(time.perf_counter() - t_start, 1)}
-        atomic_write_text(tmp / "lora.json", json.dumps(manifest, indent=2) + "\n")
-        replace_folder(tmp, out)
-    finally:
-        torch.set_num_threads(prev)
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"LoRA specialists written to {out} in {time.perf_counter() - t_start:.0f} s")
-    return out
+
+    def build(tmp: Path) -> dict:
+        adapters = {f"lora_{skill}": _train_one(zoo_dir, tmp / f"lora_{skill}", skill, i, params, log)
+                    for i, skill in enumerate(SPECIALIST_SKILLS)}
+        return {"format": LORA_FORMAT, "zoo_key": read_manifest(zoo_dir)["key"],
+                "adapters": adapters, "params": asdict(params)}
+
+    return build_cached(zoo_dir / LORA_DIR, "lora.json", key, params.threads, "LoRA specialists",
+                        build, log)
 
 
 def _train_one(zoo_dir: Path, out: Path, skill: str, i: int, params: LoraZooParams,
