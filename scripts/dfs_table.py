@@ -49,7 +49,7 @@ CASES = {
     "blocks": Case("blocks_dfs", "blocks_ps_dfs", ("zoo_add", "zoo_rev", "zoo_sub"),
                    ("blocks/spec_add", "blocks/spec_rev", "blocks/spec_sub"),
                    "PS (task arithmetic, per layer)", "DFS (the three specialists)",
-                   "PS+DFS (PS winner + the three)"),
+                   "PS+DFS (PS winner, spec_add, spec_sub)"),
 }
 
 
