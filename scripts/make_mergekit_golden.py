@@ -7,7 +7,7 @@ dependency of evomerge), e.g.
     python3 -m venv /work/mkvenv
     /work/mkvenv/bin/pip install -c constraints.txt mergekit==0.1.5
 It merges every recipe of tests/golden/recipes.yaml on the fixture family tests/golden/family
-(scripts/make_parity_family.py) on CPU with random seed 0 (mergekit's run_merge in this process
+(scripts/make_parity_family.py) on CPU, with the AVX2 kernels (tests/cpu_kernels.py), with random seed 0 (mergekit's run_merge in this process
 when mergekit is importable, else the venv's `mergekit-yaml --no-cuda --random-seed 0`; the
 two give the same bytes) and writes tests/golden/manifest.json (every output tensor's sha256, dtype and shape; mask stats
 of the random recipes) and tests/golden/<recipe>.safetensors (a few sample tensors in full), which
@@ -26,13 +26,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from cpu_kernels import PINNED, pin_cpu_kernels  # noqa: E402
 
+pin_cpu_kernels()  # before torch: the AVX2 kernels, as the tests use (tests/cpu_kernels.py)
+
+import mergekit_golden as mg  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import mergekit_golden as mg  # noqa: E402
 
 
 def run_mergekit(venv: Path, recipe: dict, work: Path) -> dict[str, torch.Tensor]:
@@ -81,7 +83,9 @@ def main() -> int:
     manifest = json.loads(manifest_path.read_text()) if only and manifest_path.exists() else {}
     mk, torch_version = mergekit_version(args.mergekit_venv).split()
     manifest["generator"] = {"mergekit": mk, "torch": torch_version, "device": "cpu",
-                             "random_seed": 0}
+                             "random_seed": 0,
+                             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                             "cpu_kernel_env": {k: os.environ.get(k) for k in PINNED}}
     entries = manifest.setdefault("recipes", {})
     family = {p.name: mg.load_folder(p) for p in sorted(mg.FAMILY.iterdir()) if p.is_dir()}
     for name, spec in recipes.items():

@@ -13,7 +13,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from cpu_kernels import pin_cpu_kernels
 
+# Before anything imports torch: the parity goldens' CPU kernels (tests/cpu_kernels.py).
+pin_cpu_kernels()
 os.environ.update({
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

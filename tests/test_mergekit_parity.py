@@ -21,16 +21,20 @@ CPU (scripts/make_mergekit_golden.py): every output tensor's sha256 and a few te
 
 A method that evomerge does not register yet fails strictly as an expected failure (xfail,
 strict), so that the test runs for real once the method lands. The sort that decides ties is
-torch's CPU sort of torch 2.13 (constraints.txt): the goldens are CPU results of that build.
+torch's CPU sort of torch 2.13 (constraints.txt): the goldens are CPU results of that build, with
+its AVX2 kernels (tests/cpu_kernels.py: on an AVX-512 machine the default kernels round karcher,
+nuslerp and arcee_fusion differently, mergekit's own results included; conftest pins AVX2).
 """
 
 from __future__ import annotations
 
 import math
+import platform
 from functools import cache
 
 import pytest
 import torch
+from cpu_kernels import CAPABILITY
 from mergekit_golden import (
     FAMILY,
     GOLDEN,
@@ -150,6 +154,16 @@ def test_goldens_cover_every_recipe_and_every_mergekit_method():
     assert MANIFEST["generator"]["mergekit"] == "0.1.5"
     methods = {spec["recipe"]["merge_method"] for spec in RECIPES.values()}
     assert len(methods) == 20  # mergekit 0.1.5 registers 20 methods; each has a golden
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="the goldens are x86-64 results (AVX2 kernels)")
+def test_cpu_kernels_are_the_goldens():
+    # conftest pins them before torch is imported; a mismatch here explains byte differences.
+    assert MANIFEST["generator"]["cpu_capability"] == CAPABILITY
+    assert torch.backends.cpu.get_cpu_capability() == CAPABILITY, (
+        "torch runs other CPU kernels than the goldens were made with: torch was imported "
+        "before tests/conftest.py pinned them (tests/cpu_kernels.py)")
 
 
 def test_the_fixture_has_exact_ties_at_density_cuts():
