@@ -87,3 +87,34 @@ def test_a_search_with_base_floors_freezes_them_and_applies_them(zoo_dir, tmp_pa
     out = run_search(SearchConfig.from_dict(data), run_dir=run_dir, resume=True, quiet=True)
     again = SearchConfig.from_dict(RunFolder.open(run_dir).config_dict())
     assert again.floors.base_scores == scores and out.evaluations == 3
+
+
+@pytest.mark.slow
+def test_base_scores_load_the_base_as_the_search_loads_its_sources(zoo_dir, tmp_path):
+    # A pickled base (allowed by the config) in bfloat16: the floors' base scores are that
+    # model's, loaded with the config's allow_pickle and dtype, not a float32 safetensors load.
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.models.folders import load_causal_lm, load_tokenizer
+    from evomerge.runs.start import validate, with_base_scores
+
+    base = tmp_path / "base"
+    shutil.copytree(zoo_dir / "base", base)
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    names = ("zoo_add",)  # the base scores cover the whole dev split (500 items)
+    cfg = SearchConfig.from_dict({
+        "models": [str(zoo_dir / "spec_add")], "base_model": str(base),
+        "search_space": "ps_task_arithmetic", "budget": {"generations": 1},
+        "tasks": [{"name": t, "limit": 16} for t in names], "dtype": "bfloat16",
+        "allow_pickle": True, "floors": {}})
+    evaluators = validate(cfg)
+    scores = with_base_scores(cfg, evaluators).floors.base_scores
+    model = load_causal_lm(base, dtype="bfloat16", allow_pickle=True)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    tok = load_tokenizer(base)
+    want = {t: float(evaluators[t].evaluate(model, tok)[t].metrics["acc"]) for t in names}
+    assert scores == want

@@ -82,12 +82,15 @@ def floored_fitness(total: float, metrics: Mapping[str, Mapping[str, float]],
     return total + floors.strength * min(gaps)
 
 
-def measure_base_scores(model_path: str | Path, tasks: Sequence[TaskConfig], evaluators,
+def measure_base_scores(model_path: str | Path, tasks: Sequence[TaskConfig], evaluators, *,
+                        device: str = "cpu", dtype: str = "float32", allow_pickle: bool = False,
                         trust_remote_code: bool = False) -> dict[str, float]:
-    """The base model's metric on every task's whole search split (the floors' default)."""
+    """The base model's metric on every task's whole search split (the floors' default), loaded
+    as the search loads its sources (device, dtype), so the floors compare like with like."""
     from evomerge.models.folders import load_causal_lm, load_tokenizer
 
-    model = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code)
     tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     out = {}
     for t in tasks:

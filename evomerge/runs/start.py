@@ -128,6 +128,7 @@ def with_base_scores(cfg: SearchConfig, evaluators) -> SearchConfig:
     if cfg.floors is None or not cfg.floors.needs_base_scores():
         return cfg
     scores = measure_base_scores(cfg.base_model or cfg.models[0], cfg.tasks, evaluators,
+                                 device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
                                  trust_remote_code=cfg.trust_remote_code)
     return cfg.model_copy(update={"floors": cfg.floors.model_copy(update={"base_scores": scores})})
 
