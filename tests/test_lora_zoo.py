@@ -118,3 +118,52 @@ def test_winner_exports_rebuilds_and_materializes_as_folder_and_adapter(lora_zoo
         torch.testing.assert_close(merged[k], v, atol=1e-5, rtol=0)
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 24
     shutil.rmtree(tmp_path / "rebuilt")
+
+
+def test_an_adapter_source_scores_as_peft_merges_it(lora_zoo):
+    # What the floors and the IRT fitness score for an adapter source: its base with the adapter
+    # merged in, as peft's merge_and_unload gives it (an independent implementation).
+    from peft import PeftModel
+
+    from evomerge.models.folders import load_causal_lm
+    from evomerge.models.sources import load_source_lm
+    from evomerge.zoo.lora import lora_paths
+
+    adapter = lora_paths(lora_zoo)["add"]
+    ours = load_source_lm(str(adapter), base=str(lora_zoo / "base")).state_dict()
+    peft = PeftModel.from_pretrained(load_causal_lm(lora_zoo / "base"), str(adapter))
+    want = peft.merge_and_unload().state_dict()
+    base = load_causal_lm(lora_zoo / "base").state_dict()
+    assert set(ours) == set(want)
+    changed = [k for k in want if not torch.equal(want[k], base[k])]
+    assert changed and all(not torch.equal(ours[k], base[k]) for k in changed)
+    for k in want:
+        torch.testing.assert_close(ours[k], want[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_irt_fitness_over_adapters_scores_the_adapted_models(lora_zoo, tmp_path):
+    # The IRT fitness scores every source on the whole split before the first fit: adapters
+    # are scored as their base plus the adapter, not refused as folders without a config.json.
+    import numpy as np
+
+    from evomerge.evaluation.evaluator import LmEvalEvaluator
+    from evomerge.models.folders import load_tokenizer
+    from evomerge.models.sources import load_source_lm
+    from evomerge.zoo.lora import lora_paths
+
+    adapters = [str(p) for k, p in lora_paths(lora_zoo).items() if k in ("add", "rev")]
+    cfg = SearchConfig.from_dict({
+        "models": adapters, "base_model": str(lora_zoo / "base"),
+        "search_space": "ps_task_arithmetic", "tasks": [{"name": "zoo_add", "metric": "acc"}],
+        "batch_size": 64, "threads": 1, "optimizer": {"name": "cma", "popsize": 3},
+        "budget": {"generations": 1}, "seed": 0, "rescore_top_k": 1,
+        "fitness": {"estimator": "irt", "anchors": 10}, "run_dir": str(tmp_path / "run")})
+    run_search(cfg, quiet=True)
+    with np.load(tmp_path / "run" / "irt" / "sources.npz") as z:
+        rows = z["zoo_add"]  # sources then the base, by items of the dev split
+    assert rows.shape[0] == 3
+    ev = LmEvalEvaluator(["zoo_add"], split="dev", batch_size=64)
+    tok = load_tokenizer(lora_zoo / "base")
+    got = ev.evaluate(load_source_lm(adapters[0], base=str(lora_zoo / "base")), tok)["zoo_add"]
+    assert rows[0].mean() == pytest.approx(got.metrics["acc"], abs=1e-12)
+    assert rows[0].mean() > rows[2].mean() + 0.2  # the add specialist, well above the base

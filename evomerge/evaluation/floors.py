@@ -87,9 +87,10 @@ def measure_base_scores(model_path: str | Path, tasks: Sequence[TaskConfig], eva
                         trust_remote_code: bool = False) -> dict[str, float]:
     """The base model's metric on every task's whole search split (the floors' default), loaded
     as the search loads its sources (device, dtype), so the floors compare like with like."""
-    from evomerge.models.folders import load_causal_lm, load_tokenizer
+    from evomerge.models.folders import load_tokenizer
+    from evomerge.models.sources import load_source_lm
 
-    model = load_causal_lm(model_path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+    model = load_source_lm(str(model_path), device=device, dtype=dtype, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
     tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     out = {}

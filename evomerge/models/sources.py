@@ -21,7 +21,12 @@ from safetensors import safe_open
 from evomerge.core.errors import MergeError, ModelFolderError
 from evomerge.models import adapters
 from evomerge.models.architectures import layer_count
-from evomerge.models.folders import causal_lm_problem, read_model_config, safetensors_problem
+from evomerge.models.folders import (
+    causal_lm_problem,
+    load_causal_lm,
+    read_model_config,
+    safetensors_problem,
+)
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 # Non-layer tensors indexed by token id (their rows follow the tokenizer).
@@ -293,6 +298,25 @@ def make_adapter_source(name: str, base_source: SourceModel, info: adapters.Adap
     return AdapterSource(name=name, path=b.path, config=b.config, files=b.files, shapes=b.shapes,
                          dtypes=b.dtypes, weight_files=(*b.weight_files, info.file),
                          pickled=b.pickled, layout=b.layout, base_source=b, adapter=info)
+
+
+def load_source_lm(name: str, *, base: str | None = None, device: str = "cpu",
+                   dtype: str = "float32", allow_pickle: bool = False,
+                   trust_remote_code: bool = False) -> torch.nn.Module:
+    """A source as a causal LM to score: its folder, or for a LoRA adapter (a folder over
+    ``base``, or ``base+adapter``) its base with the adapter merged in, W + scaling * B @ A, as
+    the merges read it (AdapterSource.read)."""
+    if not adapters.is_adapter_reference(name):
+        return load_causal_lm(name, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)
+    source = load_adapter_source(name, base=base, allow_pickle=allow_pickle)
+    model = load_causal_lm(source.base_source.path, device=device, dtype=dtype,
+                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    params = model.state_dict()
+    with ExitStack() as stack, torch.no_grad():
+        for tensor in source.adapter.modules:
+            params[tensor].copy_(source.read(tensor, stack))
+    return model
 
 
 # --- tokenizers ---------------------------------------------------------------------------------

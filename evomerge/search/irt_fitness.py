@@ -34,7 +34,7 @@ from evomerge.core.io import atomic_write_bytes
 from evomerge.evaluation import irt
 from evomerge.evaluation.fitness import FitnessFunction, Samples
 from evomerge.evaluation.items import ItemStore
-from evomerge.models.folders import load_causal_lm
+from evomerge.models.sources import load_source_lm
 from evomerge.search.records import EvalRecord, IrtRecord, Metrics
 
 IRT_DIR = "irt"
@@ -52,8 +52,8 @@ def score_sources(cfg, fitness: FitnessFunction, tokenizer) -> dict[str, np.ndar
     paths = list(dict.fromkeys([*cfg.models, *([cfg.base_model] if cfg.base_model else [])]))
     rows: dict[str, list[np.ndarray]] = {t.name: [] for t in fitness.tasks}
     for p in paths:
-        model = load_causal_lm(p, device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
-                               trust_remote_code=cfg.trust_remote_code)
+        model = load_source_lm(p, base=cfg.base_model, device=cfg.device, dtype=cfg.dtype,
+                               allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
         score = fitness.score(model, tokenizer, {t.name: None for t in fitness.tasks})
         del model
         for t in fitness.tasks:
