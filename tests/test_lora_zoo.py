@@ -167,3 +167,22 @@ def test_irt_fitness_over_adapters_scores_the_adapted_models(lora_zoo, tmp_path)
     got = ev.evaluate(load_source_lm(adapters[0], base=str(lora_zoo / "base")), tok)["zoo_add"]
     assert rows[0].mean() == pytest.approx(got.metrics["acc"], abs=1e-12)
     assert rows[0].mean() > rows[2].mean() + 0.2  # the add specialist, well above the base
+
+
+def test_a_search_over_adapters_without_base_model_uses_their_recorded_base(lora_zoo, tmp_path):
+    # No base_model: the tokenizer and the floors' "base" (the first source) come through the
+    # base each adapter records, not from the adapter folder (which has no tokenizer).
+    from evomerge.models.sources import model_folder
+    from evomerge.zoo.lora import lora_paths
+
+    adapters = [str(p) for k, p in lora_paths(lora_zoo).items() if k in ("add", "rev")]
+    assert Path(model_folder(adapters[0])).resolve() == (lora_zoo / "base").resolve()
+    cfg = SearchConfig.from_dict({
+        "models": adapters, "search_space": "ps_multislerp",
+        "tasks": [{"name": "zoo_add", "metric": "acc", "limit": 8}], "batch_size": 64,
+        "threads": 1, "optimizer": {"name": "cma", "popsize": 3}, "budget": {"generations": 1},
+        "seed": 0, "rescore_top_k": 1, "floors": {}, "run_dir": str(tmp_path / "run")})
+    out = run_search(cfg, quiet=True)
+    frozen = SearchConfig.from_dict(RunFolder.open(tmp_path / "run").config_dict())
+    assert out.evaluations == 3 and set(frozen.floors.base_scores) == {"zoo_add"}
+    assert frozen.floors.base_scores["zoo_add"] > 0.55  # the add specialist (the base: 0.37)

@@ -88,11 +88,11 @@ def measure_base_scores(model_path: str | Path, tasks: Sequence[TaskConfig], eva
     """The base model's metric on every task's whole search split (the floors' default), loaded
     as the search loads its sources (device, dtype), so the floors compare like with like."""
     from evomerge.models.folders import load_tokenizer
-    from evomerge.models.sources import load_source_lm
+    from evomerge.models.sources import load_source_lm, model_folder
 
     model = load_source_lm(str(model_path), device=device, dtype=dtype, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
-    tok = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(model_folder(str(model_path)), trust_remote_code=trust_remote_code)
     out = {}
     for t in tasks:
         res = evaluators[t.name].evaluate(model, tok)[t.name]

@@ -94,7 +94,7 @@ class EvalWorker:
             cfg = cfg.model_copy(update={"device": "cuda"})  # Ray made this worker's GPU the only visible one
         self.cfg = cfg
         self.fitness = FitnessFunction(cfg.tasks, check_tasks(cfg), cfg.seed, floors=cfg.floors)
-        self.tokenizer = load_tokenizer(cfg.base_model or cfg.models[0], trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(cfg.tokenizer_folder(), trust_remote_code=cfg.trust_remote_code)
         self.builder = (builder_factory or make_builder)(cfg)
 
     def ready(self) -> dict:

@@ -353,6 +353,13 @@ class SearchConfig(_Strict):
     def is_dfs(self) -> bool:
         return isinstance(self.space, DfsSpace)
 
+    def tokenizer_folder(self) -> str:
+        """The folder whose tokenizer scores every candidate: the base model's, else the first
+        source's (for a LoRA adapter, its base)."""
+        from evomerge.models.sources import model_folder
+
+        return model_folder(self.base_model or self.models[0])
+
     def search_key(self) -> dict:
         """The fields that define a search: a resume must not change them (budget may grow)."""
         # the mirrors (study, tracking) copy the run log: they may change on resume

@@ -127,7 +127,7 @@ class Search:
                                  f"best fitness {final.fitness:.4f}; raise the budget to continue it")
             return self._outcome(records)
 
-        tok = load_tokenizer(self.cfg.base_model or self.cfg.models[0], trust_remote_code=self.cfg.trust_remote_code)
+        tok = load_tokenizer(self.cfg.tokenizer_folder(), trust_remote_code=self.cfg.trust_remote_code)
         self.display.message("loading models...")
         self.executor = self.executor_factory(self.cfg, self.fitness, tok)
         if hasattr(self.executor, "should_stop"):
