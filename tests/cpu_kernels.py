@@ -17,10 +17,12 @@ import platform
 # What torch.backends.cpu.get_cpu_capability() reports with PINNED in force.
 CAPABILITY = "AVX2"
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+# The pin and the goldens' kernels are x86-64's; elsewhere neither applies.
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def pin_cpu_kernels() -> None:
     """Set PINNED in the environment (this process and its children) on x86-64, unless set."""
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    if X86_64:
         for name, value in PINNED.items():
             os.environ.setdefault(name, value)

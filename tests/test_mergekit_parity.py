@@ -29,12 +29,11 @@ nuslerp and arcee_fusion differently, mergekit's own results included; conftest 
 from __future__ import annotations
 
 import math
-import platform
 from functools import cache
 
 import pytest
 import torch
-from cpu_kernels import CAPABILITY
+from cpu_kernels import CAPABILITY, X86_64
 from mergekit_golden import (
     FAMILY,
     GOLDEN,
@@ -156,8 +155,7 @@ def test_goldens_cover_every_recipe_and_every_mergekit_method():
     assert len(methods) == 20  # mergekit 0.1.5 registers 20 methods; each has a golden
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                    reason="the goldens are x86-64 results (AVX2 kernels)")
+@pytest.mark.skipif(not X86_64, reason="the goldens are x86-64 results (AVX2 kernels)")
 def test_cpu_kernels_are_the_goldens():
     # conftest pins them before torch is imported; a mismatch here explains byte differences.
     assert MANIFEST["generator"]["cpu_capability"] == CAPABILITY

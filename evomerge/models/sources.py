@@ -255,12 +255,10 @@ def num_layers_key(config: Mapping[str, Any]) -> str | None:
 # --- a LoRA adapter as a source model (models/adapters.py reads and checks it) -------------
 
 
-def model_folder(name: str, *, base: str | None = None) -> str:
-    """The model folder behind a source name (its config and tokenizer): the name itself, or for
-    a LoRA adapter its base (``base+adapter``, else ``base``, else the base the adapter records)."""
-    if not adapters.is_adapter_reference(name):
-        return name
-    ref_base, adapter_path = adapters.split_reference(name)
+def _adapter_base(name: str, ref: tuple[str | None, str], base: str | None) -> str:
+    """The base folder of adapter reference ``ref`` (split_reference's): the one the name gives,
+    else ``base``, else the one the adapter records."""
+    ref_base, adapter_path = ref
     base_name = ref_base or base or adapters.recorded_base(adapter_path)
     if base_name is None:
         raise MergeError(f"{name}: a LoRA adapter needs its base model: write it as "
@@ -271,13 +269,20 @@ def model_folder(name: str, *, base: str | None = None) -> str:
     return base_name
 
 
+def model_folder(name: str, *, base: str | None = None) -> str:
+    """The model folder behind a source name (its config and tokenizer): the name itself, or for
+    a LoRA adapter its base (``base+adapter``, else ``base``, else the base the adapter records)."""
+    ref = adapters.split_reference(name)
+    return name if ref is None else _adapter_base(name, ref, base)
+
+
 def load_adapter_source(name: str, *, base: str | None = None, allow_pickle: bool = False):
     """The SourceModel of ``base+adapter`` (or of an adapter folder over ``base``)."""
     ref = adapters.split_reference(name)
     if ref is None:
         raise MergeError(f"{name} is not a LoRA adapter reference")
     adapter_path = ref[1]
-    base_name = model_folder(name, base=base)
+    base_name = _adapter_base(name, ref, base)
     base_source = load_source(base_name, allow_pickle=allow_pickle)
     info = adapters.read_adapter(adapter_path, base_source, name=name, allow_pickle=allow_pickle)
     return make_adapter_source(name, base_source, info)
