@@ -18,6 +18,13 @@ seconds over the run, from /proc, over workers x wall: a worker waiting for work
 that another process holds, is not busy), the speed-up over the barrier with the same workers,
 and whether every run has the same history. The table is printed last.
 
+Beside them, random search without racing (each candidate on 16 items of each task, a population
+of P + 1, so that 2 workers leave one idle at each generation's tail), the same background work:
+- generation: generational random search, pipelined (background work in the idle slots);
+- steady: the steady-state engine (``random_steady``, search/steady.py): the next candidate is
+  asked as soon as a worker frees, so no worker waits for a generation's last candidate.
+Both draw the same genomes (SteadyRandomSearch's draws are RandomSearch's, row by row).
+
     python scripts/bench_workers.py --quick      # 1 repeat, 2 generations of 4: about 3 minutes on 2 cores
     python scripts/bench_workers.py              # 3 repeats, 3 generations of 6
 """
@@ -86,6 +93,13 @@ def config(zoo: Path, gens: int, popsize: int, seed: int) -> dict:
     }
 
 
+def random_config(zoo: Path, gens: int, popsize: int, seed: int, steady: bool) -> dict:
+    cfg = config(zoo, gens, popsize + 1, seed)
+    cfg.update(racing=None, optimizer={"name": "random_steady" if steady else "random", "popsize": popsize + 1},
+               tasks=[{"name": "zoo_rev", "metric": "acc", "limit": 16}, {"name": "zoo_add", "metric": "acc", "limit": 16}])
+    return cfg
+
+
 def measure(run_dir: Path, workers: int, cpu_s: float) -> dict:
     from evomerge.runs.folder import RunFolder
 
@@ -121,7 +135,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    rows, histories = [], []
+    rows, histories = [], {}
+    searches = {"cma": ("barrier", "pipelined"), "random": ("generation", "steady")}
+    cfgs = {("cma", m): cfg for m in searches["cma"]}
+    cfgs |= {("random", m): SearchConfig.from_dict(random_config(args.zoo, gens, popsize, args.seed, m == "steady"))
+             for m in searches["random"]}
     try:
         # Two workers start once; the 1-worker runs use the first only.
         ex = RayExecutor(cfg, None, None, workers=2, threads=1)
@@ -132,23 +150,24 @@ def main() -> int:
                       {"zoo_rev": list(range(4)), "zoo_add": list(range(4))}, "warm-up")
         ray.get([s.actor.run.remote(job) for s in both])
         try:
-            for workers in (1, 2):
-                ex.slots = both[:workers]
-                for mode in ("barrier", "pipelined"):
-                    runs = []
-                    for rep in range(repeats):
-                        run_dir = tmp / f"w{workers}-{mode}-{rep}"
-                        pids = [s.info["pid"] for s in ex.slots]
-                        cpu0 = cpu_seconds(pids)
-                        run_search(cfg, run_dir=run_dir, quiet=True,
-                                   executor_factory=lambda c, f, t, m=mode, e=ex: Shared(e, m == "pipelined"))
-                        runs.append(measure(run_dir, workers, cpu_seconds(pids) - cpu0))
-                        histories.append(history(RunFolder.open(run_dir).records()))
-                        print(f"workers {workers} {mode} repeat {rep}: {runs[-1]['wall']:.1f} s, busy "
-                              f"{runs[-1]['busy']:.0%}", file=sys.stderr, flush=True)
-                    rows.append({"workers": workers, "mode": mode, "jobs": runs[0]["jobs"], "items": runs[0]["items"],
-                                 "wall": statistics.median(r["wall"] for r in runs),
-                                 "busy": statistics.median(r["busy"] for r in runs)})
+            for search, modes in searches.items():
+                for workers in (1, 2):
+                    ex.slots = both[:workers]
+                    for mode in modes:
+                        runs = []
+                        for rep in range(repeats):
+                            run_dir = tmp / f"{search}-w{workers}-{mode}-{rep}"
+                            pids = [s.info["pid"] for s in ex.slots]
+                            cpu0 = cpu_seconds(pids)
+                            run_search(cfgs[(search, mode)], run_dir=run_dir, quiet=True,
+                                       executor_factory=lambda c, f, t, m=mode, e=ex: Shared(e, m != "barrier"))
+                            runs.append(measure(run_dir, workers, cpu_seconds(pids) - cpu0))
+                            histories.setdefault((search, mode), []).append(history(RunFolder.open(run_dir).records()))
+                            print(f"{search} workers {workers} {mode} repeat {rep}: {runs[-1]['wall']:.1f} s, busy "
+                                  f"{runs[-1]['busy']:.0%}", file=sys.stderr, flush=True)
+                        rows.append({"search": search, "workers": workers, "mode": mode, "jobs": runs[0]["jobs"],
+                                     "items": runs[0]["items"], "wall": statistics.median(r["wall"] for r in runs),
+                                     "busy": statistics.median(r["busy"] for r in runs)})
         finally:
             ex.slots = both
             ex.close()
@@ -156,19 +175,20 @@ def main() -> int:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    same = all(h == histories[0] for h in histories)
-    base = {r["workers"]: r["wall"] for r in rows if r["mode"] == "barrier"}
+    same = all(h == hs[0] for hs in histories.values() for h in hs)
+    base = {(r["search"], r["workers"]): r["wall"] for r in rows if r["mode"] in ("barrier", "generation")}
     print(f"\nbench_workers: CMA-ES, {gens} generations x {popsize}, racing 4/8/16 items on zoo_rev + zoo_add, "
           f"top-2 re-scoring (full dev, 500 items per task) and test scores of each new best (seed {args.seed}); "
           f"CPU workers, 1 thread each; busy from the workers' CPU time; median of {repeats}; "
           f"total {time.monotonic() - t_start:.0f} s; load average {os.getloadavg()[0]:.1f}; "
-          f"same history in all {len(histories)} runs: {same}\n")
-    print("| workers | schedule | jobs | items per job | wall s | busy (CPU) | speed-up vs barrier |")
-    print("|---|---|---|---|---|---|---|")
+          f"same history in each search's runs: {same}; random search: {popsize + 1} a generation, 16 items "
+          "per task\n")
+    print("| search | workers | schedule | jobs | items per job | wall s | busy (CPU) | speed-up vs first row |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['workers']} | {r['mode']} | {r['jobs']} | {r['items'][0]}-{r['items'][1]} | {r['wall']:.1f} | "
-              f"{r['busy']:.0%} | {base[r['workers']] / r['wall']:.2f}x |")
-    speedup = base[2] / next(r["wall"] for r in rows if r["workers"] == 2 and r["mode"] == "pipelined")
+        print(f"| {r['search']} | {r['workers']} | {r['mode']} | {r['jobs']} | {r['items'][0]}-{r['items'][1]} | "
+              f"{r['wall']:.1f} | {r['busy']:.0%} | {base[(r['search'], r['workers'])] / r['wall']:.2f}x |")
+    speedup = base[("cma", 2)] / next(r["wall"] for r in rows if r["workers"] == 2 and r["mode"] == "pipelined")
     target = speedup >= 1.2
     print(f"\n2 workers, pipelined vs barrier: {speedup:.2f}x (target >= 1.2x: {'met' if target else 'missed'})")
     return 0 if same else 1

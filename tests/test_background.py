@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from evomerge.evaluation.trial import TrialResult
 from evomerge.runs.export import ranked_candidates
 from evomerge.runs.folder import history
-from evomerge.search.background import TEST_KEY, SearchBackground
-from evomerge.search.jobs import EvalJob
+from evomerge.search.background import SearchBackground
+from evomerge.search.jobs import TEST_KEY, EvalJob
 from evomerge.search.ranking import top_candidates
 from evomerge.search.records import EvalRecord, FinalRecord, TestRecord
 
@@ -50,6 +50,10 @@ class FakeSearch:
     def job(self, kind, generation, index, genome, subset_generation):
         return EvalJob(kind, generation, index, tuple(genome), Recipe(self.hashes[(generation, index)]), None,
                        "full-dev")
+
+    def test_job(self, r):
+        return EvalJob("test", r.generation, r.index, tuple(r.genome), Recipe(self.hashes[(r.generation, r.index)]),
+                       {}, TEST_KEY)
 
     def cached(self, hit):
         return TrialResult(hit.recipe_hash, hit.fitness, hit.status, hit.reason, hit.metrics, hit.items)

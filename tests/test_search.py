@@ -55,6 +55,7 @@ OPTIMIZERS = {
     "pycma": {"name": "cma", "popsize": 4},
     "optuna-cmaes": {"name": "optuna", "sampler": "CmaEsSampler", "popsize": 4},
     "optuna-tpe": {"name": "optuna", "sampler": "TPESampler", "popsize": 4},
+    "random-steady": {"name": "random_steady", "popsize": 4},  # the steady-state engine (search/steady.py)
 }
 
 

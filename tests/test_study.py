@@ -121,8 +121,8 @@ def test_a_storage_that_is_down_is_reported_once_and_retried(tmp_path, monkeypat
     said: list[str] = []
     m = StudyMirror(tmp_path, cfg, target, said.append)
     m.start(1, 2, [])
-    m.candidate(_record(0, 0, 0.25))
-    m.candidate(_record(0, 1, 0.5))
+    m.logged(_record(0, 0, 0.25))
+    m.logged(_record(0, 1, 0.5))
     deadline = time.monotonic() + 60
     while m.failures < 3 and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -19,6 +19,8 @@ from evomerge.cli.dashboard import add_parsers as add_dashboard_parsers
 from evomerge.cli.merge import add_parser as add_merge_parser
 from evomerge.core.env import quiet_libraries
 from evomerge.core.errors import EvomergeError, UsageError
+from evomerge.evaluation import BACKENDS
+from evomerge.execution import SOURCES
 
 # Quiet, offline-friendly defaults; set before lm-eval, datasets or tqdm are imported.
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -118,7 +120,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=32, help="fixed batch size (default 32; never 'auto')")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+    p.add_argument("--backend", default="hf", choices=BACKENDS,
                    help="hf: lm-eval's Hugging Face backend; vllm: a vLLM engine (pip install 'evomerge[vllm]')")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (can run code)")
@@ -162,11 +164,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         out = search(cfg, run_dir=args.resume or args.run_dir, resume=args.resume is not None,
                      quiet=args.quiet, config_path=args.config, **ray_kw)
-    except SearchStopped:
+    except SearchStopped as e:
         where = args.resume or args.run_dir or "the run folder"
         print(f"stopped; every finished candidate is saved. Resume with: evomerge search --resume {where}",
               file=sys.stderr)
-        return 143
+        return 128 + e.signum  # 143 for SIGTERM, 130 for SIGINT, as a shell reports them
     if out.best_recipe is not None:
         print(f"best recipe: {out.run_dir / 'best.yaml'} (mergekit: {out.run_dir / 'best.mergekit.yaml'})")
     return 0
@@ -188,7 +190,7 @@ def _add_search(sub) -> None:
                    "(see docs/ray.md)")
     p.add_argument("--ray-address", metavar="ADDR", help="join a running Ray cluster (auto, or host:port of "
                    "its head); without it, --workers starts a private local Ray and stops it at the end")
-    p.add_argument("--sources", choices=["path", "object_store"], default="path",
+    p.add_argument("--sources", choices=SOURCES, default="path",
                    help="how workers get the source models: from their folders, which every node must "
                    "read at the same path (default), or shipped through Ray's object store")
     p.add_argument("--study-storage", metavar="URL", help="SQLAlchemy URL of the Optuna study mirroring the run "
@@ -248,7 +250,7 @@ def _add_submit(sub) -> None:
                    "runs/<config name>; made absolute here)")
     p.add_argument("--workers", type=_workers_arg, metavar="N", help="Ray workers (default auto: one per GPU of the "
                    "cluster when device is cuda, else 1)")
-    p.add_argument("--sources", choices=["path", "object_store"], default="path",
+    p.add_argument("--sources", choices=SOURCES, default="path",
                    help="how workers get the source models (see evomerge search --help)")
     p.add_argument("--working-dir", type=Path, help="a folder uploaded with the job (Ray runtime_env working_dir): "
                    "the job runs inside it, relative paths resolve there")
@@ -299,10 +301,12 @@ def _add_jobs(sub) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     import time
 
+    from evomerge.runs.folder import RunFolder
     from evomerge.runs.status import plot_fitness, plot_pareto, read_status, status_table
 
+    run = RunFolder.open(args.run_dir)  # kept across refreshes: each reads only what was appended
     while True:
-        st = read_status(args.run_dir)
+        st = read_status(args.run_dir, run)
         status_table(st).print()
         plot = plot_fitness(st)
         if plot:

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.core.errors import ConfigError
+from evomerge.evaluation import BACKENDS
 from evomerge.evaluation.evaluator import LmEvalEvaluator
 from evomerge.evaluation.tasks import TaskConfig
 
@@ -24,7 +25,7 @@ class EvaluatorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf: lm-eval's Hugging Face backend; vllm: a "
+    backend: Literal[BACKENDS] = Field("hf", description="hf: lm-eval's Hugging Face backend; vllm: a "
                                            "resident vLLM engine, weights swapped in place per candidate")
     kv_cache_gib: int = Field(1, ge=1, le=4096, description="vllm on CPU: KV cache size (GiB)")
     max_model_len: int | None = Field(None, ge=1, description="vllm: context length (default: the model's)")

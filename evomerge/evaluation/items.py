@@ -27,12 +27,7 @@ import numpy as np
 from evomerge.core.io import atomic_write_bytes
 from evomerge.evaluation.fitness import FitnessFunction, Samples
 from evomerge.evaluation.floors import floored_fitness
-from evomerge.evaluation.trial import (
-    TrialResult,
-    finite_metrics,
-    non_finite_metrics,
-    non_finite_reason,
-)
+from evomerge.evaluation.trial import TrialResult, result_of
 
 ITEMS = "items"
 
@@ -137,8 +132,8 @@ class ItemStore:
                 got = {m: _mean([known[i][m] for i in sorted(full)]) for m in names}
                 if partial is not None and t.name in partial.metrics and set(partial.metrics[t.name]) - set(got):
                     return None  # lm-eval reported metrics the per-item log does not hold
-            elif partial is not None and t.name in partial.metrics:
-                got = partial.metrics[t.name]  # scored on the whole subset
+            elif partial is not None and t.name in partial.metrics and not (self.reusable[t.name] and have.get(t.name)):
+                got = partial.metrics[t.name]  # scored on the whole subset (plan sent it whole)
             else:
                 return None
             if t.metric not in got:
@@ -152,13 +147,7 @@ class ItemStore:
         eval_s = partial.eval_s if partial else 0.0
         worker = partial.worker if partial else "items"
         node = partial.node if partial else None
-        if bad := non_finite_metrics(metrics):
-            return TrialResult(h, penalty, "failed", non_finite_reason(bad), finite_metrics(metrics), items, merge_s,
-                               eval_s, worker, node=node)
-        if not np.isfinite(total):
-            return TrialResult(h, penalty, "failed", f"non-finite fitness {total}", metrics, items, merge_s, eval_s,
-                               worker, node=node)
-        return TrialResult(h, float(total), "ok", None, metrics, items, merge_s, eval_s, worker, node=node)
+        return result_of(h, total, metrics, items, penalty, merge_s=merge_s, eval_s=eval_s, worker=worker, node=node)
 
 
 def _unpack(z) -> dict[str, dict[str, list]]:

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from evomerge.core.errors import ConfigError
@@ -72,6 +71,22 @@ def non_finite_reason(bad: list[str]) -> str:
     return f"non-finite metric {', '.join(bad)}"
 
 
+def result_of(recipe_hash: str, fitness: float, metrics: dict[str, dict[str, float]], items: dict[str, int],
+              penalty: float, *, needs_fitness: bool = True, merge_s: float = 0.0, eval_s: float = 0.0,
+              worker: str = "local", node: str | None = None, item_scores: dict | None = None) -> TrialResult:
+    """Scores made into a trial's result: the non-finite rule, in one place for every path (a
+    trial, a result combined from stored items, a test-split score). A non-finite metric, even one
+    the fitness does not use (a perplexity, say), fails it, with that metric left out of its
+    (JSON-safe) metrics; so does a non-finite fitness (``needs_fitness=False``: a test split's,
+    NaN where a task has none). A failed result gets ``penalty`` as its fitness."""
+    kw = {"merge_s": merge_s, "eval_s": eval_s, "worker": worker, "node": node}
+    if bad := non_finite_metrics(metrics):
+        return TrialResult(recipe_hash, penalty, "failed", non_finite_reason(bad), finite_metrics(metrics), items, **kw)
+    if needs_fitness and not math.isfinite(fitness):
+        return TrialResult(recipe_hash, penalty, "failed", f"non-finite fitness {fitness}", metrics, items, **kw)
+    return TrialResult(recipe_hash, float(fitness), "ok", None, metrics, items, item_scores=item_scores, **kw)
+
+
 def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunction, tokenizer,
               samples: Samples, penalty: float) -> TrialResult:
     """Builds ``recipe`` in place and scores it on ``samples`` (task -> items; None: full split)."""
@@ -88,14 +103,8 @@ def run_trial(recipe: Recipe, builder: CandidateBuilder, fitness: FitnessFunctio
         eval_s = time.perf_counter() - t1
     except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:  # a bad candidate, not a bad search
         return TrialResult(h, penalty, "failed", f"{type(e).__name__}: {e}", merge_s=time.perf_counter() - t0)
-    if bad := non_finite_metrics(score.metrics):  # even one the fitness does not use (a perplexity, say)
-        return TrialResult(h, penalty, "failed", non_finite_reason(bad), finite_metrics(score.metrics), score.items,
-                           merge_s, eval_s)
-    if not np.isfinite(score.fitness):
-        return TrialResult(h, penalty, "failed", f"non-finite fitness {score.fitness}", score.metrics, score.items,
-                           merge_s, eval_s)
-    return TrialResult(h, score.fitness, "ok", None, score.metrics, score.items, merge_s, eval_s,
-                       item_scores=score.item_scores)
+    return result_of(h, score.fitness, score.metrics, score.items, penalty, merge_s=merge_s, eval_s=eval_s,
+                     item_scores=score.item_scores)
 
 
 

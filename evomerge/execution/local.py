@@ -15,14 +15,12 @@ from evomerge.evaluation.fitness import FitnessFunction
 from evomerge.evaluation.trial import (
     CandidateBuilder,
     TrialResult,
-    finite_metrics,
-    non_finite_metrics,
-    non_finite_reason,
+    result_of,
     run_trial,
     test_metrics,
 )
-from evomerge.recipes.layer_path import AnyRecipe
 from evomerge.search.jobs import BackgroundWork, EvalJob
+from evomerge.search.records import RecordKind
 
 
 def run_job(job: EvalJob, builder: CandidateBuilder, fitness: FitnessFunction, tokenizer, *, penalty: float,
@@ -30,7 +28,7 @@ def run_job(job: EvalJob, builder: CandidateBuilder, fitness: FitnessFunction, t
     """One job, in this process: a trial, or (kind "test") the recipe's test-split metrics, whose
     ``fitness`` is the weighted sum over the tasks (NaN when a task has no test split). A non-finite
     metric makes it a failed job, with that metric left out of its (JSON-safe) metrics."""
-    if job.kind != "test":
+    if job.kind != RecordKind.TEST:
         return run_trial(job.recipe, builder, fitness, tokenizer, job.samples, penalty)
     h = job.recipe.hash()
     t0 = time.perf_counter()
@@ -38,11 +36,8 @@ def run_job(job: EvalJob, builder: CandidateBuilder, fitness: FitnessFunction, t
         metrics = test_metrics(job.recipe, builder, fitness.tasks, tokenizer, batch_size)
     except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
         return TrialResult(h, math.nan, "failed", f"{type(e).__name__}: {e}", eval_s=time.perf_counter() - t0)
-    if bad := non_finite_metrics(metrics):
-        return TrialResult(h, math.nan, "failed", non_finite_reason(bad), finite_metrics(metrics), {}, 0.0,
-                           time.perf_counter() - t0)
     total = sum(t.weight * metrics[t.name][t.metric] if t.name in metrics else math.nan for t in fitness.tasks)
-    return TrialResult(h, float(total), "ok", None, metrics, {}, 0.0, time.perf_counter() - t0)
+    return result_of(h, total, metrics, {}, math.nan, needs_fitness=False, eval_s=time.perf_counter() - t0)
 
 
 class LocalExecutor:
@@ -54,6 +49,7 @@ class LocalExecutor:
                  batch_size: int):
         self.builder, self.fitness, self.tokenizer = builder, fitness, tokenizer
         self.penalty, self.batch_size = penalty, batch_size
+        self.should_stop = lambda: False  # in-process, a stop signal is seen between jobs
 
     def run(self, jobs: Sequence[EvalJob], *, background: BackgroundWork | None = None
             ) -> Iterator[tuple[EvalJob, TrialResult]]:
@@ -66,9 +62,6 @@ class LocalExecutor:
     def _run(self, job: EvalJob) -> TrialResult:
         return run_job(job, self.builder, self.fitness, self.tokenizer, penalty=self.penalty,
                        batch_size=self.batch_size)
-
-    def test_metrics(self, recipe: AnyRecipe) -> dict[str, dict[str, float]]:
-        return finite_metrics(test_metrics(recipe, self.builder, self.fitness.tasks, self.tokenizer, self.batch_size))
 
     def close(self) -> None:
         pass

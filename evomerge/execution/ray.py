@@ -33,18 +33,19 @@ import torch
 
 from evomerge.core.errors import ConfigError, ExecutionError
 from evomerge.evaluation.trial import TrialResult
+from evomerge.execution import SOURCES
 from evomerge.execution.local import run_job
 from evomerge.execution.sources import ShippedSources, remove_local
 from evomerge.execution.sources import fetch as fetch_sources
 from evomerge.execution.sources import ship as ship_sources
 from evomerge.search.jobs import BackgroundWork, EvalJob
+from evomerge.search.records import RecordKind
 
 MAX_RESTARTS = 4  # Ray restarts of one worker; after that it is given up
 START_TIMEOUT_S = float(os.environ.get("EVOMERGE_WORKER_START_TIMEOUT", 900))
 # Environment variables a worker gets from the driver (task folders, offline switches, test hooks).
 FORWARDED_ENV = ("EVOMERGE_", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
                  "TOKENIZERS_PARALLELISM", "TQDM_DISABLE")
-TEST_KEY = "test-split"
 
 
 def forwarded_env() -> dict[str, str]:
@@ -150,8 +151,8 @@ class RayExecutor:
                  pipelined: bool = True, log=None):
         import ray
 
-        if sources not in ("path", "object_store"):
-            raise ConfigError(f"sources must be 'path' or 'object_store', got {sources!r}")
+        if sources not in SOURCES:
+            raise ConfigError(f"sources must be one of {', '.join(SOURCES)}, got {sources!r}")
         self.cfg, self.fitness, self.pipelined = cfg, fitness, pipelined
         self.penalty = cfg.penalty_fitness
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -339,7 +340,7 @@ class RayExecutor:
                 self._revive(slot)
             if fl.attempt >= 2:
                 self.log(f"worker {slot.name} died again while scoring {what}: it gets the penalty fitness")
-                fitness = self.penalty if fl.job.kind != "test" else float("nan")
+                fitness = self.penalty if fl.job.kind != RecordKind.TEST else float("nan")
                 return TrialResult(fl.job.recipe.hash(), fitness, "failed",
                                    f"the worker died twice while scoring it (last: {reason})",
                                    worker=(slot.info or {}).get("name", slot.name),
@@ -363,14 +364,6 @@ class RayExecutor:
         self._inflight[ref] = _Flight(slot, None, 0, None, time.monotonic())
 
     # ------------------------------------------------------------------ the rest of the interface
-    def test_metrics(self, recipe) -> dict[str, dict[str, float]]:
-        job = EvalJob("test", -1, 0, (), recipe, {}, TEST_KEY)
-        for _, res in self.run([job]):
-            if res.status != "ok" and not res.metrics:  # (a non-finite metric: the others are kept)
-                raise ExecutionError(f"test-split evaluation failed: {res.reason}")
-            return res.metrics
-        return {}
-
     def close(self) -> None:
         import ray
 

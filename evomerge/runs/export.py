@@ -12,7 +12,7 @@ from evomerge.evaluation.floors import floored_fitness
 from evomerge.recipes.mergekit import mergekit_yaml  # noqa: F401  (re-exported)
 from evomerge.recipes.parameter_space import Recipe
 from evomerge.search import ranking
-from evomerge.search.records import EvalRecord
+from evomerge.search.records import EvalRecord, RecordKind
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class FrontMember:
 
 def ranked_candidates(records: list) -> list[EvalRecord]:
     """Distinct successful recipes of a run's records, best first (search.ranking)."""
-    final = next((r for r in reversed(records) if r.type == "final"), None)
+    final = next((r for r in reversed(records) if r.type == RecordKind.FINAL), None)
     return ranking.ranked_candidates(records, final.recipe_hash if final else None)
 
 
@@ -87,7 +87,7 @@ def pick_from_front(run_dir: str | Path, weights: dict[str, float]) -> tuple[Rec
     run = RunFolder.open(run_dir)
     cfg = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))
     tasks = [t.name for t in cfg.tasks]
-    if cfg.optimizer.name != "nsga2":
+    if not cfg.optimizer.multi_objective:
         raise UsageError(f"--weights picks from a Pareto front; run {str(run_dir)!r} is single-objective "
                          f"(optimizer {cfg.optimizer.name}): use --rank")
     unknown = [w for w in weights if w not in tasks]
@@ -119,5 +119,5 @@ def describe(record: EvalRecord | FrontMember) -> str:
         objs = ", ".join(f"{v:.4f}" for v in record.objectives)
         return (f"generation {record.generation}, candidate {record.index}, Pareto member with objectives "
                 f"({objs}), weighted sum {record.weighted:.4f}")
-    kind = "full-dev fitness" if record.type == "rescore" else "search fitness"
+    kind = "full-dev fitness" if record.type == RecordKind.RESCORE else "search fitness"
     return f"generation {record.generation}, candidate {record.index}, {kind} {record.fitness:.4f}"

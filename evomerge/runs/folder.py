@@ -32,8 +32,17 @@ from evomerge.core.io import atomic_write_text
 from evomerge.core.version import __version__
 from evomerge.recipes.layer_path import AnyRecipe, load_recipe
 from evomerge.runs.lock import RunLock, acquire_lock
+from evomerge.search.history import RunHistory
 from evomerge.search.pareto import dominates, pareto_front  # noqa: F401  (re-exported)
-from evomerge.search.records import Record, check_header, from_json, header, to_json
+from evomerge.search.records import (
+    Record,
+    RecordKind,
+    check_header,
+    from_json,
+    header,
+    is_header,
+    to_json,
+)
 
 CONFIG, LOG, OPTIMIZER, BEST, BEST_MK, LOCK, SESSIONS, PARETO = (
     "config.yaml", "log.jsonl", "optimizer.json", "best.yaml", "best.mergekit.yaml", "lock", "sessions.jsonl",
@@ -61,7 +70,7 @@ def read_records(data: bytes) -> tuple[list[dict], int]:
 
 def parse_log(lines: list[dict]) -> list[Record]:
     """Typed records of a log's JSON lines; the header (format 2 on) is checked and left out."""
-    if lines and lines[0].get("type") == "header":
+    if lines and is_header(lines[0]):
         check_header(lines[0])
         lines = lines[1:]
     return [from_json(d) for d in lines]
@@ -69,30 +78,36 @@ def parse_log(lines: list[dict]) -> list[Record]:
 
 # Records written at fixed points of the loop; between two of them, evaluation records may arrive in
 # any order (parallel workers, a resume that serves a repeated recipe from the cache earlier).
-BARRIER_TYPES = ("generation", "final")
+BARRIER_TYPES = (RecordKind.GENERATION, RecordKind.FINAL)
 # Background work (re-scoring of the top candidates, test scores of a new best) runs whenever a
 # worker is free: its records may land anywhere in the log. Their set is fixed by the history, so
 # they are compared as a set: sorted into their own section at the end.
-ORDER_FREE_TYPES = ("rescore", "test")
+ORDER_FREE_TYPES = (RecordKind.RESCORE, RecordKind.TEST)
 
 
 def history(records: list) -> list[dict]:
     """Records (typed, or their JSON) without their volatile fields, evaluation records in a
     canonical order between the barriers, background records (ORDER_FREE_TYPES) sorted at the end:
-    equal for runs with the same history."""
+    equal for runs with the same history. A steady-state engine's blocks overlap in the log (its
+    workers score the next block's candidates while a block is told): a candidate of a later block
+    logged before a ``steady`` generation record belongs to its own block."""
     out, block, free = [], [], []
 
-    def flush():
-        block.sort(key=lambda r: (r["type"], r.get("generation", 0), r.get("index", 0), r.get("stage", 0)))
-        out.extend(block)
-        block.clear()
+    def flush(upto: int | None = None):
+        """Emits the block (``upto``: only up to that generation's candidates; the later ones stay)."""
+        later = [r for r in block if upto is not None and r["type"] == RecordKind.CANDIDATE
+                 and r["generation"] > upto]
+        done = sorted((r for r in block if not any(r is x for x in later)),
+                      key=lambda r: (r["type"], r.get("generation", 0), r.get("index", 0), r.get("stage", 0)))
+        out.extend(done)
+        block[:] = later
 
     for r in records:
         r = {k: v for k, v in (r if isinstance(r, dict) else to_json(r)).items() if k not in VOLATILE_FIELDS}
         if r["type"] in ORDER_FREE_TYPES:
             free.append(r)
         elif r["type"] in BARRIER_TYPES:
-            flush()
+            flush(r.get("generation") if r.get("steady") else None)
             out.append(r)
         else:
             block.append(r)
@@ -107,6 +122,8 @@ class RunFolder:
         self.path = Path(path)
         self._lock: RunLock | None = None  # the held lock (append() checks it)
         self._log = None
+        self._history = RunHistory()  # the log's records read so far, up to byte _read_to
+        self._read_to = 0
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -184,20 +201,41 @@ class RunFolder:
     def config_dict(self) -> dict:
         return yaml.safe_load(self.config_text())
 
+    def read_history(self) -> RunHistory:
+        """The log's complete records as a `RunHistory`, brought up to date by reading only the
+        bytes appended since the last call (a log that shrank, rewritten by hand, is read anew)."""
+        p = self.path / LOG
+        if not p.is_file():
+            self._history, self._read_to = RunHistory(), 0
+            return self._history
+        with open(p, "rb") as f:
+            if os.fstat(f.fileno()).st_size < self._read_to:
+                self._history, self._read_to = RunHistory(), 0
+            f.seek(self._read_to)
+            lines, end = read_records(f.read())
+        if self._read_to == 0:
+            self._history = RunHistory(parse_log(lines))
+        else:
+            self._history.extend(from_json(d) for d in lines)
+        self._read_to += end
+        return self._history
+
     def records(self) -> list[Record]:
         """The log's complete records, typed (search.records), in log order."""
-        p = self.path / LOG
-        return parse_log(read_records(p.read_bytes())[0]) if p.is_file() else []
+        return list(self.read_history().records)
+
+    def _check_lease(self) -> None:
+        if self._lock is None:
+            raise RuntimeError("a write without holding the run folder's lock")
+        if self._lock.lost:  # another process may own the folder now: writing could corrupt it
+            raise RunFolderError(f"run folder {str(self.path)!r}: this search lost its lock (its lease was not "
+                                 "renewed in time); nothing more is written. Resume it with "
+                                 f"`evomerge search --resume {self.path}` once no other search uses the folder")
 
     def append(self, record: Record) -> None:
         """Appends one record and fsyncs it; the first call cuts off a torn tail, and writes the
         format header into a new log. A record with a non-finite number is refused (JSON has none)."""
-        if self._lock is None:
-            raise RuntimeError("append without holding the run folder's lock")
-        if self._lock.lost:  # another process may own the folder now: writing could corrupt its log
-            raise RunFolderError(f"run folder {str(self.path)!r}: this search lost its lock (its lease was not "
-                                 "renewed in time); nothing more is written. Resume it with "
-                                 f"`evomerge search --resume {self.path}` once no other search uses the folder")
+        self._check_lease()
         if self._log is None:
             p = self.path / LOG
             end = 0
@@ -213,9 +251,11 @@ class RunFolder:
         os.fsync(self._log.fileno())
 
     def write_json(self, name: str, data: dict) -> None:
-        atomic_write_text(self.path / name, json.dumps(data, indent=1) + "\n")
+        self.write_text(name, json.dumps(data, indent=1) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
+        """An atomic write of a file of the folder (config, checkpoints), under the same lease as appends."""
+        self._check_lease()
         atomic_write_text(self.path / name, text)
 
     # ------------------------------------------------------------------ the search's checkpoints

@@ -73,16 +73,7 @@ class LogMirror:
         self._thread = threading.Thread(target=self._loop, name=f"evomerge-{self.name}", daemon=True)
         self._thread.start()
 
-    def reference(self, record) -> None:
-        pass  # the reference record also came through candidate() when it was logged
-
-    def candidate(self, record) -> None:
-        self._add([record])
-
-    def generation(self, record, best) -> None:
-        self._add([record])
-
-    def final(self, record) -> None:
+    def logged(self, record) -> None:
         self._add([record])
 
     def _add(self, records: list) -> None:
@@ -129,6 +120,11 @@ class LogMirror:
                 return
 
     @property
+    def writing(self) -> bool:
+        """The writer thread is still running (a close whose wait timed out)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def behind(self) -> int:
         return self._version - self.synced
 
@@ -161,19 +157,7 @@ class Observers:
         for o in self.observers:
             o.start(generations, popsize, records)
 
-    def reference(self, record) -> None:
+    def logged(self, record) -> None:
         for o in self.observers:
-            o.reference(record)
-
-    def candidate(self, record) -> None:
-        for o in self.observers:
-            o.candidate(record)
-
-    def generation(self, record, best) -> None:
-        for o in self.observers:
-            o.generation(record, best)
-
-    def final(self, record) -> None:
-        for o in self.observers:
-            o.final(record)
+            o.logged(record)
 

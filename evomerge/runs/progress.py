@@ -8,7 +8,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from evomerge.search.records import EvalRecord
+from evomerge.search import ranking
+from evomerge.search.history import RunHistory
+from evomerge.search.records import EvalRecord, RecordKind
 
 
 class Display:
@@ -31,28 +33,39 @@ class Display:
 
     def start(self, max_generations, popsize: int, records: list) -> None:
         self.max_generations, self.popsize = max_generations, popsize
-        cands = [r for r in records if r.type == "candidate"]
-        self.evaluations = sum(1 for r in cands if not r.stage)
-        last = [r for r in cands if r.last_stage]
-        self.best = max(last, key=lambda r: r.fitness) if last else None
-        self.gens_done = sum(1 for r in records if r.type == "generation")
+        hist = RunHistory(records)
+        self.evaluations = sum(1 for r in hist.candidates if not r.stage)
+        self.best = hist.best  # search.ranking's rule: the candidate best.yaml names
+        self.gens_done = len(hist.generations)
         if self.evaluations:
             self.message(f"resuming: {self.evaluations} evaluations and {self.gens_done} generations in the log")
+        if hist.reference is not None:
+            self.reference(hist.reference)
         if not self.quiet and self.console.is_terminal:
             self.live = Live(self._panel(), console=self.console, refresh_per_second=4)
             self.live.start()
+
+    def logged(self, rec) -> None:
+        """A record the search appended (every one comes here: search.loop.Search._append)."""
+        kind = RecordKind(rec.type)
+        if kind is RecordKind.REFERENCE:
+            self.reference(rec)
+        elif kind is RecordKind.CANDIDATE:
+            self.candidate(rec)
+        elif kind is RecordKind.GENERATION:
+            self.generation(rec, self.best)
+        elif kind is RecordKind.FINAL:
+            self.final(rec)
 
     def reference(self, rec) -> None:
         self.ref = rec
         self.message(f"starting point: fitness {rec.fitness:.4f} on the full dev split")
 
     def candidate(self, rec) -> None:
-        if rec.type != "candidate":
-            return
         if not rec.stage:  # racing: a candidate counts once, at its first stage
             self.evaluations += 1
             self.n_new += 1
-        if rec.last_stage and (self.best is None or rec.fitness > self.best.fitness):
+        if self.best is None or ranking.better(rec, self.best):
             self.best = rec
         if not rec.ok:
             self.message(f"candidate g{rec.generation}/{rec.index} failed: {rec.reason}")

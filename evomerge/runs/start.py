@@ -150,7 +150,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
     ``study_storage``: the Optuna study's storage URL (runs/study.py), frozen with the run."""
     factory = executor_factory or make_executor_factory(workers, ray_address, sources=sources,
                                                         builder_factory=builder_factory)
-    uses_ray = getattr(factory, "uses_ray", False)
+    uses_ray = getattr(factory, "uses_ray", False)  # a factory's attribute: it decides the background default
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs the run folder")
@@ -217,9 +217,9 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
     search = Search(cfg, run, Observers(display, *mirrors), factory)
 
     def _on_signal(signum, frame):
-        search.stop_requested = True
+        search.stop_signal = signum  # the search stops at its next record (SearchStopped)
 
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM,)}
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return search.run_loop(evaluators)
     finally:

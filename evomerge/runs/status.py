@@ -14,7 +14,7 @@ from evomerge.evaluation.report import Table
 from evomerge.runs.folder import RunFolder, RunFolderError
 from evomerge.search import budget
 from evomerge.search.config import SearchConfig
-from evomerge.search.records import EvalRecord, FinalRecord
+from evomerge.search.records import EvalRecord, FinalRecord, RecordKind
 
 PLOT = "fitness.png"
 PARETO_PLOT = "pareto.png"
@@ -33,7 +33,7 @@ class RunStatus:
     cached: int
     busy_s: float
     reference: EvalRecord | None
-    best: EvalRecord | None  # best candidate by search (subset) fitness
+    best: EvalRecord | None  # best candidate so far (search.ranking: the one best.yaml names)
     final: FinalRecord | None  # the winner after re-scoring, when the search finished
     item_evaluations: int = 0  # items scored (every task, every evaluation; reused items not counted)
     stage_evaluations: int = 0  # racing: evaluations of candidates at stages after the first
@@ -55,24 +55,24 @@ class RunStatus:
         return max(0.0, self.max_generations * self.popsize - self.evaluations) * per
 
 
-def read_status(run_dir: str | Path) -> RunStatus:
-    run = RunFolder.open(run_dir)
+def read_status(run_dir: str | Path, run: RunFolder | None = None) -> RunStatus:
+    """The run folder's status; ``run`` (``status --watch``): the same folder read again, which
+    parses only the records appended since (RunFolder.read_history)."""
+    run = run or RunFolder.open(run_dir)
     cfg = SearchConfig.from_dict(run.config_dict(), source=str(Path(run_dir) / "config.yaml"))
-    records = run.records()
-    stage_recs = [r for r in records if r.type == "candidate"]
+    hist = run.read_history()
+    stage_recs = hist.candidates
     cands = [r for r in stage_recs if not r.stage]  # one per candidate (racing: its first stage)
-    last = [r for r in stage_recs if r.last_stage]
-    gens = [r for r in records if r.type == "generation"]
+    gens = hist.generations
     popsize = gens[0].popsize if gens else cfg.optimizer.popsize
-    evaluated = [r for r in records if r.type in ("reference", "candidate", "rescore")]
+    evaluated = hist.evaluations()
     busy = sum(r.timings.get("merge_s", 0) + r.timings.get("eval_s", 0) for r in evaluated)
     return RunStatus(
-        run_dir=Path(run_dir), config=cfg, records=records, generations=len(gens), max_generations=budget.max_generations(cfg.budget, popsize),
+        run_dir=Path(run_dir), config=cfg, records=list(hist.records), generations=len(gens),
+        max_generations=budget.max_generations(cfg.budget, popsize),
         popsize=popsize, evaluations=len(cands), failed=sum(not r.ok for r in cands),
         cached=sum(bool(r.cached_from) for r in cands), busy_s=busy,
-        reference=next((r for r in records if r.type == "reference"), None),
-        best=max(last, key=lambda r: r.fitness) if last else None,
-        final=next((r for r in reversed(records) if r.type == "final"), None),
+        reference=hist.reference, best=hist.best, final=hist.final,
         item_evaluations=sum(sum((r.items_scored or {}).values()) for r in evaluated),
         stage_evaluations=len(stage_recs) - len(cands),
     )
@@ -101,7 +101,7 @@ def status_table(st: RunStatus) -> Table:
         rows.append(["item evaluations", f"{st.item_evaluations} (items scored, all tasks; reused items not counted)"])
     if st.reference:
         rows.append(["starting point", f"{st.reference.fitness:.4f} (full dev)"])
-    if st.best and st.config.optimizer.name == "nsga2":
+    if st.best and st.config.optimizer.multi_objective:
         front = read_pareto(st.run_dir)
         if front is not None:
             rows.append(["Pareto front", f"{len(front['front'])} non-dominated candidates (pareto.json; "
@@ -122,7 +122,7 @@ def status_table(st: RunStatus) -> Table:
 def plot_fitness(st: RunStatus, path: Path | None = None) -> Path | None:
     """Best-so-far and population median per generation, and one line per task (best-so-far
     candidate's metric). Returns the PNG's path, or None when no generation is complete."""
-    gens = [r for r in st.records if r.type == "generation"]
+    gens = [r for r in st.records if r.type == RecordKind.GENERATION]
     if not gens:
         return None
     import matplotlib
@@ -131,7 +131,7 @@ def plot_fitness(st: RunStatus, path: Path | None = None) -> Path | None:
     import matplotlib.pyplot as plt
 
 
-    cands = {(r.generation, r.index): r for r in st.records if r.type == "candidate"}
+    cands = {(r.generation, r.index): r for r in st.records if r.type == RecordKind.CANDIDATE}
     xs = [g.generation for g in gens]
     best_recs = [cands[(g.best.generation, g.best.index)] for g in gens]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -164,7 +164,7 @@ def plot_pareto(st: RunStatus, path: Path | None = None) -> Path | None:
     """Multi-objective runs: one panel per pair of objectives, every successful candidate in grey,
     the Pareto front (pareto.json) highlighted. None for single-objective runs or before the
     first generation ends."""
-    if st.config.optimizer.name != "nsga2":
+    if not st.config.optimizer.multi_objective:
         return None
     front = read_pareto(st.run_dir)
     if front is None:
@@ -180,7 +180,7 @@ def plot_pareto(st: RunStatus, path: Path | None = None) -> Path | None:
     tasks = st.config.tasks
     names = front["objectives"]
     pts = [[r.metric(t.name, t.metric) for t in tasks]
-           for r in st.records if r.type == "candidate" and r.ok]
+           for r in st.records if r.type == RecordKind.CANDIDATE and r.ok]
     fpts = sorted(m["objectives"] for m in front["front"])
     pairs = list(itertools.combinations(range(len(names)), 2))
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), dpi=110, squeeze=False)

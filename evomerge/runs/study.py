@@ -29,7 +29,7 @@ from evomerge.core.errors import RunFolderError
 from evomerge.core.io import atomic_write_text
 from evomerge.runs.mirror import LogMirror, MirrorDisabled, new_sqlite
 from evomerge.search.config import SearchConfig
-from evomerge.search.records import EvalRecord, FinalRecord, Record
+from evomerge.search.records import EvalRecord, FinalRecord, Record, RecordKind
 
 DB, STUDY_FILE = "optuna.db", "study.json"
 KEY_ATTR, RUN_ATTR = "evomerge_key", "evomerge_run_id"
@@ -110,10 +110,10 @@ def _key(r) -> str:
 
 def settled(records: list[Record]) -> dict[str, list[EvalRecord]]:
     """Candidates whose trial can be written: their records (racing: one a stage), by key."""
-    done_gens = {r.generation for r in records if r.type == "generation"}
+    done_gens = {r.generation for r in records if r.type == RecordKind.GENERATION}
     by_key: dict[str, list[EvalRecord]] = {}
     for r in records:
-        if r.type == "candidate":
+        if r.type == RecordKind.CANDIDATE:
             by_key.setdefault(_key(r), []).append(r)
     out = {}
     for k, recs in by_key.items():
@@ -129,7 +129,7 @@ def make_trial(recs: list[EvalRecord], cfg: SearchConfig, params: list[Param]):
     from optuna.trial import FrozenTrial, TrialState
 
     last = recs[-1]
-    multi = cfg.optimizer.name == "nsga2"
+    multi = cfg.optimizer.multi_objective
     if not last.ok:
         state, values = TrialState.FAIL, None
     elif not last.last_stage:
@@ -165,13 +165,13 @@ def make_trial(recs: list[EvalRecord], cfg: SearchConfig, params: list[Param]):
 def study_attrs(records: list[Record]) -> dict:
     """The study's own user attributes: the starting point, the re-scores and the winner."""
     out = {}
-    ref = next((r for r in records if r.type == "reference"), None)
+    ref = next((r for r in records if r.type == RecordKind.REFERENCE), None)
     if ref is not None:
         out["reference_fitness"] = ref.fitness
-    rescored = {_key(r): r.fitness for r in records if r.type == "rescore"}
+    rescored = {_key(r): r.fitness for r in records if r.type == RecordKind.RESCORE}
     if rescored:
         out["rescored_fitness"] = rescored
-    final: FinalRecord | None = next((r for r in reversed(records) if r.type == "final"), None)
+    final: FinalRecord | None = next((r for r in reversed(records) if r.type == RecordKind.FINAL), None)
     if final is not None:
         out["winner"] = {"key": _key(final), "fitness": final.fitness, "recipe_hash": final.recipe_hash,
                          "test_metrics": final.test_metrics}
@@ -196,7 +196,7 @@ class StudyMirror(LogMirror):
         from optuna.storages import RDBStorage
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        multi = self.cfg.optimizer.name == "nsga2"
+        multi = self.cfg.optimizer.multi_objective
         n = len(self.cfg.tasks) if multi else 1
         new_sqlite(self.target.storage, lambda url: RDBStorage(url).engine.dispose())
         storage = RDBStorage(self.target.storage, engine_kwargs={"pool_pre_ping": True})
@@ -240,7 +240,8 @@ class StudyMirror(LogMirror):
 
     def close(self, timeout: float = 30.0) -> None:
         super().close(timeout)
-        self.study = None
+        if not self.writing:  # a writer whose join timed out still syncs through the study
+            self.study = None
 
 
 def shown(url: str) -> str:

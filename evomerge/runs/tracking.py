@@ -25,7 +25,7 @@ from evomerge.core.io import atomic_write_text
 from evomerge.runs.mirror import LogMirror, new_sqlite
 from evomerge.runs.study import settled
 from evomerge.search.config import MlflowConfig, SearchConfig
-from evomerge.search.records import Record
+from evomerge.search.records import Record, RecordKind
 
 RUN_FILE, DB, ARTIFACTS = "mlflow.json", "mlflow.db", "mlartifacts"
 FINAL_TAG, KEY_TAG = "evomerge.final_logged", "evomerge.run_key"
@@ -129,8 +129,8 @@ class MlflowMirror(LogMirror):
         return run
 
     def _popsize(self, records: list[Record]) -> int:
-        pop = next((r.popsize for r in records if r.type == "generation"), None) or self.popsize
-        return pop or 1 + max((r.index for r in records if r.type == "candidate"), default=0)
+        pop = next((r.popsize for r in records if r.type == RecordKind.GENERATION), None) or self.popsize
+        return pop or 1 + max((r.index for r in records if r.type == RecordKind.CANDIDATE), default=0)
 
     def sync(self, records: list[Record]) -> None:
         if not records:
@@ -157,17 +157,17 @@ class MlflowMirror(LogMirror):
             add("items", sum(r.items.values()), r, step)
             self.steps["fitness"].add(step)
         for r in records:
-            if r.type == "generation" and r.generation not in self.steps["generation/best"]:
+            if r.type == RecordKind.GENERATION and r.generation not in self.steps["generation/best"]:
                 add("generation/best", r.best.fitness, r, r.generation)
                 add("generation/median", r.median, r, r.generation)
                 add("generation/max", r.max, r, r.generation)
                 self.steps["generation/best"].add(r.generation)
-            elif r.type == "rescore" and (step := r.generation * pop + r.index) not in self.steps["rescore/fitness"]:
+            elif r.type == RecordKind.RESCORE and (step := r.generation * pop + r.index) not in self.steps["rescore/fitness"]:
                 add("rescore/fitness", r.fitness, r, step)
                 self.steps["rescore/fitness"].add(step)
         for i in range(0, len(metrics), 500):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
-        final = next((r for r in reversed(records) if r.type == "final"), None)
+        final = next((r for r in reversed(records) if r.type == RecordKind.FINAL), None)
         if final is not None and not self.final_logged:
             self._log_final(final, records)
             self.client.log_batch(self.run_id, tags=[RunTag(FINAL_TAG, "1")])

@@ -17,9 +17,7 @@ from typing import Protocol
 from evomerge.evaluation.trial import TrialResult
 from evomerge.search.jobs import EvalJob
 from evomerge.search.ranking import pick_winner
-from evomerge.search.records import EvalRecord, TestRecord
-
-TEST_KEY = "test-split"
+from evomerge.search.records import EvalRecord, RecordKind, TestRecord
 
 
 class BackgroundHost(Protocol):
@@ -35,6 +33,8 @@ class BackgroundHost(Protocol):
 
     def log_test(self, job: EvalJob, res: TrialResult) -> TestRecord: ...
 
+    def test_job(self, r: EvalRecord) -> EvalJob: ...
+
     def top_candidates(self, records) -> list[EvalRecord]: ...
 
     def check_stop(self) -> None: ...
@@ -45,8 +45,8 @@ class SearchBackground:
 
     def __init__(self, search: BackgroundHost, records: list):
         self.search = search
-        self.rescored = {r.recipe_hash: r for r in records if r.type == "rescore"}
-        self.tested = {r.recipe_hash: r for r in records if r.type == "test"}
+        self.rescored = {r.recipe_hash: r for r in records if r.type == RecordKind.RESCORE}
+        self.tested = {r.recipe_hash: r for r in records if r.type == RecordKind.TEST}
         self.queued: set[tuple[str, str]] = set()
         self.queue: deque[EvalJob] = deque()
         self.triggers: list[list[str]] = []  # top-k hashes whose winner gets a test evaluation
@@ -56,9 +56,9 @@ class SearchBackground:
         top = self.search.top_candidates([r for r in candidates.values() if r.generation <= generation])
         for r in top:
             h = r.recipe_hash
-            if h not in self.rescored and ("rescore", h) not in self.queued:
-                self.queued.add(("rescore", h))
-                self.queue.append(self.search.job("rescore", r.generation, r.index, r.genome, None))
+            if h not in self.rescored and (RecordKind.RESCORE, h) not in self.queued:
+                self.queued.add((RecordKind.RESCORE, h))
+                self.queue.append(self.search.job(RecordKind.RESCORE, r.generation, r.index, r.genome, None))
         self.triggers.append([r.recipe_hash for r in top])
         self._resolve()
 
@@ -72,10 +72,9 @@ class SearchBackground:
                 continue
             win = pick_winner([self.rescored[h] for h in hashes])
             h = win.recipe_hash
-            if h not in self.tested and ("test", h) not in self.queued:
-                self.queued.add(("test", h))
-                job = self.search.job("test", win.generation, win.index, win.genome, None)
-                self.queue.append(EvalJob("test", job.generation, job.index, job.genome, job.recipe, {}, TEST_KEY))
+            if h not in self.tested and (RecordKind.TEST, h) not in self.queued:
+                self.queued.add((RecordKind.TEST, h))
+                self.queue.append(self.search.test_job(win))
         self.triggers = waiting
 
     @property
@@ -86,7 +85,7 @@ class SearchBackground:
         self._resolve()
         while self.queue:
             job = self.queue.popleft()
-            if job.kind == "rescore":
+            if job.kind == RecordKind.RESCORE:
                 hit = self.search.cache.get((job.recipe.hash(), job.eval_key))
                 if hit is not None:  # e.g. the starting point, scored on the full dev split
                     self._log(job, self.search.cached(hit), hit)
@@ -98,7 +97,7 @@ class SearchBackground:
         self._log(job, result, None)
 
     def _log(self, job: EvalJob, result: TrialResult, hit: EvalRecord | None) -> None:
-        if job.kind == "test":
+        if job.kind == RecordKind.TEST:
             self.tested[result.recipe_hash] = self.search.log_test(job, result)
         else:
             self.rescored[result.recipe_hash] = self.search.log(job, result, hit)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from evomerge.search.records import FinalRecord
+from evomerge.search.records import FinalRecord, RecordKind
 
 
 def max_generations(budget, popsize: int | None) -> float:
@@ -32,7 +32,7 @@ def generations_left(budget, generations: int, asked: int) -> bool:
 
 def spent_s(records: list) -> float:
     """Search time of the sessions so far, as the last generation or final record counted it."""
-    return max((r.elapsed_s for r in records if r.type in ("generation", "final") and r.elapsed_s is not None),
+    return max((r.elapsed_s for r in records if r.type in (RecordKind.GENERATION, RecordKind.FINAL) and r.elapsed_s is not None),
                default=0.0)
 
 

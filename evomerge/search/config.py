@@ -32,7 +32,7 @@ from evomerge.evaluation.backends import EvaluatorConfig
 from evomerge.evaluation.floors import FloorsConfig
 from evomerge.evaluation.tasks import TaskConfig
 from evomerge.search.fitness_config import FitnessConfig, check_fitness, irt_requested
-from evomerge.search.optimizers import OPTIMIZERS
+from evomerge.search.optimizers import OPTIMIZERS, REGISTRY, Batch, OptimizerKind
 from evomerge.search.optimizers.cma_options import AUTO_SEPARABLE_DIM, Restarts
 from evomerge.search.spaces.dataflow import DfsSpace
 from evomerge.search.spaces.parameter import SearchSpace
@@ -127,12 +127,21 @@ class OptimizerConfig(_Strict):
             raise ValueError(f"unknown optimizer {v!r}; choose one of {', '.join(OPTIMIZERS)}")
         return v
 
+    @property
+    def kind(self) -> OptimizerKind:
+        """What the optimizer declares (search/optimizers: its objectives, its batch rule)."""
+        return REGISTRY[self.name]
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.kind.multi_objective
+
     @model_validator(mode="after")
     def _sampler(self) -> OptimizerConfig:
-        if self.name == "nsga2":
+        if self.multi_objective:
             if self.sampler != "CmaEsSampler":
-                raise ValueError("nsga2 is Optuna's NSGAIISampler; sampler does not apply (sampler_args do)")
-        elif self.name == "optuna":
+                raise ValueError(f"{self.name} is Optuna's NSGAIISampler; sampler does not apply (sampler_args do)")
+        elif self.kind.options == "optuna":
             from evomerge.search.optimizers.optuna import sampler_class
 
             sampler_class(self.sampler)
@@ -290,7 +299,8 @@ class SearchConfig(_Strict):
             opt = data.get("optimizer")
             name = opt.get("name") if isinstance(opt, dict) else None
             if (isinstance(tasks, list) and tasks and all(isinstance(t, dict) and t.get("limit") is None for t in tasks)
-                    and name != "nsga2" and not irt_requested(data)):
+                    and (name not in REGISTRY or REGISTRY[name].batch is Batch.GENERATION
+                         and not REGISTRY[name].multi_objective) and not irt_requested(data)):
                 data = dict(data, racing=DEFAULT_RACING)
         return data
 
@@ -330,12 +340,19 @@ class SearchConfig(_Strict):
             if limited:
                 raise ValueError(f"tasks.{limited[0]}.limit: with racing the stages decide how many items a "
                                  "candidate is scored on; remove limit")
-            if self.optimizer.name == "nsga2":
+            if self.optimizer.multi_objective:
                 raise ValueError("racing: needs a single fitness to promote by; it does not combine with "
-                                 "optimizer nsga2 (one objective per task)")
+                                 f"optimizer {self.optimizer.name} (one objective per task)")
+            if self.optimizer.kind.batch is not Batch.GENERATION:
+                raise ValueError(f"racing: races the candidates of a generation; optimizer {self.optimizer.name} "
+                                 "takes one candidate at a time (set racing: null)")
         check_fitness(self)
-        if self.optimizer.name == "nsga2" and len(self.tasks) < 2:
-            raise ValueError("optimizer.name: nsga2 keeps one objective per task and needs at least two tasks")
+        if self.optimizer.multi_objective and len(self.tasks) < 2:
+            raise ValueError(f"optimizer.name: {self.optimizer.name} keeps one objective per task and needs at "
+                             "least two tasks")
+        if self.optimizer.kind.batch is not Batch.GENERATION and self.fitness.irt:
+            raise ValueError(f"fitness.estimator irt refits after each generation; optimizer {self.optimizer.name} "
+                             "takes one candidate at a time (use estimator: mean)")
         if self.floors is not None:
             self.floors.check_tasks(self.tasks)
         if self.optimizer.start == "best_plain" and self.is_dfs:

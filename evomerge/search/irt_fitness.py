@@ -35,7 +35,7 @@ from evomerge.evaluation import irt
 from evomerge.evaluation.fitness import FitnessFunction, Samples
 from evomerge.evaluation.items import ItemStore
 from evomerge.models.sources import load_source_lm
-from evomerge.search.records import EvalRecord, IrtRecord, Metrics
+from evomerge.search.records import EvalRecord, IrtRecord, Metrics, RecordKind
 
 IRT_DIR = "irt"
 SOURCES = "sources.npz"
@@ -83,10 +83,11 @@ class IrtFitness:
         self.cfg, self.fitness, self.items = cfg, fitness, items
         self.root = Path(run_path) / IRT_DIR
         self.n_anchors = cfg.fitness.n_anchors
-        self.logged: dict[int, IrtRecord] = {r.generation: r for r in records if r.type == "irt"}
+        self.logged: dict[int, IrtRecord] = {r.generation: r for r in records if r.type == RecordKind.IRT}
         self.params: dict[str, irt.ItemParams] = {}
         self.anchors: dict[str, list[int]] = {}
         self.sources: dict[str, np.ndarray] = {}
+        self.fit_key: str | None = None  # the fit in use (its inputs' hash): part of an estimated job's settings key
         check_anchors(cfg, fitness.evaluators)
         for t in cfg.tasks:
             if not items.reusable[t.name]:
@@ -115,9 +116,13 @@ class IrtFitness:
         return out
 
     # ------------------------------------------------------------------ estimates
+    def estimates(self, kind: RecordKind, samples: Samples) -> bool:
+        """Whether an evaluation's fitness is an estimate: a candidate scored on its anchors."""
+        return kind == RecordKind.CANDIDATE and samples == self.anchor_samples()
+
     def estimate(self, job, res) -> Metrics | None:
         """The IRT estimates of a candidate scored on its anchors (None for any other evaluation)."""
-        if job.kind != "candidate" or res.status != "ok" or job.samples != self.anchor_samples():
+        if res.status != "ok" or not self.estimates(job.kind, job.samples):
             return None
         have = self.items.data.get(res.recipe_hash, {})
         out: Metrics = {}
@@ -219,6 +224,7 @@ class IrtFitness:
                         items_scored=scored or {}, time=time.time())
         append(rec)
         self.logged[generation] = rec
+        self.fit_key = rec.inputs
         return rec
 
     def _load(self, rec: IrtRecord, ys) -> None:
@@ -228,4 +234,5 @@ class IrtFitness:
                                  "changed, so this run cannot continue exactly")
         with np.load(self.root / rec.params_file) as z:
             self.params = {t.name: irt.ItemParams(z[f"{t.name}/a"], z[f"{t.name}/d"]) for t in self.cfg.tasks}
+        self.fit_key = rec.inputs
 

@@ -14,22 +14,30 @@ background work until there is none left and nothing is in flight (a barrier).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from evomerge.evaluation.fitness import Samples
 from evomerge.evaluation.trial import TrialResult
 from evomerge.recipes.layer_path import AnyRecipe
+from evomerge.search.records import RecordKind
+
+TEST_KEY = "test-split"  # the settings key of a test-split job (its items: each task's whole test split)
 
 
 class SearchStopped(Exception):
-    """SIGTERM (or SIGINT) arrived; every finished candidate is in the log."""
+    """SIGTERM or SIGINT arrived; every finished candidate is in the log. ``signum``: which."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
 @dataclass(frozen=True)
 class EvalJob:
-    kind: str  # "reference", "candidate", "rescore" or "test": the log record's type
+    kind: RecordKind  # reference, candidate, rescore or test: the kind of the record it makes
     generation: int
     index: int
     genome: tuple[float, ...]
@@ -50,16 +58,16 @@ class BackgroundWork(Protocol):
 
 
 class Executor(Protocol):
+    """Everything the search loop uses of an executor."""
+
     pipelined: bool  # True: background work runs in idle slots during batches; False: only at barriers
+    # set by the search: True once a stop signal arrived (a worker that dies then is not the candidate's fault)
+    should_stop: Callable[[], bool]
 
     def run(self, jobs: Sequence[EvalJob], *, background: BackgroundWork | None = None
             ) -> Iterator[tuple[EvalJob, TrialResult]]:
         """Scores every job once; yields each (job, result) as it finishes, in any order. With no
         jobs, runs ``background`` until it is exhausted."""
-        ...
-
-    def test_metrics(self, recipe: AnyRecipe) -> dict[str, dict[str, float]]:
-        """The recipe's metrics on each task's test split (reports only)."""
         ...
 
     def close(self) -> None: ...

@@ -11,17 +11,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from evomerge.recipes.layer_path import AnyRecipe
+from evomerge.search.records import Record
 
 
 class RunJournal(Protocol):
     path: Path  # the folder that also holds per-item score files (evaluation.items)
 
-    def records(self) -> list[dict[str, Any]]:
+    def records(self) -> list[Record]:
         """Every complete record logged so far, in log order."""
         ...
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Appends one record durably (a kill after this returns loses nothing)."""
+    def append(self, record: Record) -> None:
+        """Appends one record durably (a kill after this returns loses nothing); the lost-lease check
+        of the run folder applies to it and to every checkpoint write."""
         ...
 
     def write_optimizer(self, state: dict[str, Any]) -> None: ...
@@ -34,16 +36,12 @@ class RunJournal(Protocol):
 
 
 class SearchObserver(Protocol):
-    """Progress display of a search (runs.progress.Display); told, never asked."""
+    """Who follows a search (runs.progress.Display, the mirrors of runs/mirror.py); told, never asked."""
 
     def message(self, text: str) -> None: ...
 
-    def start(self, generations: float, popsize: int, records: list[dict[str, Any]]) -> None: ...
+    def start(self, generations: float, popsize: int, records: list[Record]) -> None: ...
 
-    def reference(self, record: dict[str, Any]) -> None: ...
-
-    def candidate(self, record: dict[str, Any]) -> None: ...
-
-    def generation(self, record: dict[str, Any], best: dict[str, Any]) -> None: ...
-
-    def final(self, record: dict[str, Any]) -> None: ...
+    def logged(self, record: Record) -> None:
+        """Each record, once it is in the log (every record the search appends comes here)."""
+        ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from evomerge.search.records import EvalRecord
+from evomerge.search.records import EvalRecord, RecordKind
 
 
 def standing(r: EvalRecord) -> tuple[float, float, int, int]:
@@ -18,11 +18,23 @@ def standing(r: EvalRecord) -> tuple[float, float, int, int]:
     return (-r.depth, -r.fitness, r.generation, r.index)
 
 
+def better(a: EvalRecord, b: EvalRecord) -> bool:
+    """Whether ``a`` outranks ``b``: a successful candidate outranks a failed one (whatever its
+    penalty fitness), then the standing decides."""
+    if a.ok != b.ok:
+        return a.ok
+    return standing(a) < standing(b)
+
+
 def best_of(records: Iterable[EvalRecord]) -> EvalRecord:
     """The best successful candidate (any candidate when all failed: each has the penalty)."""
-    records = list(records)
-    ok = [r for r in records if r.ok] or records
-    return min(ok, key=standing)
+    best = None
+    for r in records:
+        if best is None or better(r, best):
+            best = r
+    if best is None:
+        raise ValueError("best_of: no candidate")
+    return best
 
 
 def top_candidates(records: Iterable[EvalRecord], k: int) -> list[EvalRecord]:
@@ -45,9 +57,9 @@ def ranked_candidates(records: Iterable, winner_hash: str | None = None) -> list
     first, then by that score), then the others by their standing. ``records`` may hold any
     record types; only candidate and rescore records are read."""
     records = list(records)
-    rescored = {r.recipe_hash: r for r in records if r.type == "rescore" and r.ok}
+    rescored = {r.recipe_hash: r for r in records if r.type == RecordKind.RESCORE and r.ok}
     top = sorted(rescored.values(), key=lambda r: (r.recipe_hash != winner_hash, -r.fitness, r.generation,
                                                    r.index))
-    rest = [r for r in top_candidates((r for r in records if r.type == "candidate"), len(records))
+    rest = [r for r in top_candidates((r for r in records if r.type == RecordKind.CANDIDATE), len(records))
             if r.recipe_hash not in rescored]
     return top + rest

@@ -21,12 +21,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, asdict, dataclass, fields
+from enum import StrEnum
 from typing import Any, Literal
 
 from evomerge.core.errors import RunFolderError
 
 LOG_FORMAT = 2  # 1: today's records without a header; 2: the same records after a header line
-EvalKind = Literal["reference", "candidate", "rescore"]
+
+
+class RecordKind(StrEnum):
+    """A log record's ``type`` (a str, so that the JSON form is unchanged). The only place the
+    kinds are spelled: everything else compares against these members."""
+
+    REFERENCE = "reference"
+    CANDIDATE = "candidate"
+    RESCORE = "rescore"
+    TEST = "test"
+    GENERATION = "generation"
+    FINAL = "final"
+    IRT = "irt"
+
+    @property
+    def evaluation(self) -> bool:
+        """An `EvalRecord`: a recipe scored on dev items (the reference, a candidate, a re-score)."""
+        return self in EVAL_KINDS
+
+    @property
+    def search_items(self) -> bool:
+        """Items scored by the search's own evaluations (re-scoring, background work, is not counted,
+        so that generation records do not depend on when it ran)."""
+        return self in (RecordKind.REFERENCE, RecordKind.CANDIDATE, RecordKind.IRT)
+
+
+EVAL_KINDS = (RecordKind.REFERENCE, RecordKind.CANDIDATE, RecordKind.RESCORE)
+EvalKind = Literal[RecordKind.REFERENCE, RecordKind.CANDIDATE, RecordKind.RESCORE]
 Metrics = dict[str, dict[str, float]]  # task -> metric -> value
 
 
@@ -95,7 +123,7 @@ class TestRecord:
     worker: str | None
     time: float
     node: str | None = None
-    type: Literal["test"] = "test"
+    type: Literal[RecordKind.TEST] = RecordKind.TEST
 
 
 @dataclass(frozen=True)
@@ -126,7 +154,8 @@ class GenerationRecord:
     time: float
     elapsed_s: float | None = None  # search time so far, all sessions (a time budget's count)
     racing: RaceSummary | None = None
-    type: Literal["generation"] = "generation"
+    steady: bool | None = None  # a steady-state engine's block (search/steady.py); None: a generation
+    type: Literal[RecordKind.GENERATION] = RecordKind.GENERATION
 
 
 @dataclass(frozen=True)
@@ -141,7 +170,7 @@ class FinalRecord:
     test_metrics: Metrics
     time: float
     elapsed_s: float | None = None
-    type: Literal["final"] = "final"
+    type: Literal[RecordKind.FINAL] = RecordKind.FINAL
 
 
 @dataclass(frozen=True)
@@ -156,17 +185,17 @@ class IrtRecord:
     anchors: dict[str, list[int]] | None  # task -> anchor items (generation -1 only)
     items_scored: dict[str, int]  # task -> items scored for this fit (the sources, generation -1)
     time: float
-    type: Literal["irt"] = "irt"
+    type: Literal[RecordKind.IRT] = RecordKind.IRT
 
 
 Record = EvalRecord | TestRecord | GenerationRecord | FinalRecord | IrtRecord
-_OPTIONAL = {"stage", "stages", "items_file", "items_key", "racing", "elapsed_s", "node", "estimated"}  # left out of the JSON when None
+_OPTIONAL = {"stage", "stages", "items_file", "items_key", "racing", "elapsed_s", "node", "estimated", "steady"}  # left out of the JSON when None
 
 
 def to_json(record: Record) -> dict[str, Any]:
     """The record as the log stores it (keys in field order, ``type`` first)."""
     data = asdict(record)
-    out: dict[str, Any] = {"type": data.pop("type")}
+    out: dict[str, Any] = {"type": str(data.pop("type"))}
     for k, v in data.items():
         if not (k in _OPTIONAL and v is None):
             out[k] = v
@@ -185,22 +214,35 @@ def _build(cls, data: dict[str, Any], **nested):
     return cls(**kw)
 
 
+def kind_of(data: dict[str, Any]) -> RecordKind | None:
+    """The kind of a record's JSON form (None: not a record, the header say)."""
+    try:
+        return RecordKind(data.get("type"))
+    except ValueError:
+        return None
+
+
 def from_json(data: dict[str, Any]) -> Record:
     """A log line's record; unknown keys (a newer minor field) are ignored, a missing one refused."""
-    kind = data.get("type")
-    if kind in ("reference", "candidate", "rescore"):
+    kind = kind_of(data)
+    if kind is None:
+        raise RunFolderError(f"unknown record type {data.get('type')!r} in the run log")
+    data = {**data, "type": kind}
+    if kind.evaluation:
         return _build(EvalRecord, data)
-    if kind == "test":
+    if kind is RecordKind.TEST:
         return _build(TestRecord, data)
-    if kind == "generation":
+    if kind is RecordKind.GENERATION:
         race = data.get("racing")
         return _build(GenerationRecord, data, best=CandidateRef(**data["best"]),
                       racing=RaceSummary(**race) if race else None)
-    if kind == "final":
+    if kind is RecordKind.FINAL:
         return _build(FinalRecord, data)
-    if kind == "irt":
-        return _build(IrtRecord, data)
-    raise RunFolderError(f"unknown record type {kind!r} in the run log")
+    return _build(IrtRecord, data)
+
+
+def is_header(data: dict[str, Any]) -> bool:
+    return data.get("type") == "header"
 
 
 def header(version: str) -> dict[str, Any]:

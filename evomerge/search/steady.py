@@ -1,0 +1,133 @@
+"""The steady-state engine: an optimizer that takes one candidate at a time (`optimizers.Batch.STEADY`).
+
+The executor pulls candidates from it as workers free up (it is the executor's work source, like
+background work: search/jobs.py), so no worker waits for a generation's slowest candidate. The
+history stays a function of the seed alone, whatever the workers and timing:
+
+- candidate ``k`` (logged as generation ``k // popsize``, index ``k % popsize``: a block of the
+  log, with its item subset and its generation record) is asked only once the result of candidate
+  ``k - pending`` is in, and the optimizer is told the results in log order, each one just before
+  the ask it may influence (candidate ``j`` before ask ``j + pending``): every ask sees exactly the
+  same tells, so a resume replays the asks bit for bit;
+- a block's generation record is written when its last candidate is told, from told candidates only.
+
+Between candidates the workers take the search's background work (re-scoring, test scores).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from evomerge.core.errors import RunFolderError
+from evomerge.evaluation.trial import TrialResult
+from evomerge.search.jobs import EvalJob
+from evomerge.search.records import EvalRecord, RecordKind
+
+
+class SteadyState:
+    """The `search.jobs.BackgroundWork` that hands out candidates (and the search's background work)."""
+
+    def __init__(self, search, logged: dict, candidates: dict, done_gens: set[int]):
+        self.s = search
+        self.opt = search.optimizer
+        self.popsize = self.opt.popsize
+        self.pending = self.opt.pending
+        self.logged, self.candidates, self.done_gens = logged, candidates, done_gens
+        self.asked = 0
+        self.told = 0
+        self.results: dict[int, tuple[np.ndarray, EvalRecord]] = {}  # k -> its genome and record, once scored
+        self.flight: dict[tuple[int, int], tuple[int, np.ndarray]] = {}  # (generation, index) -> k, genome
+        self.told_records: dict[tuple[int, int], EvalRecord] = {}
+        self.items = sum(sum((r.items_scored or {}).values()) for r in search.run.records()
+                         if r.type in (RecordKind.REFERENCE, RecordKind.IRT))
+
+    @property
+    def generations(self) -> int:
+        return self.told // self.popsize
+
+    def _may_ask(self, k: int) -> bool:
+        g = k // self.popsize
+        cfg = self.s.cfg.budget
+        if cfg.generations and g >= cfg.generations or cfg.evaluations and k >= cfg.evaluations:
+            return False
+        # logged candidates are replayed whatever the time left; a time budget runs at least one block
+        return (g, k % self.popsize, 0) in self.logged or g == 0 or self.s._time_left()
+
+    # ------------------------------------------------------------------ BackgroundWork
+    def next(self) -> EvalJob | None:
+        while True:
+            k = self.asked
+            if not self._may_ask(k):
+                if not self.flight:
+                    self._tell_upto(self.asked)  # the end: every result told
+                return self._background()
+            if not self._ready(k - self.pending + 1):
+                return self._background()  # a result this ask must see is not in yet
+            self._tell_upto(k - self.pending + 1)
+            x = self.opt.ask(1)[0]
+            self.asked += 1
+            g, i = divmod(k, self.popsize)
+            rec = self.logged.get((g, i, 0))
+            if rec is not None:
+                if [float(v) for v in x] != rec.genome:
+                    raise RunFolderError(f"resume: the optimizer does not reproduce the logged genome of "
+                                         f"generation {g}, candidate {i}; the code, the config or the platform "
+                                         "changed, so this run cannot continue exactly")
+                self._scored(k, x, rec)
+                continue
+            job = self.s.job(RecordKind.CANDIDATE, g, i, x, g)
+            hit = self.s.cache.get((job.recipe.hash(), job.eval_key))
+            if hit is not None:
+                self._scored(k, x, self.s.log(job, self.s.cached(hit), hit))
+                continue
+            self.flight[(g, i)] = (k, x)
+            return job
+
+    def done(self, job: EvalJob, result: TrialResult) -> None:
+        if job.kind != RecordKind.CANDIDATE:  # background work
+            self.s.background.done(job, result)
+            return
+        k, x = self.flight.pop((job.generation, job.index))
+        self._scored(k, x, self.s.log(job, result, None))
+        self.s.check_stop()
+
+    def _background(self) -> EvalJob | None:
+        bg = self.s.background
+        return bg.next() if bg is not None else None
+
+    # ------------------------------------------------------------------ telling, in log order
+    def _scored(self, k: int, x: np.ndarray, rec: EvalRecord) -> None:
+        self.results[k] = (x, rec)
+        self.candidates[(rec.generation, rec.index)] = rec
+
+    def _ready(self, n: int) -> bool:
+        """Candidates told..n-1 are scored."""
+        return all(m in self.results for m in range(self.told, n))
+
+    def _tell_upto(self, n: int) -> None:
+        """Tells the results of candidates told..n-1 (all of them scored), in log order."""
+        while self.told < n:
+            x, rec = self.results.pop(self.told)
+            self.opt.tell(x[None, :], np.array([rec.fitness]))
+            self.told_records[(rec.generation, rec.index)] = rec
+            self.items += sum((rec.items_scored or {}).values())
+            self.told += 1
+            if self.told % self.popsize == 0:
+                self._end_block(self.told // self.popsize - 1)
+
+    def _end_block(self, g: int) -> None:
+        block = [self.told_records[(g, i)] for i in range(self.popsize)]
+        if g not in self.done_gens:
+            self.s._end_generation(g, block, [r.fitness for r in block], self.told_records, None, items=self.items)
+        elif g + 1 not in self.done_gens:
+            self.s._checkpoint(self.told_records)
+        if self.s.background is not None:
+            self.s.background.plan(g, self.told_records)
+
+
+def run_steady(search, logged: dict, candidates: dict, done_gens: set[int]) -> int:
+    """Runs the steady-state engine on the search's executor to the budget; returns the blocks told."""
+    engine = SteadyState(search, logged, candidates, done_gens)
+    for _ in search._run([], background=engine):
+        pass
+    return -(-engine.told // engine.popsize)  # a last, partial block (an evaluations budget) counts
