@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from evomerge.evaluation.trial import CandidateBuilder
 from evomerge.execution.local import LocalExecutor
 from evomerge.runs.folder import RunFolder
 from evomerge.runs.frozen import check_tasks_unchanged, load_frozen, record_tasks, with_inline_space
+from evomerge.runs.migrate import migrated
 from evomerge.runs.mirror import LogMirror, Observers
 from evomerge.runs.progress import Display
 from evomerge.runs.study import StudyMirror, shown, study_target
@@ -141,6 +143,30 @@ def with_frozen_base_scores(cfg: SearchConfig | None, frozen: SearchConfig) -> S
         update={"base_scores": frozen.floors.base_scores})})
 
 
+@dataclass(frozen=True)
+class SearchPlan:
+    """A new search, checked and resolved in one step before its run folder is written: the config
+    as it is frozen (the space inline, the floors' base scores measured, background work decided,
+    the mirrors' settings) with the task evaluators, and where its run folder goes."""
+
+    cfg: SearchConfig
+    evaluators: dict
+    run_dir: Path
+
+
+def plan_search(cfg: SearchConfig, *, run_dir: str | Path | None = None, config_path: str | None = None,
+                study_storage: str | None = None, uses_ray: bool = False) -> SearchPlan:
+    """Every check of a new search that needs no run folder (a bad config leaves nothing behind)."""
+    check_mirrors(with_mirror_settings(cfg, None, study_storage))
+    evaluators = validate(cfg)
+    cfg = with_base_scores(cfg, evaluators)  # floors at the base's scores: measured once, frozen
+    if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
+        cfg = cfg.model_copy(update={"background": uses_ray})
+    cfg = with_inline_space(cfg)  # the run folder is self-contained: see runs/frozen.py
+    cfg = with_mirror_settings(cfg, None, study_storage)
+    return SearchPlan(cfg, evaluators, Path(run_dir or cfg.run_dir or default_run_dir(config_path)))
+
+
 def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
                quiet: bool = False, builder_factory=default_builder, config_path: str | None = None,
                workers: int | str | None = None, ray_address: str | None = None, sources: str = "path",
@@ -155,9 +181,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
         if run_dir is None:
             raise ConfigError("--resume needs the run folder")
         run = RunFolder.open(run_dir)
-        frozen = load_frozen(run)
-        if frozen.background is None:  # a run folder from before background work: none
-            frozen = frozen.model_copy(update={"background": False})
+        frozen, rewrite = migrated(load_frozen(run))  # earlier run-folder formats (runs/migrate.py)
         if cfg is not None and cfg.background is None:
             cfg = cfg.model_copy(update={"background": frozen.background})
         cfg = with_frozen_base_scores(cfg, frozen)
@@ -182,8 +206,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
             if moved != frozen:  # the mirrors (study, tracking) may move on resume
                 frozen = moved
                 run.write_text("config.yaml", frozen.to_yaml())
-            if isinstance(frozen.search_space, str):  # a run folder from before inline spaces: freeze it now
-                frozen = with_inline_space(frozen)
+            if rewrite:
                 run.write_text("config.yaml", frozen.to_yaml())
             cfg = frozen
             evaluators = validate(cfg)
@@ -194,15 +217,10 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
     else:
         if cfg is None:
             raise ConfigError("a config is needed to start a search")
-        check_mirrors(with_mirror_settings(cfg, None, study_storage))
-        evaluators = validate(cfg)  # before the run folder exists: a bad config leaves nothing behind
-        cfg = with_base_scores(cfg, evaluators)  # floors at the base's scores: measured once, frozen
-        if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
-            cfg = cfg.model_copy(update={"background": uses_ray})
-        run_dir = Path(run_dir or cfg.run_dir or default_run_dir(config_path))
-        cfg = with_inline_space(cfg)  # the run folder is self-contained: see runs/frozen.py
-        cfg = with_mirror_settings(cfg, None, study_storage)
-        run = RunFolder.create(run_dir, cfg.to_yaml())
+        plan = plan_search(cfg, run_dir=run_dir, config_path=config_path, study_storage=study_storage,
+                           uses_ray=uses_ray)
+        cfg, evaluators = plan.cfg, plan.evaluators
+        run = RunFolder.create(plan.run_dir, cfg.to_yaml())
         try:
             record_tasks(run, evaluators)
         except BaseException:
