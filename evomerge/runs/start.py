@@ -19,7 +19,7 @@ from evomerge.evaluation.trial import CandidateBuilder
 from evomerge.execution.local import LocalExecutor
 from evomerge.runs.folder import RunFolder
 from evomerge.runs.frozen import check_tasks_unchanged, load_frozen, record_tasks, with_inline_space
-from evomerge.runs.mirror import LogMirror, Observers
+from evomerge.runs.mirror import LogMirror, Observers, local_store_problem
 from evomerge.runs.progress import Display
 from evomerge.runs.study import StudyMirror, shown, study_target
 from evomerge.runs.tracking import MlflowMirror
@@ -106,6 +106,13 @@ def check_mirrors(cfg: SearchConfig) -> None:
     if cfg.tracking.mlflow is not None and _missing("mlflow"):
         raise ConfigError("tracking: mlflow needs MLflow, which is not installed: "
                           "pip install 'evomerge[tracking]' (or turn tracking off)")
+    if cfg.tracking.mlflow is not None and cfg.tracking.mlflow.uri:  # one that can never work
+        from evomerge.runs.tracking import tracking_uri_problem
+
+        if problem := tracking_uri_problem(cfg.tracking.mlflow.uri):
+            raise ConfigError(f"tracking.mlflow.uri: {problem}")
+    if cfg.study is not None and cfg.study.storage and (problem := local_store_problem(cfg.study.storage)):
+        raise ConfigError(f"study.storage (--study-storage) {shown(cfg.study.storage)}: {problem}")
     if cfg.study is not None and cfg.study.storage:
         from sqlalchemy.engine import make_url
 
@@ -151,11 +158,13 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
     factory = executor_factory or make_executor_factory(workers, ray_address, sources=sources,
                                                         builder_factory=builder_factory)
     uses_ray = getattr(factory, "uses_ray", False)
+    check_executor = getattr(factory, "check", lambda cfg: None)  # Ray: its address and CPUs, now
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs the run folder")
         run = RunFolder.open(run_dir)
         frozen = load_frozen(run)
+        check_executor(cfg if cfg is not None else frozen)
         if frozen.background is None:  # a run folder from before background work: none
             frozen = frozen.model_copy(update={"background": False})
         if cfg is not None and cfg.background is None:
@@ -195,6 +204,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
         if cfg is None:
             raise ConfigError("a config is needed to start a search")
         check_mirrors(with_mirror_settings(cfg, None, study_storage))
+        check_executor(cfg)
         evaluators = validate(cfg)  # before the run folder exists: a bad config leaves nothing behind
         cfg = with_base_scores(cfg, evaluators)  # floors at the base's scores: measured once, frozen
         if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
