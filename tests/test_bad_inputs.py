@@ -544,3 +544,61 @@ def test_dashboard_port_in_use_names_it(tiny, tmp_path, capsys):
         port = s.getsockname()[1]
         rc, _, err = run_cli(capsys, "dashboard", tmp_path / "run", "--port", port)
     assert rc == 2 and f"cannot serve on 127.0.0.1:{port}: Address already in use" in err
+
+
+# ------------------------------------------------------------------ integrity of the sources (#33)
+@pytest.fixture(scope="module")
+def lora_run(tiny, tmp_path_factory) -> dict[str, Path]:
+    from lora_helpers import make_adapter
+
+    tmp = tmp_path_factory.mktemp("lora_run")
+    a1 = make_adapter(tiny["base"], tmp / "a1", seed=1, targets=("q_proj", "v_proj"), alpha=16)
+    a2 = make_adapter(tiny["base"], tmp / "a2", seed=2, targets=("q_proj", "v_proj"), alpha=16)
+    cfg = write_yaml(tmp / "c.yml", tiny_config_dict(tiny, tmp, models=[str(a1), str(a2)]))
+    assert main(["search", str(cfg), "--quiet"]) == 0
+    return {"run": tmp / "run", "a1": a1}
+
+
+def test_a_changed_adapter_config_is_refused_by_materialize_and_resume(lora_run, tmp_path, capsys):
+    config = lora_run["a1"] / "adapter_config.json"
+    before = config.read_text()
+    rc, _, _ = run_cli(capsys, "materialize", lora_run["run"], "--out", tmp_path / "m", "--no-test")
+    assert rc == 0 and "adapter_config.json" in (tmp_path / "m" / "README.md").read_text()  # in the card's hashes
+    config.write_text(before.replace('"lora_alpha": 16', '"lora_alpha": 64'))
+    try:
+        assert before != config.read_text()
+        for cmd in (["materialize", lora_run["run"], "--out", tmp_path / "m2", "--no-test"],
+                    ["search", "--resume", lora_run["run"], "--quiet"]):
+            rc, _, err = run_cli(capsys, *cmd)
+            assert rc == 2 and f"source models.0 '{lora_run['a1']}' is not the one the search scored: " \
+                               f"{config} (changed)" in err, (cmd, err)
+        assert not (tmp_path / "m2").exists()
+    finally:
+        config.write_text(before)
+
+
+def test_a_changed_tokenizer_is_refused_by_resume(lora_run, tiny, capsys):
+    tok = tiny["base"] / "tokenizer_config.json"
+    before = tok.read_text()
+    tok.write_text(before.replace("{", '{"model_max_length": 7, ', 1))
+    try:
+        rc, _, err = run_cli(capsys, "search", "--resume", lora_run["run"], "--quiet")
+        assert rc == 2 and f"source base_model '{tiny['base']}'" in err and f"{tok} (changed)" in err
+    finally:
+        tok.write_text(before)
+
+
+def test_materialize_removes_the_staging_folders_of_dead_runs(lora_run, tmp_path, capsys):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".old.materializing-{int(done.stdout)}"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"partial")
+    live_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".other.materializing-{live_proc.pid}"
+        live.mkdir()
+        rc, _, _ = run_cli(capsys, "materialize", lora_run["run"], "--out", tmp_path / "m", "--no-test")
+        assert rc == 0 and not dead.exists() and live.is_dir()
+    finally:
+        live_proc.kill()
+        live_proc.wait()

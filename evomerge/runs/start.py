@@ -21,6 +21,7 @@ from evomerge.runs.folder import RunFolder
 from evomerge.runs.frozen import check_tasks_unchanged, load_frozen, record_tasks, with_inline_space
 from evomerge.runs.mirror import LogMirror, Observers, local_store_problem
 from evomerge.runs.progress import Display
+from evomerge.runs.source_hashes import check_sources_unchanged, record_sources
 from evomerge.runs.study import StudyMirror, shown, study_target
 from evomerge.runs.tracking import MlflowMirror
 from evomerge.search.config import SearchConfig, StudyConfig, default_run_dir
@@ -197,6 +198,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
             cfg = frozen
             evaluators = validate(cfg)
             check_tasks_unchanged(run, evaluators)
+            check_sources_unchanged(run.path, cfg, "resume")
         except BaseException:
             run.close()
             raise
@@ -215,6 +217,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
         run = RunFolder.create(run_dir, cfg.to_yaml())
         try:
             record_tasks(run, evaluators)
+            record_sources(run, cfg)
         except BaseException:
             run.close()
             raise
