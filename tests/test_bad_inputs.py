@@ -602,3 +602,8 @@ def test_materialize_removes_the_staging_folders_of_dead_runs(lora_run, tmp_path
     finally:
         live_proc.kill()
         live_proc.wait()
+
+
+def test_study_sync_storage_that_is_not_a_url(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "study", "sync", tmp_path, "--storage", "not a url")
+    assert rc == 2 and "--storage: 'not a url' is not a SQLAlchemy URL" in err

@@ -13,6 +13,8 @@ from evomerge.core.errors import EvomergeError, UsageError
 def cmd_study_sync(args: argparse.Namespace) -> int:
     from evomerge.runs.study import sync_study
 
+    if args.storage is not None:
+        check_storage_url(args.storage)
     added, total = sync_study(args.run_dir, args.storage)
     print(f"study of {args.run_dir}: {added} trials added, {total} in all")
     return 0
