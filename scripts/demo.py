@@ -59,7 +59,7 @@ def main() -> int:
     t0 = time.perf_counter()
 
     step(1, f"model zoo -> {args.zoo}")
-    build_zoo(args.zoo, ZooParams(threads=args.threads))
+    build_zoo(args.zoo, ZooParams())
 
     cfg = SearchConfig.load(args.config)
     run_dir = Path(cfg.run_dir)

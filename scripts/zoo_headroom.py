@@ -99,7 +99,7 @@ def main() -> int:
         args.evals, args.dev_limit = 40, 100
     quiet_libraries()
     torch.set_num_threads(args.threads)
-    build_zoo(args.zoo, ZooParams(threads=args.threads))
+    build_zoo(args.zoo, ZooParams())
     tasks = list(read_manifest(args.zoo)["tasks"].values())
     if args.table_only:
         rows = [r.strip() for r in args.rows.split(",")] if args.rows else None

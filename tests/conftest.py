@@ -2,7 +2,8 @@
 
 The zoo cache lives in ``$EVOMERGE_CACHE`` (default ``~/.cache/evomerge``) under
 ``zoo/<key>``, where the key hashes the builder's source, its parameters and the torch version:
-the first run builds it (about 3 minutes on 2 cores), later runs reuse it.
+the first run builds it (about 3.5 minutes on 2 cores), later runs reuse it. The CPU-kernel pins
+below are the zoo's too (evomerge/zoo/kernels.py), so the fixture builds it in this process.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from merge_helpers import save_model, tiny_config
 from evomerge.cli.main import main
 
 pytestmark = pytest.mark.slow
+REPO_EVALS_DIR = Path(__file__).resolve().parent.parent / "evals"
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -368,3 +369,241 @@ def test_run_dir_that_is_a_file(zoo_dir, tmp_path, capsys):
     assert rc == 2 and f"run_dir (--run-dir) '{tmp_path / 'f'}' is a file, not a folder" in err
     rc, _, err = run_cli(capsys, "search", cfg, "--run-dir", tmp_path / "f" / "sub")
     assert rc == 2 and f"run_dir (--run-dir) '{tmp_path / 'f' / 'sub'}': cannot create it" in err
+
+
+# ------------------------------------------------------------------ refused before the run folder (#33)
+# Each case below was, before #33, a traceback, a failure only after the run folder existed, a
+# silent acceptance or a hang. Tiny models with the zoo's tokenizer: no zoo build needed.
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    from merge_helpers import model_family
+
+    base, ft1, ft2 = model_family(tmp_path_factory.mktemp("tiny"), n=2)
+    return {"base": base, "ft1": ft1, "ft2": ft2}
+
+
+def tiny_config_dict(tiny, tmp: Path, **over) -> dict:
+    cfg = {"models": [str(tiny["ft1"]), str(tiny["ft2"])], "base_model": str(tiny["base"]),
+           "search_space": "ps_task_arithmetic", "tasks": [{"name": "zoo_add", "limit": 4}],
+           "optimizer": {"popsize": 2}, "budget": {"generations": 1}, "rescore_top_k": 1, "threads": 1,
+           "study": None, "run_dir": str(tmp / "run")}
+    cfg.update(over)
+    return cfg
+
+
+def refused(capsys, tmp: Path, cfg: dict, *extra: str) -> str:
+    """`evomerge search` on ``cfg``: exit code 2, one error line, no run folder; the message."""
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp / "c.yml", cfg), "--quiet", *extra)
+    assert rc == 2, err
+    assert not (tmp / "run").exists(), "refused after the run folder was created"
+    return err
+
+
+def test_task_filter_that_does_not_compile(tiny, tmp_path, capsys, monkeypatch):
+    tasks = tmp_path / "tasks"
+    shutil.copytree(REPO_EVALS_DIR, tasks, ignore=shutil.ignore_patterns("*.yaml"))
+    text = (REPO_EVALS_DIR / "zoo_add_gen.yaml").read_text().replace("task: zoo_add_gen", "task: my_gen")
+    (tasks / "my_gen.yaml").write_text(re.sub(r"regex_pattern: .*", 'regex_pattern: "([0-9"', text))
+    monkeypatch.setenv("EVOMERGE_TASKS", str(tasks))
+    err = refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path, tasks=[{"name": "my_gen", "metric": "exact_match",
+                                                                             "limit": 4}]))
+    assert "tasks.0: task 'my_gen': its filter 'extract'" in err and "regex_pattern" in err
+    assert "unterminated character set" in err
+
+
+@pytest.mark.parametrize("evaluator,message", [
+    ({"max_model_len": 1}, "evaluator.max_model_len: 1 leaves no room for a prompt: at least 2"),
+    ({"max_model_len": 1_000_000_000}, "evaluator.max_model_len: 1000000000 is longer than the model's 32 positions"),
+    ({"kv_cache_gib": 4000}, "evaluator.kv_cache_gib: 4000 GiB of KV cache, but this machine has"),
+])
+def test_vllm_limits_against_the_model_and_the_machine(tiny, tmp_path, capsys, evaluator, message):
+    pytest.importorskip("vllm")
+    err = refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path, evaluator={"backend": "vllm", **evaluator}))
+    assert message in err
+
+
+def test_vllm_context_shorter_than_a_generation_budget(tiny, tmp_path, capsys):
+    pytest.importorskip("vllm")
+    cfg = tiny_config_dict(tiny, tmp_path, evaluator={"backend": "vllm", "max_model_len": 8},
+                           tasks=[{"name": "zoo_add_gen", "metric": "exact_match", "limit": 4}])
+    assert "evaluator.max_model_len: 8 leaves no room for a prompt: at least 9" in refused(capsys, tmp_path, cfg)
+
+
+@pytest.mark.parametrize("gen_kwargs,message", [
+    ({"max_gen_tokz": 4}, "tasks.0.gen_kwargs: unknown generation key 'max_gen_tokz' (did you mean 'max_gen_toks'?)"),
+    ({"max_gen_toks": -3}, "tasks.0.gen_kwargs.max_gen_toks: the number of tokens to generate, a positive integer "
+                           "(got -3)"),
+    ({"temperature": -1.0}, "tasks.0.gen_kwargs.temperature: a finite number >= 0 (got -1.0)"),
+])
+def test_gen_kwargs_checked_against_the_backend(tiny, tmp_path, capsys, gen_kwargs, message):
+    cfg = tiny_config_dict(tiny, tmp_path, tasks=[{"name": "zoo_add_gen", "metric": "exact_match", "limit": 4,
+                                                   "gen_kwargs": gen_kwargs}])
+    assert message in refused(capsys, tmp_path, cfg)
+
+
+def test_the_same_model_listed_twice(tiny, tmp_path, capsys):
+    cfg = tiny_config_dict(tiny, tmp_path, models=[str(tiny["ft1"]), str(tiny["ft2"]), str(tiny["ft1"]) + "/"])
+    assert f"models.2: '{tiny['ft1']}/' is listed twice (also models.0)" in refused(capsys, tmp_path, cfg)
+
+
+def test_an_infinite_space_bound_is_one_short_line(tiny, tmp_path, capsys):
+    space = {"method": "task_arithmetic", "parameters": {"weight": {"low": 0.0, "high": float("inf")}}}
+    err = refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path, search_space=space))
+    assert "search_space.parameters.weight.high: Input should be a finite number" in err
+    assert "nan" not in err and len(err.splitlines()) == 1 and len(err) < 200, err
+
+
+def test_search_space_errors_are_the_spaces_own(tiny, tmp_path, capsys):
+    space = {"method": "task_arithmetic", "parameters": {"weight": {"low": 0.0, "high": 1.0}}, "sigma": 0.1}
+    err = refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path, search_space=space))
+    assert "search_space.sigma: unknown key (did you mean 'sigma0'?)" in err
+    assert "valid string" not in err
+
+
+def test_irt_on_a_metric_outside_the_unit_interval(tiny, tmp_path, capsys):
+    cfg = tiny_config_dict(tiny, tmp_path, tasks=[{"name": "zoo_add", "metric": "bleu"}], racing=None,
+                           fitness={"estimator": "irt", "anchors": 4})
+    assert ("tasks.0.metric: fitness.estimator irt needs a metric in [0, 1]" in refused(capsys, tmp_path, cfg))
+
+
+@pytest.mark.parametrize("floors,message", [
+    ({"values": {"zoo_add": 1.5}}, "floors.values.zoo_add: 1.5 lies outside the range [0, 1] of its metric acc"),
+    ({"margin": float("nan")}, "floors.margin: Input should be a finite number"),
+    ({"margin": 5.0}, "floors.margin: 5.0 is as wide as the whole range [0, 1] of the metric acc"),
+    ({"base_scores": {"zoo_add": 0.3}}, "floors.base_scores: not set by hand"),
+])
+def test_floors_within_the_metrics_range(tiny, tmp_path, capsys, floors, message):
+    assert message in refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path, floors=floors))
+
+
+def test_unknown_field_in_adapter_config(tiny, tmp_path, capsys):
+    from lora_helpers import edit_config, make_adapter
+
+    adapter = make_adapter(tiny["base"], tmp_path / "adapter", seed=1, targets=("q_proj", "v_proj"))
+    edit_config(adapter, lora_scale_boost=4.0)
+    cfg = tiny_config_dict(tiny, tmp_path, models=[str(adapter), str(tiny["ft1"])])
+    err = refused(capsys, tmp_path, cfg)
+    assert "models.0:" in err and "has field(s) lora_scale_boost that peft" in err
+
+
+def test_adapter_folder_without_its_config(tiny, tmp_path, capsys):
+    from lora_helpers import make_adapter
+
+    adapter = make_adapter(tiny["base"], tmp_path / "adapter", seed=1, targets=("q_proj",))
+    (adapter / "adapter_config.json").unlink()
+    err = refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path, models=[str(adapter), str(tiny["ft1"])]))
+    assert "holds a PEFT adapter (adapter_model.safetensors) but has no adapter_config.json" in err
+
+
+def test_more_workers_than_cpus(tiny, tmp_path, capsys):
+    import os
+
+    err = refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path), "--workers", "1000")
+    assert f"--workers 1000: each worker takes 1 CPU (threads: 1), and the Ray started here has this machine's " \
+           f"{os.cpu_count()}" in err
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_unreachable_ray_address(tiny, tmp_path, capsys):
+    err = refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path), "--ray-address", "127.0.0.1:1")
+    assert "--ray-address 127.0.0.1:1: nothing answers at 127.0.0.1:1 within 10 s" in err
+
+
+def test_mirrors_that_can_never_work(tiny, tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    (tmp_path / "file").write_text("")
+    storage = f"sqlite:///{tmp_path / 'file' / 'optuna.db'}"
+    err = refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path, study={"storage": storage}))
+    assert f"study.storage (--study-storage) {storage}: {tmp_path / 'file'} is a file" in err
+    err = refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path, tracking={"mlflow": {"uri": "bogus://x/y"}}))
+    assert "tracking.mlflow.uri: MLflow has no tracking store for 'bogus://x/y'" in err
+
+
+def test_dashboard_arguments(tmp_path, capsys):
+    pytest.importorskip("optuna_dashboard")
+    with pytest.raises(SystemExit) as e:
+        main(["dashboard", str(tmp_path), "--port", "99999"])
+    assert e.value.code == 2 and "99999 is not a TCP port (1 to 65535)" in capsys.readouterr().err
+    rc, _, err = run_cli(capsys, "dashboard", tmp_path, "--storage", "not a url")
+    assert rc == 2 and "--storage: 'not a url' is not a SQLAlchemy URL" in err
+
+
+def test_dashboard_port_in_use_names_it(tiny, tmp_path, capsys):
+    pytest.importorskip("optuna_dashboard")
+    import socket
+
+    from evomerge.runs.folder import RunFolder
+
+    cfg = yaml.safe_dump(tiny_config_dict(tiny, tmp_path, study={}))
+    RunFolder.create(tmp_path / "run", cfg).close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rc, _, err = run_cli(capsys, "dashboard", tmp_path / "run", "--port", port)
+    assert rc == 2 and f"cannot serve on 127.0.0.1:{port}: Address already in use" in err
+
+
+# ------------------------------------------------------------------ integrity of the sources (#33)
+@pytest.fixture(scope="module")
+def lora_run(tiny, tmp_path_factory) -> dict[str, Path]:
+    from lora_helpers import make_adapter
+
+    tmp = tmp_path_factory.mktemp("lora_run")
+    a1 = make_adapter(tiny["base"], tmp / "a1", seed=1, targets=("q_proj", "v_proj"), alpha=16)
+    a2 = make_adapter(tiny["base"], tmp / "a2", seed=2, targets=("q_proj", "v_proj"), alpha=16)
+    cfg = write_yaml(tmp / "c.yml", tiny_config_dict(tiny, tmp, models=[str(a1), str(a2)]))
+    assert main(["search", str(cfg), "--quiet"]) == 0
+    return {"run": tmp / "run", "a1": a1}
+
+
+def test_a_changed_adapter_config_is_refused_by_materialize_and_resume(lora_run, tmp_path, capsys):
+    config = lora_run["a1"] / "adapter_config.json"
+    before = config.read_text()
+    rc, _, _ = run_cli(capsys, "materialize", lora_run["run"], "--out", tmp_path / "m", "--no-test")
+    assert rc == 0 and "adapter_config.json" in (tmp_path / "m" / "README.md").read_text()  # in the card's hashes
+    config.write_text(before.replace('"lora_alpha": 16', '"lora_alpha": 64'))
+    try:
+        assert before != config.read_text()
+        for cmd in (["materialize", lora_run["run"], "--out", tmp_path / "m2", "--no-test"],
+                    ["search", "--resume", lora_run["run"], "--quiet"]):
+            rc, _, err = run_cli(capsys, *cmd)
+            assert rc == 2 and f"source models.0 '{lora_run['a1']}' is not the one the search scored: " \
+                               f"{config} (changed)" in err, (cmd, err)
+        assert not (tmp_path / "m2").exists()
+    finally:
+        config.write_text(before)
+
+
+def test_a_changed_tokenizer_is_refused_by_resume(lora_run, tiny, capsys):
+    tok = tiny["base"] / "tokenizer_config.json"
+    before = tok.read_text()
+    tok.write_text(before.replace("{", '{"model_max_length": 7, ', 1))
+    try:
+        rc, _, err = run_cli(capsys, "search", "--resume", lora_run["run"], "--quiet")
+        assert rc == 2 and f"source base_model '{tiny['base']}'" in err and f"{tok} (changed)" in err
+    finally:
+        tok.write_text(before)
+
+
+def test_materialize_removes_the_staging_folders_of_dead_runs(lora_run, tmp_path, capsys):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".old.materializing-{int(done.stdout)}"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"partial")
+    live_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".other.materializing-{live_proc.pid}"
+        live.mkdir()
+        rc, _, _ = run_cli(capsys, "materialize", lora_run["run"], "--out", tmp_path / "m", "--no-test")
+        assert rc == 0 and not dead.exists() and live.is_dir()
+    finally:
+        live_proc.kill()
+        live_proc.wait()
+
+
+def test_study_sync_storage_that_is_not_a_url(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "study", "sync", tmp_path, "--storage", "not a url")
+    assert rc == 2 and "--storage: 'not a url' is not a SQLAlchemy URL" in err

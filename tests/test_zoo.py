@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from evomerge.core.errors import ZooError
-from evomerge.zoo.build import ZooParams, build_zoo, read_manifest
+from evomerge.zoo.build import ZooParams, build_zoo, cache_key, read_manifest, weight_hashes
+from evomerge.zoo.kernels import KERNEL_PINS, X86_64
 from evomerge.zoo.train import ModelShape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,18 +57,32 @@ TINY = ZooParams(shape=ModelShape(layers=2, hidden=32, intermediate=64, heads=2)
                  base_steps=40, spec_max_steps=30, val_items=40)
 BUILD_SNIPPET = """
 import sys
+import torch
+torch.set_num_threads(int(sys.argv[2]))
 from evomerge.zoo.build import ZooParams, build_zoo
 from evomerge.zoo.train import ModelShape
 p = ZooParams(shape=ModelShape(layers=2, hidden=32, intermediate=64, heads=2),
               base_steps=40, spec_max_steps=30, val_items=40)
 build_zoo(sys.argv[1], p, log=lambda *a: None)
 """
+GOLDEN_HASHES = json.loads((REPO / "tests" / "golden" / "zoo_hashes.json").read_text())
+x86_64_only = pytest.mark.skipif(not X86_64, reason="the committed hashes are x86-64's (pinned AVX2 kernels); "
+                                 "on another architecture a zoo is its own, with its own key")
 
 
-def test_two_builds_in_fresh_processes_are_byte_identical(tmp_path):
+@x86_64_only
+def test_two_builds_with_other_thread_counts_give_the_committed_hashes(tmp_path):
+    """One build with the pins in its environment and 1 thread; one with torch imported unpinned
+    (it trains in a pinned child process) and 2 threads: the same bytes, the committed ones."""
+    import os
+
+    from cpu_kernels import PINNED
+
     outs = [tmp_path / "a", tmp_path / "b"]
-    for out in outs:
-        subprocess.run([sys.executable, "-c", BUILD_SNIPPET, str(out)], check=True, cwd=tmp_path)
+    unpinned = {k: v for k, v in os.environ.items() if k not in PINNED}
+    for out, threads, env in ((outs[0], 1, {**os.environ, **PINNED}), (outs[1], 2, unpinned)):
+        subprocess.run([sys.executable, "-c", BUILD_SNIPPET, str(out), str(threads)], check=True, cwd=tmp_path,
+                       env=env)
     files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.safetensors"))
     assert len(files) == 4
     for rel in files:
@@ -76,6 +91,21 @@ def test_two_builds_in_fresh_processes_are_byte_identical(tmp_path):
     a, b = (json.loads((o / "zoo.json").read_text()) for o in outs)
     a["build"].pop("seconds"), b["build"].pop("seconds")
     assert a == b
+    assert a["weights_sha256"] == weight_hashes(outs[0])
+    assert a["weights_sha256"] == GOLDEN_HASHES[cache_key(TINY)]["weights_sha256"]
+
+
+@x86_64_only
+def test_the_test_zoo_has_the_committed_hashes(zoo_dir):
+    manifest = read_manifest(zoo_dir)
+    assert manifest["weights_sha256"] == weight_hashes(zoo_dir)  # zoo.json tells the truth
+    assert manifest["weights_sha256"] == GOLDEN_HASHES[manifest["key"]]["weights_sha256"]
+
+
+def test_the_zoos_kernel_pins_are_the_goldens():
+    from cpu_kernels import PINNED
+
+    assert KERNEL_PINS == PINNED
 
 
 def test_second_build_does_nothing_and_other_params_are_refused(tmp_path):
@@ -111,8 +141,11 @@ def test_training_reports_every_step_for_the_progress_bar(capsys):
     train(new_model(tok, shape, 0), tok, TrainConfig(steps=3, lr=1e-3, batch=4, warmup=1), shape.seq_len,
           _base_batch((1, 1, 1, 1)), seed=0, on_step=steps.append)
     assert steps == [1, 2, 3]
-    with _steps_bar(False, "base", 3) as off:
-        assert off is None  # no bar: the build passes no callback
+    lines: list[str] = []
+    with _steps_bar(False, "base", 30, lines.append) as off:  # no terminal: lines in the log
+        for s in range(1, 31):
+            off(s)
+    assert [ln.split(",")[0] for ln in lines] == [f"  base: step {s}/30" for s in range(3, 30, 3)]
     with _steps_bar(True, "base", 3) as on:
         for s in (1, 2, 3):
             on(s)

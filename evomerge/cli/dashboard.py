@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from evomerge.core.errors import EvomergeError, UsageError
 def cmd_study_sync(args: argparse.Namespace) -> int:
     from evomerge.runs.study import sync_study
 
+    if args.storage is not None:
+        check_storage_url(args.storage)
     added, total = sync_study(args.run_dir, args.storage)
     print(f"study of {args.run_dir}: {added} trials added, {total} in all")
     return 0
@@ -26,6 +29,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from evomerge.runs.frozen import load_frozen
     from evomerge.runs.study import shown, study_target, sync_study
 
+    if args.storage is not None:
+        check_storage_url(args.storage)
     run = RunFolder.open(args.run_dir)
     target = study_target(run.path, load_frozen(run), args.storage)
     if target is None:
@@ -38,8 +43,39 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         print(f"note: the study was not synced ({e})", file=sys.stderr)
     print(f"optuna-dashboard on {shown(target.storage)}, study {target.name!r}: "
           f"http://{args.host}:{args.port}/dashboard/ (Ctrl-C stops it)", file=sys.stderr, flush=True)
-    run_server(target.storage, host=args.host, port=args.port)
+    try:
+        run_server(target.storage, host=args.host, port=args.port)
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise UsageError(f"cannot serve on {args.host}:{args.port}: {e.strerror} (--host, --port; another "
+                             "dashboard may be running there: choose another port)") from None
+        raise
     return 0
+
+
+def port_number(text: str) -> int:
+    """--port: a TCP port, 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1 to 65535)")
+    return port
+
+
+def check_storage_url(url: str) -> None:
+    """--storage: a SQLAlchemy URL with a driver that is installed, refused before anything opens."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url).get_dialect()
+    except ArgumentError:
+        raise UsageError(f"--storage: {url!r} is not a SQLAlchemy URL (e.g. sqlite:///optuna.db, "
+                         "postgresql+psycopg://user@host/db)") from None
+    except Exception as e:  # noqa: BLE001 - sqlalchemy's NoSuchModuleError for an unknown dialect
+        raise UsageError(f"--storage: {url!r} cannot be used: {e}") from None
 
 
 def add_parsers(sub) -> None:
@@ -49,7 +85,7 @@ def add_parsers(sub) -> None:
                        "parallel-coordinate and Pareto plots, live while the search runs. The study is first "
                        "brought up to date with the log when no search holds the run folder. See docs/tracking.md.")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--port", type=port_number, default=8080, help="port (default 8080)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--storage", metavar="URL", help="the study's storage, when not the run's own")
     p.set_defaults(func=cmd_dashboard)

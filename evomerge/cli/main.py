@@ -32,13 +32,17 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # ----------------------------------------------------------------------------- zoo
 def cmd_zoo(args: argparse.Namespace) -> int:
+    from evomerge.zoo.kernels import pin_kernels
+
+    pin_kernels()  # before torch is imported: one zoo per key on every x86-64 machine
     import torch  # noqa: F401  (imported here so --help stays fast)
 
     from evomerge.zoo.build import ZooParams, build_zoo
 
     quiet_libraries()
-    build_zoo(args.out, ZooParams(seed=args.seed, threads=args.threads), force=args.force,
-              progress=True)  # a bar of training steps on a terminal
+    # a bar of training steps on a terminal, progress lines otherwise (a log)
+    build_zoo(args.out, ZooParams(seed=args.seed), force=args.force, progress=sys.stderr.isatty(),
+              log=lambda msg: print(msg, flush=True))
     if args.lora:  # the LoRA specialists, cached under their own key (evomerge/zoo/lora.py)
         from evomerge.zoo.lora import LoraZooParams, build_lora_zoo
 
@@ -54,11 +58,12 @@ def _add_zoo(sub) -> None:
     p = sub.add_parser("zoo", help="build the offline model zoo (tokenizer, base, specialists)",
                        description="Builds a character tokenizer, a small Llama base model pre-trained on a "
                        "synthetic corpus, and one specialist per skill (add, rev, sub) fine-tuned from it. "
-                       "Deterministic for a seed and thread count; a second build with the same parameters "
-                       "does nothing. About 3 minutes on 2 CPU cores.")
+                       "The same weights for a seed on every x86-64 machine (one training thread, pinned CPU "
+                       "kernels; their sha256 in zoo.json); a second build with the same parameters does nothing.")
     p.add_argument("--out", type=Path, required=True, help="output folder (e.g. artifacts/zoo)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads used for training (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of --blocks' training (default 2; "
+                   "the zoo itself trains on one, so that its weights do not depend on it)")
     p.add_argument("--force", action="store_true", help="replace a folder that holds something else")
     p.add_argument("--lora", action="store_true", help="also train one rank-8 LoRA adapter per skill "
                    "into OUT/lora (peft; under a minute on 2 cores; docs/lora.md)")

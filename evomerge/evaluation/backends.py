@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,6 +37,88 @@ class EvaluatorConfig(BaseModel):
         """What enters a score's settings key (the fitness cache, per-item reuse): empty for the
         default backend, so runs made before this key existed keep their keys."""
         return {} if self.backend == "hf" else {"evaluator": self.model_dump(mode="json")}
+
+
+# gen_kwargs keys lm-eval itself reads before the backend sees the rest (lm_eval.models.utils.
+# normalize_gen_kwargs): the stop strings, the token budget (and its aliases), greedy or sampled.
+LM_EVAL_GEN_KEYS = ("until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens",
+                    "do_sample", "temperature")
+TOKEN_BUDGETS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+
+
+def backend_gen_keys(backend: str) -> set[str]:
+    """The generation keys a backend passes on: transformers' GenerationConfig fields (hf, given to
+    ``model.generate``) or vLLM's SamplingParams fields (vllm); lm-eval's own keys on top."""
+    if backend == "vllm":
+        from vllm import SamplingParams
+
+        keys = {k for k in SamplingParams.__struct_fields__ if not k.startswith("_")}
+    else:
+        from transformers import GenerationConfig
+
+        keys = {k for k in GenerationConfig().to_dict() if not k.startswith("_")}
+    return keys | set(LM_EVAL_GEN_KEYS)
+
+
+def check_gen_kwargs(gen_kwargs: dict[str, Any] | None, backend: str, field: str) -> None:
+    """A task's gen_kwargs against what the backend accepts, before any model loads: an unknown key
+    (a typo reaches ``generate`` or SamplingParams only when the first candidate is scored) and
+    values lm-eval would pass on unchecked (a negative token budget, a negative temperature)."""
+    if not gen_kwargs:
+        return
+    for key in TOKEN_BUDGETS:
+        v = gen_kwargs.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{field}.{key}: the number of tokens to generate, a positive integer (got {v!r})")
+    t = gen_kwargs.get("temperature")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0):
+        raise ConfigError(f"{field}.temperature: a finite number >= 0 (got {t!r})")
+    until = gen_kwargs.get("until")
+    if until is not None and not (isinstance(until, str) or (isinstance(until, list)
+                                                              and all(isinstance(u, str) for u in until))):
+        raise ConfigError(f"{field}.until: a stop string or a list of them (got {until!r})")
+    if "do_sample" in gen_kwargs and not isinstance(gen_kwargs["do_sample"], bool):
+        raise ConfigError(f"{field}.do_sample: true or false (got {gen_kwargs['do_sample']!r})")
+    known = backend_gen_keys(backend)
+    unknown = sorted(set(gen_kwargs) - known)
+    if unknown:
+        import difflib
+
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        what = "vLLM's SamplingParams" if backend == "vllm" else "transformers' generate()"
+        raise ConfigError(f"{field}: unknown generation key {', '.join(hints)}: the {backend} backend accepts "
+                          f"lm-eval's ({', '.join(LM_EVAL_GEN_KEYS)}) and those of {what}")
+
+
+def memory_gib() -> float:
+    """This machine's physical memory (GiB)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def check_vllm_limits(cfg: EvaluatorConfig, model_config: dict, device: str, *, min_len: int = 2) -> None:
+    """The vllm settings against the model and the machine, before an engine starts: a context
+    longer than the model's positions, one too short for any prompt (``min_len``: the generation
+    tasks' token budget + 1), a CPU KV cache larger than the machine's memory."""
+    if cfg.backend != "vllm":
+        return
+    if cfg.max_model_len is not None:
+        positions = next((model_config[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                          if isinstance(model_config.get(k), int)), None)
+        if positions is not None and cfg.max_model_len > positions:
+            raise ConfigError(f"evaluator.max_model_len: {cfg.max_model_len} is longer than the model's "
+                              f"{positions} positions (max_position_embeddings); give at most {positions}, "
+                              "or leave it out (the model's)")
+        if cfg.max_model_len < min_len:
+            raise ConfigError(f"evaluator.max_model_len: {cfg.max_model_len} leaves no room for a prompt: at "
+                              f"least {min_len} (the tokens a generation task may generate, plus one)")
+    if not device.startswith("cuda"):
+        total = memory_gib()
+        if cfg.kv_cache_gib >= total:
+            raise ConfigError(f"evaluator.kv_cache_gib: {cfg.kv_cache_gib} GiB of KV cache, but this machine "
+                              f"has {total:.1f} GiB of memory in all; give less than {int(total)}")
 
 
 def make_evaluator(cfg: EvaluatorConfig | None, task: TaskConfig, *, split: str | None, batch_size: int,

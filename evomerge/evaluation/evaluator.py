@@ -190,6 +190,20 @@ class _MemoRequests:
             for j, d in enumerate(wanted) for inst in memo[d]]
 
 
+def _build_filters(name: str, task) -> None:
+    """Builds each of the task's filters once, at load: lm-eval keeps them as factories and builds
+    them when a model's answers are filtered, so a broken one (a ``regex_pattern`` that does not
+    compile) would fail only after a search has started."""
+    for ensemble in getattr(task, "_filters", None) or []:
+        for make in ensemble.filters:
+            try:
+                make()
+            except Exception as e:  # noqa: BLE001 - a task's filter may raise anything
+                what = getattr(getattr(make, "func", None), "__name__", "filter")
+                raise ConfigError(f"task {name!r}: its filter {ensemble.name!r} ({what}, "
+                                  f"{getattr(make, 'keywords', {})}) cannot be built: {type(e).__name__}: {e}") from None
+
+
 class LmEvalEvaluator:
     """lm-eval's HF backend over an in-memory model; tasks are loaded once at construction.
 
@@ -232,6 +246,7 @@ class LmEvalEvaluator:
                 if task.get_config("output_type") != "generate_until":
                     raise ConfigError(f"task {name!r} is not a generation task: gen_kwargs do not apply")
                 task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
+            _build_filters(name, task)
             task.set_fewshot_seed(seed=fewshot_seed)
             task.fewshot_context = _PerDocFewshot(task, fewshot_seed)
             task.build_all_requests = _MemoRequests(task)

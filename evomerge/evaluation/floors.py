@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from evomerge.evaluation.tasks import TaskConfig
+from evomerge.evaluation.tasks import TaskConfig, metric_range
 
 
 class FloorsConfig(BaseModel):
@@ -35,10 +35,10 @@ class FloorsConfig(BaseModel):
                        "first model), measured once when the search starts")
     values: dict[str, float] = Field(default_factory=dict, description="task name -> floor "
                                      "(wins over the base's score)")
-    margin: float = Field(0.0, description="added to every floor")
+    margin: float = Field(0.0, allow_inf_nan=False, description="added to every floor")
     mode: Literal["penalty", "min"] = "penalty"
-    strength: float = Field(1.0, ge=0, description="penalty per unit of shortfall, or the weight "
-                            "of the min term")
+    strength: float = Field(1.0, ge=0, allow_inf_nan=False, description="penalty per unit of shortfall, "
+                            "or the weight of the min term")
     base_scores: dict[str, float] | None = Field(None, description="the base's scores, filled in "
                                                  "when the search starts (not set by hand)")
 
@@ -50,11 +50,26 @@ class FloorsConfig(BaseModel):
         return self
 
     def check_tasks(self, tasks: Sequence[TaskConfig]) -> None:
+        """Every floor names a task and lies in its metric's range (where lm-eval's metric has a
+        known one): a floor outside it is never met, or always met, whatever the candidate."""
         names = {t.name for t in tasks}
         unknown = sorted(set(self.values) - names)
         if unknown:
             raise ValueError(f"floors.values: unknown task {', '.join(map(repr, unknown))}; the "
                              f"tasks are {', '.join(sorted(names))}")
+        for t in tasks:
+            rng = metric_range(t.metric)
+            if rng is None:
+                continue
+            lo, hi = rng
+            if abs(self.margin) >= hi - lo:
+                raise ValueError(f"floors.margin: {self.margin} is as wide as the whole range [{lo:g}, {hi:g}] of "
+                                 f"the metric {t.metric} (task {t.name!r}): no candidate could meet (or miss) the floor")
+            v = self.values.get(t.name)
+            if v is not None and not lo <= v + self.margin <= hi:
+                with_margin = f" (with margin {self.margin:g}: {v + self.margin:g})" if self.margin else ""
+                raise ValueError(f"floors.values.{t.name}: {v:g}{with_margin} lies outside the range "
+                                 f"[{lo:g}, {hi:g}] of its metric {t.metric}")
 
     def floor_of(self) -> dict[str, float]:
         """task -> floor + margin, for the tasks that have a floor."""

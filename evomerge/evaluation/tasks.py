@@ -11,6 +11,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 _LATER_DEFAULTS = {"fewshot_as_multiturn": False, "system_instruction": None, "gen_kwargs": None}
 
 
+# The ranges of lm-eval's common metrics (per item and aggregated), for the checks that need one:
+# floors within the metric's range, IRT only on a metric in [0, 1]. A metric not named here has no
+# known range: only finiteness is checked, and IRT refuses it.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(("acc", "acc_norm", "acc_mutual_info", "exact_match", "f1", "em", "brier_score",
+                     "likelihood_ratio", "contains"), (0.0, 1.0)),
+    "mcc": (-1.0, 1.0),
+    **dict.fromkeys(("bleu", "chrf", "rouge1", "rouge2", "rougeL"), (0.0, 100.0)),
+}
+
+
+def metric_range(metric: str) -> tuple[float, float] | None:
+    """The range of a metric's values (lm-eval's name, before any ``,filter``), None if unknown."""
+    return METRIC_RANGES.get(metric.split(",", 1)[0])
+
+
 class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -43,6 +43,7 @@ from evomerge.search.records import RecordKind
 
 MAX_RESTARTS = 4  # Ray restarts of one worker; after that it is given up
 START_TIMEOUT_S = float(os.environ.get("EVOMERGE_WORKER_START_TIMEOUT", 900))
+CONNECT_TIMEOUT_S = 10.0  # a Ray address that does not answer a TCP connection in this time
 # Environment variables a worker gets from the driver (task folders, offline switches, test hooks).
 FORWARDED_ENV = ("EVOMERGE_", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
                  "TOKENIZERS_PARALLELISM", "TQDM_DISABLE")
@@ -225,6 +226,10 @@ class RayExecutor:
             n = int(workers)
             if n < 1:
                 raise ConfigError("--workers must be at least 1 for Ray workers (0: in-process)")
+            cpus = ray.cluster_resources().get("CPU", 0)
+            if n * self.threads > cpus:  # the rest would wait for CPUs until START_TIMEOUT_S
+                raise ConfigError(f"--workers {n}: each worker takes {self.threads} CPU (threads), and the Ray "
+                                  f"cluster has {cpus:g}: give at most {max(int(cpus // self.threads), 1)}")
             return n
         if not self.gpu:
             return 1
@@ -396,6 +401,25 @@ def _cause(e: BaseException) -> str:
     return text[:300]
 
 
+def check_ray_setup(workers: int | str, address: str | None, threads: int) -> None:
+    """Before a run folder exists: a Ray address nothing answers at (ray.init would retry for
+    minutes), and more workers than a Ray started here has CPUs for (each takes ``threads``)."""
+    if address and address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if host and port.isdigit():
+            try:
+                socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+            except OSError as e:
+                raise ConfigError(f"--ray-address {address}: nothing answers at {host}:{port} within "
+                                  f"{CONNECT_TIMEOUT_S:.0f} s ({e.strerror or e}); start the cluster "
+                                  "(ray start --head) or give its address") from None
+    if not address and isinstance(workers, int) and workers >= 1:
+        cpus = os.cpu_count() or 1
+        if workers * threads > cpus:
+            raise ConfigError(f"--workers {workers}: each worker takes {threads} CPU (threads: {threads}), and the "
+                              f"Ray started here has this machine's {cpus}: give at most {max(cpus // threads, 1)}")
+
+
 def ray_executor(workers: int | str = "auto", *, address: str | None = None, threads: int | None = None,
                  sources: str = "path", builder_factory=None, pipelined: bool = True):
     """An executor factory for `driver.Search`: Ray workers."""
@@ -403,4 +427,5 @@ def ray_executor(workers: int | str = "auto", *, address: str | None = None, thr
         return RayExecutor(cfg, fitness, tokenizer, workers=workers, threads=threads, address=address,
                            sources=sources, builder_factory=builder_factory, pipelined=pipelined)
     factory.uses_ray = True
+    factory.check = lambda cfg: check_ray_setup(workers, address, threads or cfg.threads or 1)
     return factory

@@ -5,23 +5,16 @@ Nothing time- or host-dependent goes in, so merging the same recipe twice gives 
 
 from __future__ import annotations
 
-import hashlib
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from evomerge.methods.registry import uses_random_masks
+from evomerge.models.fingerprint import meaning_files, sha256_file
 
 if TYPE_CHECKING:
     from evomerge.merge.plan import MergePlan
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -68,9 +61,10 @@ def model_card(plan: MergePlan) -> str:
             "reproduces it only in distribution.",
             "",
         ]
-    lines += ["## Source weights (sha256)", "", "| model | file | sha256 |", "|---|---|---|"]
+    # the weights and every file that changes what they mean (config, tokenizer, adapter_config.json)
+    lines += ["## Source files (sha256)", "", "| model | file | sha256 |", "|---|---|---|"]
     for name, source in plan.sources.items():
-        for file in source.weight_files:
+        for file in meaning_files(source):
             lines.append(f"| {name} | {file.name} | `{sha256_file(file)}` |")
     lines += ["", "## Libraries", ""]
     lines += [f"- {k} {v}" for k, v in library_versions().items()]

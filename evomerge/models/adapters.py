@@ -130,6 +130,7 @@ def read_lora_config(path: Path, name: str):
                          "the merged weight by a learned magnitude, so it is not a low-rank delta: "
                          "not supported (merge it into a full model with peft's merge_and_unload "
                          "first)")
+    _refuse_unknown_fields(raw, name)
     try:
         config = LoraConfig.from_pretrained(str(path))
     except Exception as err:  # noqa: BLE001 - peft raises several types for a bad config
@@ -149,6 +150,21 @@ def read_lora_config(path: Path, name: str):
         raise MergeError(f"{name}: the adapter has {', '.join(unsupported)}; evomerge reads plain "
                          "LoRA weight updates only")
     return config
+
+
+def _refuse_unknown_fields(raw: dict, name: str) -> None:
+    """peft drops the adapter_config.json fields its LoraConfig lacks with only a warning; one
+    written by a newer peft may change what the adapter's weights mean, so it is refused, named."""
+    import dataclasses
+
+    import peft
+    from peft import LoraConfig
+
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(LoraConfig)})
+    if unknown:
+        raise MergeError(f"{name}: {ADAPTER_CONFIG} has field(s) {', '.join(unknown)} that peft {peft.__version__}'s "
+                         "LoraConfig does not know, so what they change in the adapter cannot be applied: remove "
+                         "them, or upgrade peft if a newer one wrote the adapter")
 
 
 def _scaling(config, module: str) -> tuple[int, float]:

@@ -33,6 +33,11 @@ def read_model_config(path: str | Path) -> dict:
         raise ModelFolderError(f"{str(path)!r} is not a folder (a model is a Hugging Face folder with config.json and weights)")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
+        adapter = [f for f in ("adapter_model.safetensors", "adapter_model.bin") if (path / f).is_file()]
+        if adapter:  # a PEFT adapter folder that lost its config
+            raise ModelFolderError(f"{str(path)!r} holds a PEFT adapter ({adapter[0]}) but has no adapter_config.json, "
+                                   "which says its rank, alpha and target modules: copy it back from where the "
+                                   "adapter came from")
         raise ModelFolderError(f"{str(path)!r} is not a Hugging Face model folder: it has no config.json")
     try:
         return json.loads(cfg_path.read_text())

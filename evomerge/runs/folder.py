@@ -3,6 +3,7 @@
     RUN_DIR/
       config.yaml          the frozen, resolved search config (the search space inline)
       tasks.json           the tasks' fingerprints, checked on resume (runs/frozen.py)
+      sources.json         the sources' file hashes, checked on resume and materialize (runs/source_hashes.py)
       lock                 the live search's lease (runs/lock.py): its pid, host, heartbeat
       log.jsonl            append-only, one JSON record a line, fsynced after each record
       optimizer.json       the optimizer's state snapshot after the last complete generation
@@ -48,7 +49,7 @@ CONFIG, LOG, OPTIMIZER, BEST, BEST_MK, LOCK, SESSIONS, PARETO = (
     "config.yaml", "log.jsonl", "optimizer.json", "best.yaml", "best.mergekit.yaml", "lock", "sessions.jsonl",
     "pareto.json")
 # What a run folder holds before its first record: it may start over (RunFolder.create).
-RESTARTABLE = (CONFIG, LOG, SESSIONS, "tasks.json")
+RESTARTABLE = (CONFIG, LOG, SESSIONS, "tasks.json", "sources.json")
 # Fields that differ between runs with the same history (see conventions: "same history").
 VOLATILE_FIELDS = ("time", "worker", "node", "host", "timings", "elapsed_s")
 

@@ -17,6 +17,7 @@ from evomerge.core.errors import UsageError
 from evomerge.core.io import atomic_write_text, replace_folder
 from evomerge.runs.export import describe, recipe_from_run
 from evomerge.runs.folder import RunFolder
+from evomerge.runs.source_hashes import check_sources_unchanged
 from evomerge.search.config import SearchConfig
 from evomerge.search.records import EvalRecord
 
@@ -37,6 +38,26 @@ def _card_section(run_dir: Path, rank: int, record: EvalRecord, cfg: SearchConfi
     return "\n".join(lines)
 
 
+STAGING_PREFIX = ".{name}.materializing-"  # + the pid of the materialize that writes it
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Removes the staging folders a killed materialize left in ``folder`` (its pid is dead)."""
+    removed = []
+    for p in folder.glob(f"{STAGING_PREFIX.format(name='*')}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not (p.is_dir() and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
+
+
 def materialize(run_dir: str | Path, out: str | Path, *, rank: int = 1, dtype: str | None = None,
                 device: str = "cpu", force: bool = False, score_test: bool = True) -> tuple[Path, dict]:
     from evomerge.evaluation.trial import test_split_metrics
@@ -48,8 +69,10 @@ def materialize(run_dir: str | Path, out: str | Path, *, rank: int = 1, dtype: s
         raise UsageError(f"{out} exists; pass --force to replace it")
     recipe, record = recipe_from_run(run_dir, rank)
     cfg = SearchConfig.from_dict(RunFolder.open(run_dir).config_dict())
+    check_sources_unchanged(run_dir, cfg, "materialize")
     dtype = dtype or getattr(recipe, "dtype", None) or cfg.dtype
-    staging = out.parent / f".{out.name}.materializing-{os.getpid()}"
+    remove_stale_staging(out.parent)
+    staging = out.parent / f"{STAGING_PREFIX.format(name=out.name)}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         # a parameter-space recipe through the merge writer; a layer path folded into a plain model

@@ -24,6 +24,25 @@ class MirrorDisabled(Exception):
     """An error that no retry mends (a study of another run under the same name): the mirror stops."""
 
 
+def local_store_problem(url: str) -> str | None:
+    """Why a SQLite or file store at ``url`` can never be created, or None: its path, or a folder
+    above it, is an existing file (a store's folders are made when it is first written)."""
+    for prefix in ("sqlite:///", "file://", "file:"):
+        if url.startswith(prefix):
+            path = Path(url[len(prefix):]).expanduser()
+            break
+    else:
+        if "://" in url:
+            return None
+        path = Path(url).expanduser()
+    if prefix == "sqlite:///" and path.is_dir():
+        return f"{path} is a folder, not a database file"
+    for above in path.parents:
+        if above.exists():
+            return None if above.is_dir() else f"{above} is a file, so nothing can be created under it"
+    return None
+
+
 def new_sqlite(url: str, create: Callable[[str], None]) -> None:
     """A SQLite store that does not exist yet is created under a temporary name and renamed into
     place: a search killed while the schema is being written (MLflow's takes seconds) leaves no

@@ -21,8 +21,9 @@ from evomerge.execution.local import LocalExecutor
 from evomerge.runs.folder import RunFolder
 from evomerge.runs.frozen import check_tasks_unchanged, load_frozen, record_tasks, with_inline_space
 from evomerge.runs.migrate import migrated
-from evomerge.runs.mirror import LogMirror, Observers
+from evomerge.runs.mirror import LogMirror, Observers, local_store_problem
 from evomerge.runs.progress import Display
+from evomerge.runs.source_hashes import check_sources_unchanged, record_sources
 from evomerge.runs.study import StudyMirror, shown, study_target
 from evomerge.runs.tracking import MlflowMirror
 from evomerge.search.config import SearchConfig, StudyConfig, default_run_dir
@@ -108,6 +109,13 @@ def check_mirrors(cfg: SearchConfig) -> None:
     if cfg.tracking.mlflow is not None and _missing("mlflow"):
         raise ConfigError("tracking: mlflow needs MLflow, which is not installed: "
                           "pip install 'evomerge[tracking]' (or turn tracking off)")
+    if cfg.tracking.mlflow is not None and cfg.tracking.mlflow.uri:  # one that can never work
+        from evomerge.runs.tracking import tracking_uri_problem
+
+        if problem := tracking_uri_problem(cfg.tracking.mlflow.uri):
+            raise ConfigError(f"tracking.mlflow.uri: {problem}")
+    if cfg.study is not None and cfg.study.storage and (problem := local_store_problem(cfg.study.storage)):
+        raise ConfigError(f"study.storage (--study-storage) {shown(cfg.study.storage)}: {problem}")
     if cfg.study is not None and cfg.study.storage:
         from sqlalchemy.engine import make_url
 
@@ -155,9 +163,12 @@ class SearchPlan:
 
 
 def plan_search(cfg: SearchConfig, *, run_dir: str | Path | None = None, config_path: str | None = None,
-                study_storage: str | None = None, uses_ray: bool = False) -> SearchPlan:
-    """Every check of a new search that needs no run folder (a bad config leaves nothing behind)."""
+                study_storage: str | None = None, uses_ray: bool = False,
+                check_executor=lambda cfg: None) -> SearchPlan:
+    """Every check of a new search that needs no run folder (a bad config leaves nothing behind);
+    ``check_executor``: the executor's own (Ray: its address and CPUs)."""
     check_mirrors(with_mirror_settings(cfg, None, study_storage))
+    check_executor(cfg)
     evaluators = validate(cfg)
     cfg = with_base_scores(cfg, evaluators)  # floors at the base's scores: measured once, frozen
     if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
@@ -177,11 +188,13 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
     factory = executor_factory or make_executor_factory(workers, ray_address, sources=sources,
                                                         builder_factory=builder_factory)
     uses_ray = getattr(factory, "uses_ray", False)  # a factory's attribute: it decides the background default
+    check_executor = getattr(factory, "check", lambda cfg: None)  # Ray: its address and CPUs, now
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs the run folder")
         run = RunFolder.open(run_dir)
         frozen, rewrite = migrated(load_frozen(run))  # earlier run-folder formats (runs/migrate.py)
+        check_executor(cfg if cfg is not None else frozen)
         if cfg is not None and cfg.background is None:
             cfg = cfg.model_copy(update={"background": frozen.background})
         cfg = with_frozen_base_scores(cfg, frozen)
@@ -211,6 +224,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
             cfg = frozen
             evaluators = validate(cfg)
             check_tasks_unchanged(run, evaluators)
+            check_sources_unchanged(run.path, cfg, "resume")
         except BaseException:
             run.close()
             raise
@@ -218,11 +232,12 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
         if cfg is None:
             raise ConfigError("a config is needed to start a search")
         plan = plan_search(cfg, run_dir=run_dir, config_path=config_path, study_storage=study_storage,
-                           uses_ray=uses_ray)
+                           uses_ray=uses_ray, check_executor=check_executor)
         cfg, evaluators = plan.cfg, plan.evaluators
         run = RunFolder.create(plan.run_dir, cfg.to_yaml())
         try:
             record_tasks(run, evaluators)
+            record_sources(run, cfg)
         except BaseException:
             run.close()
             raise

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from evomerge.core.io import atomic_write_text
-from evomerge.runs.mirror import LogMirror, new_sqlite
+from evomerge.runs.mirror import LogMirror, local_store_problem, new_sqlite
 from evomerge.runs.study import settled
 from evomerge.search.config import MlflowConfig, SearchConfig
 from evomerge.search.records import Record, RecordKind
@@ -33,6 +33,19 @@ FINAL_TAG, KEY_TAG = "evomerge.final_logged", "evomerge.run_key"
 
 def tracking_uri(run_dir: Path, mc: MlflowConfig) -> str:
     return mc.uri or f"sqlite:///{(Path(run_dir) / DB).resolve()}"
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow can never log to ``uri``, or None: a scheme it has no store for (MLflow's own
+    registry of tracking stores, plugins included), or a local store under a file."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except Exception:  # noqa: BLE001 - MLflow's UnsupportedModelRegistryStoreURIException and kin
+        schemes = ", ".join(sorted(s for s in _tracking_store_registry._registry if s))
+        return f"MLflow has no tracking store for {uri!r} (schemes: {schemes}, or a local path)"
+    return local_store_problem(uri)
 
 
 def flat_params(cfg: SearchConfig) -> dict[str, str]:

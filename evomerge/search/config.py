@@ -60,10 +60,16 @@ def _space_kind(v: Any) -> str:
     return type(v).__name__
 
 
-# A parameter-space (PS) space, or a data-flow space (``kind: dfs``): the kind picks the codec and
-# the candidate builder (codec.make_codec, trial.make_builder).
-AnySpace = Annotated[Annotated[SearchSpace, Tag("SearchSpace")] | Annotated[DfsSpace, Tag("DfsSpace")],
-                     Discriminator(_space_kind)]
+# The config's ``search_space``: a name or path (str), or a space inline: a parameter-space (PS)
+# space, or a data-flow space (``kind: dfs``); the kind picks the codec and the candidate builder
+# (codec.make_codec, trial.make_builder). Tagged, so that an inline space's errors are its own, not
+# preceded by "Input should be a valid string" from the str branch.
+SpaceOrName = Annotated[Annotated[str, Tag("str")] | Annotated[SearchSpace, Tag("SearchSpace")]
+                        | Annotated[DfsSpace, Tag("DfsSpace")], Discriminator(_space_kind)]
+
+# Keys the search fills in and freezes with the run; a user's config that sets them is refused.
+FILLED_IN = {("floors", "base_scores"): "the base model's scores, measured when the search starts "
+             "(set floors.values to give floors by hand)"}
 
 
 class _Strict(BaseModel):
@@ -256,7 +262,7 @@ DEFAULT_RACING = {"stages": [30, 100, None], "keep": 0.25}
 class SearchConfig(_Strict):
     models: list[str] = Field(min_length=1, description="source model folders, as you name them")
     base_model: str | None = Field(None, description="base model folder (task-arithmetic methods)")
-    search_space: str | AnySpace = Field(description="a file in search_spaces/ (name or path) or inline")
+    search_space: SpaceOrName = Field(description="a file in search_spaces/ (name or path) or inline")
     tasks: list[TaskConfig] = Field(min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
@@ -290,6 +296,17 @@ class SearchConfig(_Strict):
     trust_remote_code: bool = False
     floors: FloorsConfig | None = Field(None, description="per-task floors: a lost skill costs "
                                         "fitness (evomerge/evaluation/floors.py, docs/quality.md)")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, v: list[str]) -> list[str]:
+        seen: dict[str, int] = {}
+        for i, m in enumerate(v):
+            key = str(Path(m).expanduser().resolve()) if "+" not in m else m
+            if key in seen:  # a source twice: its task vector counts double, a genome gene is wasted
+                raise ValueError(f"{i}: {m!r} is listed twice (also models.{seen[key]}); list each source once")
+            seen[key] = i
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -395,6 +412,7 @@ class SearchConfig(_Strict):
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a search config is a YAML mapping")
+        refuse_filled_in(data, str(path))
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -410,6 +428,14 @@ class SearchConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def refuse_filled_in(data: dict, source: str) -> None:
+    """A user's config (not a run's frozen one) may not set the keys the search fills in."""
+    for (section, key), what in FILLED_IN.items():
+        part = data.get(section)
+        if isinstance(part, dict) and part.get(key) is not None:
+            raise ConfigError(f"{source}: {section}.{key}: not set by hand: it holds {what}; remove it")
 
 
 def load_space(ref: str) -> SearchSpace | DfsSpace:

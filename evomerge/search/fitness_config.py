@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from evomerge.evaluation.tasks import metric_range
+
 DEFAULT_ANCHORS = 25
 MAX_ANCHORS = 1_000_000
 
@@ -58,6 +60,12 @@ def check_fitness(cfg) -> None:
     f = cfg.fitness
     if not f.irt:
         return
+    for i, t in enumerate(cfg.tasks):  # IRT fits per-item scores as Bernoulli targets
+        rng = metric_range(t.metric)
+        if rng is None or not (0.0 <= rng[0] and rng[1] <= 1.0):
+            known = "an unknown range" if rng is None else f"values in [{rng[0]:g}, {rng[1]:g}]"
+            raise ValueError(f"tasks.{i}.metric: fitness.estimator irt needs a metric in [0, 1] (acc, acc_norm, "
+                             f"exact_match, f1, ...); {t.metric!r} has {known}: use estimator: mean")
     limited = [i for i, t in enumerate(cfg.tasks) if t.limit is not None]
     if limited:
         raise ValueError(f"tasks.{limited[0]}.limit: with fitness.estimator irt the anchors decide which "

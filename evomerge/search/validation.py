@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from evomerge.core.errors import ConfigError
+from evomerge.evaluation.backends import TOKEN_BUDGETS
 from evomerge.models.architectures import LAYER_COUNT_KEYS, layer_count
 from evomerge.search.config import SearchConfig
 from evomerge.search.spaces.dataflow import DfsSpace
@@ -182,7 +183,7 @@ def check_dfs_sources(cfg: SearchConfig) -> list[int]:
 
 def check_tasks(cfg: SearchConfig):
     """Loads the tasks (no model) and checks splits and metrics; returns the evaluators by split."""
-    from evomerge.evaluation.backends import make_evaluator
+    from evomerge.evaluation.backends import check_gen_kwargs, check_vllm_limits, make_evaluator
     from evomerge.evaluation.evaluator import UnknownTaskError
 
     if cfg.evaluator.backend == "vllm" and cfg.is_dfs:
@@ -190,6 +191,7 @@ def check_tasks(cfg: SearchConfig):
                           "search's candidates change the layer count (use backend: hf)")
     evaluators = {}
     for i, t in enumerate(cfg.tasks):
+        check_gen_kwargs(t.gen_kwargs, cfg.evaluator.backend, f"tasks.{i}.gen_kwargs")
         try:
             # log_samples: per-item scores, kept so a larger subset reuses the items already scored
             ev = make_evaluator(cfg.evaluator, t, split=t.split, batch_size=cfg.batch_size, log_samples=True,
@@ -203,4 +205,21 @@ def check_tasks(cfg: SearchConfig):
             raise ConfigError(f"tasks.{i}.metric: task {t.name!r} has no metric {t.metric!r} "
                               f"(it has {', '.join(metrics)})")
         evaluators[t.name] = ev
+    if cfg.evaluator.backend == "vllm":
+        from evomerge.models.folders import read_model_config
+        from evomerge.models.sources import model_folder
+
+        budgets = [generation_budget(ev.task(name)) for name, ev in evaluators.items()]
+        check_vllm_limits(cfg.evaluator, read_model_config(model_folder(cfg.models[0])), cfg.device,
+                          min_len=max([b + 1 for b in budgets if b is not None], default=2))
     return evaluators
+
+
+def generation_budget(task) -> int | None:
+    """A generation task's token budget as lm-eval's vllm model reads it (its default 256), None
+    for a task that does not generate."""
+    if task.get_config("output_type") != "generate_until":
+        return None
+    kw = task.get_config("generation_kwargs") or {}
+    v = next((kw[k] for k in TOKEN_BUDGETS if kw.get(k) is not None), 256)
+    return int(v)

@@ -8,16 +8,26 @@ The recipe follows the measured prototype in shared/reference/zoo-notes.md:
   stopped early once a validation set (neither dev nor test) reaches ``val_target``: small task
   vectors, as real fine-tunes of one base have.
 
-The build is deterministic for a seed and thread count, and cached: ``zoo.json`` records a key over
-the builder's source, the parameters and the torch version; a second build with the same key does
-nothing. The folder is built under a temporary name and renamed when complete.
+One zoo per key on every x86-64 machine: the build trains on one thread (a thread count changes
+the order of float sums) with torch's and MKL's CPU kernels pinned to AVX2 (zoo/kernels.py); a
+process that imported torch without the pins builds in a child process that has them. zoo.json
+records the sha256 of every weights file; tests/golden/zoo_hashes.json holds the committed ones.
+Elsewhere (ARM) no pin applies and the key differs: a build is deterministic on one machine type.
+
+The build is cached: ``zoo.json`` records a key over the builder's source, the parameters and the
+torch version; a second build with the same key does nothing. The folder is built under a
+temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,17 +39,18 @@ import torch
 from evomerge.core.errors import ZooError
 from evomerge.core.io import atomic_write_text
 from evomerge.zoo import skills as skills_mod
+from evomerge.zoo.kernels import KERNEL_PINS, X86_64, pinned
 from evomerge.zoo.skills import SKILLS, SPECIALIST_SKILLS, Item, sample_items
 from evomerge.zoo.tokenizer import build_tokenizer
 from evomerge.zoo.train import ModelShape, TrainConfig, exact_match, new_model, train
 
-ZOO_FORMAT = 1
+ZOO_FORMAT = 2  # 2: one training thread, pinned kernels, weights' hashes in zoo.json
+PROGRESS_LINES = 10  # training progress lines per model in the log (without a terminal's bar)
 
 
 @dataclass(frozen=True)
 class ZooParams:
     seed: int = 0
-    threads: int = 2
     shape: ModelShape = field(default_factory=ModelShape)
     base_steps: int = 1500
     base_lr: float = 3e-3
@@ -54,7 +65,7 @@ class ZooParams:
 def _builder_sources() -> list[Path]:
     """The modules whose code decides the zoo's bytes (the cache key hashes them)."""
     here = Path(__file__).resolve().parent
-    return [here / f for f in ("build.py", "skills.py", "tokenizer.py", "train.py")]
+    return [here / f for f in ("build.py", "kernels.py", "skills.py", "tokenizer.py", "train.py")]
 
 
 def cache_key(params: ZooParams) -> str:
@@ -64,6 +75,8 @@ def cache_key(params: ZooParams) -> str:
         h.update(p.read_bytes())
     h.update(json.dumps(asdict(params), sort_keys=True).encode())
     h.update(torch.__version__.encode())
+    # the pinned x86-64 kernels, or another architecture's own (whose zoo is another one)
+    h.update(b"x86-64-avx2" if X86_64 else platform.machine().encode())
     return h.hexdigest()[:16]
 
 
@@ -92,11 +105,19 @@ def _skill_batch(skill: str):
     return draw
 
 
+def weight_hashes(zoo_dir: str | Path) -> dict[str, str]:
+    """sha256 of every weights file of a zoo, by path relative to it."""
+    root = Path(zoo_dir)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.safetensors"))}
+
+
 def build_zoo(out: str | Path, params: ZooParams = ZooParams(), force: bool = False,
               log=print, progress: bool = False) -> Path:
     """Builds the zoo into ``out`` unless an identical build is already there; returns ``out``.
 
-    ``progress`` draws a progress bar of the training steps on the terminal (the CLI's default)."""
+    ``progress`` draws a progress bar of the training steps on the terminal (the CLI's default);
+    without it, ``log`` gets a few progress lines per model."""
     out = Path(out)
     key = cache_key(params)
     if (out / "zoo.json").is_file():
@@ -115,12 +136,19 @@ def build_zoo(out: str | Path, params: ZooParams = ZooParams(), force: bool = Fa
 
     t_start = time.perf_counter()
     prev_threads = torch.get_num_threads()
-    torch.set_num_threads(params.threads)
     tmp = out.parent / f".{out.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest = _build_into(tmp, params, key, log, progress)
+        if pinned():
+            torch.set_num_threads(1)
+            manifest = _build_into(tmp, params, key, log, progress)
+            manifest["weights_sha256"] = weight_hashes(tmp)
+        else:  # torch already chose its kernels here: train in a child process that has the pins
+            log("building in a child process with the CPU kernels pinned (torch was imported unpinned)")
+            subprocess.run([sys.executable, "-m", "evomerge.zoo.build", str(tmp), json.dumps(asdict(params))],
+                           env={**os.environ, **KERNEL_PINS}, check=True)
+            manifest = read_manifest(tmp)
         manifest["build"]["seconds"] = round(time.perf_counter() - t_start, 1)
         atomic_write_text(tmp / "zoo.json", json.dumps(manifest, indent=2) + "\n")
         if out.exists():
@@ -139,10 +167,16 @@ def _save(model, tok, path: Path) -> None:
 
 
 @contextmanager
-def _steps_bar(enabled: bool, label: str, total: int):
-    """A rich progress bar of training steps (a no-op callback when disabled)."""
+def _steps_bar(enabled: bool, label: str, total: int, log=print):
+    """A rich progress bar of training steps; when disabled, PROGRESS_LINES lines to ``log``."""
     if not enabled:
-        yield None
+        every = max(total // PROGRESS_LINES, 1)
+        t0 = time.perf_counter()
+
+        def line(step: int) -> None:
+            if step % every == 0 and step < total:
+                log(f"  {label}: step {step}/{total}, {time.perf_counter() - t0:.0f} s")
+        yield line
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -160,7 +194,7 @@ def _build_into(tmp: Path, params: ZooParams, key: str, log, progress: bool = Fa
     log(f"training base ({params.base_steps} steps, {shape.layers}x{shape.hidden} Llama)...")
     t0 = time.perf_counter()
     base = new_model(tok, shape, seed)
-    with _steps_bar(progress, "base", params.base_steps) as on_step:
+    with _steps_bar(progress, "base", params.base_steps, log) as on_step:
         train(base, tok, TrainConfig(steps=params.base_steps, lr=params.base_lr), shape.seq_len,
               _base_batch(params.base_mix), seed=seed + 1, on_step=on_step)
     _save(base, tok, tmp / "base")
@@ -181,7 +215,7 @@ def _build_into(tmp: Path, params: ZooParams, key: str, log, progress: bool = Fa
             accs.append(exact_match(model, tok, val, shape.seq_len))
             return accs[-1] >= params.val_target
 
-        with _steps_bar(progress, f"spec_{skill} (at most)", params.spec_max_steps) as on_step:
+        with _steps_bar(progress, f"spec_{skill} (at most)", params.spec_max_steps, log) as on_step:
             steps = train(model, tok, TrainConfig(steps=params.spec_max_steps, lr=params.spec_lr,
                                                   warmup=0, final_lr_frac=1.0, answer_only=True),
                           shape.seq_len, _skill_batch(skill), seed=seed + 2 + i, stop=stop,
@@ -201,5 +235,20 @@ def _build_into(tmp: Path, params: ZooParams, key: str, log, progress: bool = Fa
         "tasks": {s: f"zoo_{s}" for s in SPECIALIST_SKILLS},
         "skills": {s: SKILLS[s].description for s in SKILLS},
         "sub_table": "".join(skills_mod.SUB_TABLE[c] for c in skills_mod.LETTERS),
-        "build": {"params": asdict(params), "torch": torch.__version__},
+        "build": {"params": asdict(params), "torch": torch.__version__, "machine": platform.machine(),
+                  "kernels": KERNEL_PINS if X86_64 else None, "threads": 1},
     }
+
+
+def _child_build(tmp: str, params_json: str) -> None:
+    """``python -m evomerge.zoo.build TMP PARAMS``: build_zoo's child, started with the pins."""
+    raw = json.loads(params_json)
+    params = ZooParams(**{**raw, "shape": ModelShape(**raw["shape"]), "base_mix": tuple(raw["base_mix"])})
+    torch.set_num_threads(1)
+    manifest = _build_into(Path(tmp), params, cache_key(params), lambda msg: print(msg, flush=True))
+    manifest["weights_sha256"] = weight_hashes(tmp)
+    atomic_write_text(Path(tmp) / "zoo.json", json.dumps(manifest, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    _child_build(*sys.argv[1:3])

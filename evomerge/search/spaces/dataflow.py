@@ -28,8 +28,8 @@ class ScaleSpace(_Strict):
     param: Literal["matrix", "per_layer", "none"] = Field(
         "matrix", description="matrix: W_ij per (previous layer, layer), M x M genes; per_layer: "
         "one per entered layer, M genes; none: every scale is 1")
-    low: float = Field(0.5, gt=0)
-    high: float = Field(2.0, gt=0)
+    low: float = Field(0.5, gt=0, allow_inf_nan=False)
+    high: float = Field(2.0, gt=0, allow_inf_nan=False)
     init: float = 1.0
 
     @model_validator(mode="after")

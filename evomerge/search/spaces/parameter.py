@@ -51,8 +51,9 @@ class ParamRange(_Strict):
     """Bounds and starting value of one searched parameter. ``init`` may be ``"1/n"`` (one over
     the number of source models, mergekit-evolve's start) or a number inside the bounds."""
 
-    low: float
-    high: float
+    # finite: a gene maps linearly onto [low, high], which an infinite bound makes nan
+    low: float = Field(allow_inf_nan=False)
+    high: float = Field(allow_inf_nan=False)
     init: float | Literal["1/n"] | None = None  # default: the middle (Sakana: 0.5 in [0, 1])
 
     @model_validator(mode="after")
