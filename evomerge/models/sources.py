@@ -27,6 +27,7 @@ from evomerge.models.folders import (
     read_model_config,
     safetensors_problem,
 )
+from evomerge.models.tensor_files import read_index, read_tensor
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 # Non-layer tensors indexed by token id (their rows follow the tokenizer).
@@ -106,7 +107,8 @@ class SourceModel:
                                                        "vocab.json", "vocab.txt"))
 
     def read(self, name: str, stack: ExitStack) -> torch.Tensor:
-        """One tensor, on CPU, as stored. Open files are kept in `stack` until the merge ends."""
+        """One tensor, on CPU, as stored, read (not mapped: models/tensor_files.py) into memory of
+        its own. Files' headers (and pickles) are kept in `stack` until the merge ends."""
         file = self.files[name]
         if self.pickled:
             if file not in self._pickles:
@@ -114,9 +116,9 @@ class SourceModel:
                 stack.callback(self._pickles.pop, file, None)
             return self._pickles[file][name]
         if file not in self._handles:
-            self._handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+            self._handles[file] = read_index(file)
             stack.callback(self._handles.pop, file, None)
-        return self._handles[file].get_tensor(name)
+        return read_tensor(self._handles[file], name)
 
 
 def load_source(name: str, *, allow_pickle: bool = False, base: str | None = None) -> SourceModel:
