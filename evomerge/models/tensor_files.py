@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 _READ_BLOCK = 1 << 26  # bytes per readinto call: Python's read of a huge buffer may come back short
 
@@ -31,7 +31,7 @@ class TensorIndex:
 
     path: Path
     data_start: int  # 8 + header length
-    entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]  # name -> dtype, shape, begin, end
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]]  # name -> dtype code, shape, begin, end
 
 
 def read_index(path: str | os.PathLike) -> TensorIndex:
@@ -44,19 +44,18 @@ def read_index(path: str | os.PathLike) -> TensorIndex:
         header = json.loads(f.read(size))
     entries = {}
     for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        if e["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: {name} has dtype {e['dtype']}, which evomerge cannot read")
-        begin, end = e["data_offsets"]
-        entries[name] = (_DTYPES[e["dtype"]], tuple(e["shape"]), begin, end)
+        if name != "__metadata__":
+            begin, end = e["data_offsets"]
+            entries[name] = (str(e["dtype"]), tuple(int(d) for d in e["shape"]), int(begin), int(end))
     return TensorIndex(path=path, data_start=8 + size, entries=entries)
 
 
 def read_tensor(index: TensorIndex, name: str) -> torch.Tensor:
     """One tensor, read (not mapped) into memory of its own."""
-    dtype, shape, begin, end = index.entries[name]
-    out = torch.empty(shape, dtype=dtype)
+    code, shape, begin, end = index.entries[name]
+    if code not in DTYPES:
+        raise ValueError(f"{index.path}: {name} has dtype {code}, which evomerge cannot read")
+    out = torch.empty(shape, dtype=DTYPES[code])
     buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
     if len(buf) != end - begin:
         raise ValueError(f"{index.path}: {name} has {end - begin} bytes for shape {list(shape)}")
@@ -127,4 +126,4 @@ class ShardWriter:
         self._f.close()
 
 
-__all__ = ["ShardWriter", "TensorIndex", "header_room", "read_index", "read_tensor"]
+__all__ = ["DTYPES", "ShardWriter", "TensorIndex", "header_room", "read_index", "read_tensor"]
