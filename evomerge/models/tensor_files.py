@@ -1,8 +1,8 @@
-"""safetensors files read and written one tensor at a time, without mapping them.
+"""safetensors files read and written one tensor at a time, never whole.
 
-`read_tensor` reads one tensor's bytes with `readinto` straight into a fresh tensor: nothing stays
-mapped, so a merge holds only the tensors it is working on (a mapped file's touched pages count in
-the process's resident memory until it is closed). `ShardWriter` streams tensors into one shard
+`read_tensor` maps one tensor's bytes alone, for as long as that tensor lives: a merge holds only
+the tensors it is working on, and their pages are the file's, not anonymous memory (a whole file
+kept mapped, as safetensors' `safe_open` does, keeps every page it touched resident until closed). `ShardWriter` streams tensors into one shard
 file as they come: the header's room is reserved first (a bound from the names the shard may hold)
 and written last, padded with spaces as the format allows, so no shard is ever held in memory.
 """
@@ -10,6 +10,8 @@ and written last, padded with spaces as the format allows, so no shard is ever h
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,7 +24,6 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # safetensors' own limit
-_READ_BLOCK = 1 << 26  # bytes per readinto call: Python's read of a huge buffer may come back short
 
 
 @dataclass(frozen=True)
@@ -51,23 +52,29 @@ def read_index(path: str | os.PathLike) -> TensorIndex:
 
 
 def read_tensor(index: TensorIndex, name: str) -> torch.Tensor:
-    """One tensor, read (not mapped) into memory of its own."""
+    """One tensor, mapped on its own: a private (copy-on-write) map of its pages alone, unmapped
+    when the tensor is freed. Untouched or only read, its pages are the file's (page cache, not
+    the process's anonymous memory); nothing of the file stays mapped once the tensor is gone."""
     code, shape, begin, end = index.entries[name]
     if code not in DTYPES:
         raise ValueError(f"{index.path}: {name} has dtype {code}, which evomerge cannot read")
-    out = torch.empty(shape, dtype=DTYPES[code])
-    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-    if len(buf) != end - begin:
-        raise ValueError(f"{index.path}: {name} has {end - begin} bytes for shape {list(shape)}")
-    with open(index.path, "rb", buffering=0) as f:
-        f.seek(index.data_start + begin)
-        done = 0
-        while done < len(buf):
-            n = f.readinto(buf[done:done + _READ_BLOCK])
-            if not n:
-                raise ValueError(f"{index.path}: the file ends inside {name}")
-            done += n
-    return out
+    dtype = DTYPES[code]
+    n = end - begin
+    if n != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{index.path}: {name} has {n} bytes for shape {list(shape)}")
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    start = index.data_start + begin
+    skip = start % mmap.ALLOCATIONGRANULARITY
+    with open(index.path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < start + n:
+            raise ValueError(f"{index.path}: the file ends inside {name}")
+        mapped = mmap.mmap(f.fileno(), skip + n, access=mmap.ACCESS_COPY, offset=start - skip)
+    # the tensor holds the map (frombuffer keeps the buffer alive): unmapped when it is freed
+    raw = torch.frombuffer(mapped, dtype=torch.uint8, count=n, offset=skip)
+    if (start % dtype.itemsize) != 0:  # a header that leaves the data unaligned: copy it
+        raw = raw.clone()
+    return raw.view(dtype).reshape(shape)
 
 
 def header_room(names: list[str], max_dims: int = 8) -> int:
