@@ -31,6 +31,7 @@ from evomerge.merge.plan import (
 )
 from evomerge.methods.registry import TensorGroup, merge_group
 from evomerge.models.sources import MergeError, is_vocab_tensor
+from evomerge.models.tensor_files import ShardWriter, header_room
 from evomerge.recipes.parameter_space import Recipe
 
 __all__ = [
@@ -88,21 +89,29 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu",
     output is cast to the recipe's `out_dtype` if it names one.
     """
     compute = _dtype_name(dtype) or plan.recipe.dtype
-    out_dtype = plan.recipe.out_dtype
     with ExitStack() as stack:
         for job in plan.jobs:
-            tensors = load_inputs(plan, job, stack, device=device, dtype=compute)
-            group = TensorGroup(name=job.name, tensors=tensors, base=job.base)
-            if getattr(plan.method, "needs_factors", False):  # lorahub: the adapters' factors
-                group = factor_group(plan, job, group)
-            try:
-                out = merge_group(plan.method, group, job.shared, job.per_source,
-                                  mask_seed=plan.recipe.mask_seed)
-            except ValueError as err:
-                raise MergeError(f"{job.name}: {err}") from None
-            if out_dtype and out.is_floating_point():
-                out = out.to(DTYPES[out_dtype])
+            out = merge_job(plan, job, stack, device=device, dtype=compute)
             yield job.name, out
+            del out  # one tensor group at a time: nothing of this job is held while the next is read
+
+
+def merge_job(plan: MergePlan, job: TensorJob, stack: ExitStack, *,
+              device: str | torch.device = "cpu", dtype: str | None = None) -> torch.Tensor:
+    """One output tensor from its inputs, read for it alone (freed when this returns)."""
+    tensors = load_inputs(plan, job, stack, device=device, dtype=dtype)
+    group = TensorGroup(name=job.name, tensors=tensors, base=job.base)
+    if getattr(plan.method, "needs_factors", False):  # lorahub: the adapters' factors
+        group = factor_group(plan, job, group)
+    try:
+        out = merge_group(plan.method, group, job.shared, job.per_source,
+                          mask_seed=plan.recipe.mask_seed)
+    except ValueError as err:
+        raise MergeError(f"{job.name}: {err}") from None
+    out_dtype = plan.recipe.out_dtype
+    if out_dtype and out.is_floating_point():
+        out = out.to(DTYPES[out_dtype])
+    return out
 
 
 def factor_group(plan: MergePlan, job: TensorJob, group: TensorGroup) -> TensorGroup:
@@ -164,8 +173,6 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
     complete. An existing `out_dir` is refused unless `force`; with `force` it is replaced only
     after the new folder is complete, so a failed merge loses nothing.
     """
-    from safetensors.torch import save as save_safetensors
-
     out = Path(out_dir)
     if out.exists() and not force:
         raise MergeError(f"{out} exists; pass --force (force=True) to replace it")
@@ -178,46 +185,7 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~umask())  # the folder is renamed into place: give it mkdir's mode, not mkdtemp's 0700
     try:
-        # Shards are filled in output order and named once their count is known.
-        shards: list[list[str]] = [[]]
-        pending: dict[str, torch.Tensor] = {}
-        pending_bytes = 0
-        total = 0
-
-        def flush() -> None:
-            nonlocal pending, pending_bytes
-            if pending:
-                data = save_safetensors(pending, metadata={"format": "pt"})
-                write_durable(tmp / f"part-{len(shards)}.safetensors", data)
-                shards[-1] = sorted(pending)
-                shards.append([])
-                pending, pending_bytes = {}, 0
-
-        for name, tensor in iter_merged(plan, device=device, dtype=dtype):
-            _check_finite(name, tensor)
-            size = tensor.numel() * tensor.element_size()
-            if pending and pending_bytes + size > max_shard_size:
-                flush()
-            tensor = tensor.detach().cpu().contiguous()
-            if any(_shares_memory(tensor, t) for t in pending.values()):
-                tensor = tensor.clone()  # a layer stacked twice: safetensors stores each copy
-            pending[name] = tensor
-            pending_bytes += size
-            total += size
-        flush()
-        shards.pop()
-        if len(shards) == 1:
-            os.replace(tmp / "part-1.safetensors", tmp / "model.safetensors")
-        else:
-            weight_map = {}
-            for i, names in enumerate(shards, start=1):
-                final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                os.replace(tmp / f"part-{i}.safetensors", tmp / final)
-                weight_map.update({n: final for n in names})
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(
-                weight_map.items()))}
-            write_durable(tmp / "model.safetensors.index.json", _json_bytes(index))
-
+        _write_shards(plan, tmp, max_shard_size, device=device, dtype=dtype)
         write_durable(tmp / "config.json", _json_bytes(plan.out_config))
         _copy_extras(plan, tmp)
         write_durable(tmp / "README.md", model_card(plan).encode("utf-8"))
@@ -229,9 +197,56 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
     return out
 
 
+def _write_shards(plan: MergePlan, tmp: Path, max_shard_size: int, *,
+                  device: str | torch.device, dtype: torch.dtype | str | None) -> None:
+    """The merged tensors streamed into safetensors shards in `tmp`, each tensor written as
+    soon as it is merged and then released: a shard is never held in memory. A shard is closed
+    before the tensor that would take it past `max_shard_size` (as mergekit does); shards are
+    named once their count is known, with an index when there are several."""
+    room = header_room([job.name for job in plan.jobs])
+    shards: list[ShardWriter] = []
+    total = 0
+    try:
+        for name, tensor in iter_merged(plan, device=device, dtype=dtype):
+            _check_finite(name, tensor)
+            size = tensor.numel() * tensor.element_size()
+            if not shards or (shards[-1].entries and shards[-1].size + size > max_shard_size):
+                if shards:
+                    shards[-1].close()
+                shards.append(ShardWriter(tmp / f"part-{len(shards) + 1}.safetensors", room,
+                                          metadata={"format": "pt"}))
+            shards[-1].add(name, tensor)
+            total += size
+            del tensor  # released before the next tensor's inputs are read
+        if not shards:
+            shards.append(ShardWriter(tmp / "part-1.safetensors", room, {"format": "pt"}))
+        shards[-1].close()
+    except BaseException:
+        for shard in shards:
+            shard.abort()
+        raise
+    if len(shards) == 1:
+        os.replace(shards[0].path, tmp / "model.safetensors")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(shard.path, tmp / final)
+        weight_map.update({n: final for n in shard.entries})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_durable(tmp / "model.safetensors.index.json", _json_bytes(index))
+
+
+_FINITE_CHUNK = 1 << 24  # elements checked at a time: the check's bool mask stays small
+
+
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     """A merged model with NaN or infinite weights is never written (nor a part of it)."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    if all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all())
+           for i in range(0, flat.numel(), _FINITE_CHUNK)):
         return
     nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
     raise MergeError(
@@ -239,10 +254,6 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
         f"{tensor.numel()}); nothing was written. Check the recipe's weights, lambda and dtype "
         "for this tensor (a float16 or bfloat16 merge can overflow)"
     )
-
-
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _copy_extras(plan: MergePlan, tmp: Path) -> None:

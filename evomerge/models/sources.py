@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from evomerge.core.errors import MergeError, ModelFolderError
 from evomerge.models import adapters
@@ -27,6 +26,8 @@ from evomerge.models.folders import (
     read_model_config,
     safetensors_problem,
 )
+from evomerge.models.tensor_files import DTYPES as ST_DTYPES
+from evomerge.models.tensor_files import read_index, read_tensor
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 # Non-layer tensors indexed by token id (their rows follow the tokenizer).
@@ -106,7 +107,8 @@ class SourceModel:
                                                        "vocab.json", "vocab.txt"))
 
     def read(self, name: str, stack: ExitStack) -> torch.Tensor:
-        """One tensor, on CPU, as stored. Open files are kept in `stack` until the merge ends."""
+        """One tensor, on CPU, as stored, read (not mapped: models/tensor_files.py) into memory of
+        its own. Files' headers (and pickles) are kept in `stack` until the merge ends."""
         file = self.files[name]
         if self.pickled:
             if file not in self._pickles:
@@ -114,9 +116,9 @@ class SourceModel:
                 stack.callback(self._pickles.pop, file, None)
             return self._pickles[file][name]
         if file not in self._handles:
-            self._handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+            self._handles[file] = read_index(file)
             stack.callback(self._handles.pop, file, None)
-        return self._handles[file].get_tensor(name)
+        return read_tensor(self._handles[file], name)
 
 
 def load_source(name: str, *, allow_pickle: bool = False, base: str | None = None) -> SourceModel:
@@ -146,23 +148,16 @@ def load_source(name: str, *, allow_pickle: bool = False, base: str | None = Non
                     shapes[k], dtypes[k] = tuple(v.shape), v.dtype
     else:
         for file in sorted(set(files.values())):
-            with safe_open(file, framework="pt") as f:
-                for k in f.keys():
-                    if files.get(k) == file:
-                        shapes[k] = tuple(f.get_slice(k).get_shape())
-                        dtypes[k] = _safetensors_dtype(f.get_slice(k).get_dtype())
+            for k, (code, shape, _, _) in read_index(file).entries.items():  # the header only
+                if files.get(k) == file:
+                    shapes[k], dtypes[k] = shape, _safetensors_dtype(code)
     layout = _layout(name, config, list(files))
     return SourceModel(name=name, path=path, config=config, files=files, shapes=shapes,
                        dtypes=dtypes, weight_files=weight_files, pickled=pickled, layout=layout)
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def _safetensors_dtype(code: str) -> torch.dtype:
-    return _ST_DTYPES.get(code, torch.float32)
+    return ST_DTYPES.get(code, torch.float32)
 
 
 def _check_safetensors(files: Iterable[Path]) -> None:
@@ -195,8 +190,7 @@ def _weight_index(path: Path, name: str,
         files = {}
         for file in safetensors:
             try:
-                with safe_open(file, framework="pt") as f:
-                    files.update({k: file for k in f.keys()})
+                files.update({k: file for k in read_index(file).entries})
             except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
                 raise MergeError(f"{name}: {file.name} is not a readable safetensors file ({err})") from None
         return files, tuple(safetensors), False
