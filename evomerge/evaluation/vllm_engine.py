@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from evomerge.core.errors import ConfigError
+from evomerge.core.errors import ConfigError, ModelFolderError
 from evomerge.evaluation.evaluator import LmEvalEvaluator, TaskResult, quiet_lm_class
+from evomerge.models.folders import read_model_config
+from evomerge.models.tensor_names import checkpoint_state
 
 _ENGINES: dict[tuple, object] = {}  # engine settings -> lm-eval VLLM LM (one engine per process)
 
@@ -81,6 +83,42 @@ def _quiet_vllm_class():
     return quiet_lm_class(lm_eval_vllm_module().VLLM)
 
 
+def _cpu_head_sizes() -> list[int] | None:
+    """The head sizes vLLM's CPU attention runs (None: not vLLM's CPU build, or no vLLM)."""
+    try:
+        from vllm.platforms import current_platform
+        if not current_platform.is_cpu():
+            return None
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except Exception:  # noqa: BLE001 - no vLLM here: vllm_available() says why, elsewhere
+        return None
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def engine_folder_problem(model_dir: str | Path) -> str | None:
+    """Why a vLLM engine cannot start from ``model_dir`` (None: it can): not a full model folder
+    (a LoRA adapter is no engine model: its base is), or an attention head size vLLM's CPU build
+    refuses at engine start ("Unsupported CPU attention configuration"), said before any work."""
+    from evomerge.models.adapters import is_adapter_folder, is_adapter_reference
+
+    if is_adapter_reference(str(model_dir)) or is_adapter_folder(Path(model_dir)):
+        return (f"{model_dir} is a LoRA adapter; the vLLM engine starts from a full model "
+                "folder (the adapter's base)")
+    try:
+        config = read_model_config(model_dir)
+    except ModelFolderError as err:
+        return str(err)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    heads = text.get("num_attention_heads") or text.get("n_head")
+    hidden = text.get("hidden_size") or text.get("n_embd")
+    head = text.get("head_dim") or (hidden // heads if heads and hidden else None)
+    sizes = _cpu_head_sizes() if head else None
+    if sizes is not None and head not in sizes:
+        return (f"{model_dir}: attention head size {head} is not one vLLM's CPU build runs "
+                f"({', '.join(map(str, sizes))}); use evaluator backend hf")
+    return None
+
+
 def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size: int = 32,
                     max_model_len: int | None = None, kv_cache_gib: int = 1, seed: int = 1234,
                     enforce_eager: bool = True, trust_remote_code: bool = False):
@@ -90,6 +128,8 @@ def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size
         return _ENGINES[key]
     if reason := vllm_available():
         raise ConfigError(f"evaluator backend 'vllm' needs vLLM (pip install 'evomerge[vllm]'): {reason}")
+    if problem := engine_folder_problem(model_dir):
+        raise ConfigError(f"evaluator backend 'vllm': {problem}")
     # In process: a swap passes tensors to the model directly (no engine process, no pickling).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # CPU backend only (GiB)
@@ -107,8 +147,9 @@ def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size
 
 
 def swap_weights(lm, weights: dict[str, torch.Tensor]) -> None:
-    """Writes ``weights`` (Hugging Face names, a merged model's state dict) into the resident
-    engine through vLLM's in-place reload, then drops every cached KV block."""
+    """Writes ``weights`` (checkpoint names, as a folder stores them: models/tensor_names.py's
+    ``checkpoint_state`` of a merged model, tied heads dropped) into the resident engine through
+    vLLM's in-place reload, then drops every cached KV block."""
     # Each swap warns "RotaryEmbedding: Failed to load weights": the rotary cache is no checkpoint
     # tensor and vLLM keeps the layer's own. (Weights missing from ``weights`` are still reported,
     # by vLLM's reload/inplace.py logger.)
@@ -133,6 +174,8 @@ class VllmEvaluator(LmEvalEvaluator):
     def __init__(self, tasks: Sequence[str], *, model_dir: str | Path, dtype: str = "float32",
                  max_model_len: int | None = None, kv_cache_gib: int = 1, enforce_eager: bool = True,
                  **kwargs):
+        if problem := engine_folder_problem(model_dir):  # before any run folder or weights
+            raise ConfigError(f"evaluator backend 'vllm': {problem}")
         super().__init__(tasks, **kwargs)
         self.engine_args = dict(model_dir=model_dir, dtype=dtype, batch_size=self.batch_size,
                                 max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
@@ -154,7 +197,9 @@ class VllmEvaluator(LmEvalEvaluator):
         if model is not None:
             t0 = time.perf_counter()
             with torch.no_grad():
-                swap_weights(lm, dict(model.state_dict()))
+                # checkpoint names (transformers renames and fuses some when loading; vLLM's
+                # load_weights takes the folder's), tied heads dropped as a folder has them
+                swap_weights(lm, checkpoint_state(model))
             self.swap_s = time.perf_counter() - t0
         elif getattr(lm, "evomerge_swapped", False):
             restore_folder_weights(lm)
