@@ -227,3 +227,19 @@ def _vllm_search_config(tmp_path, models, base):
 
     p.write_text(yaml.safe_dump(data))
     return SearchConfig.load(p)
+
+
+# --- 7: one special-token rule for generated answers in both backends ---------------------------
+def test_vllm_answers_drop_special_tokens_as_hf_does():
+    from evomerge.evaluation import vllm_engine
+
+    if vllm_engine.vllm_available() is not None:
+        pytest.skip("vLLM does not import here")
+    kwargs, until, _ = vllm_engine._quiet_vllm_class().modify_gen_kwargs(
+        {"until": ["\n"], "max_gen_toks": 8}, eos="</s>")
+    assert kwargs["skip_special_tokens"] is True and "\n" in until
+    import inspect
+
+    from lm_eval.models.huggingface import HFLM
+
+    assert inspect.signature(HFLM.tok_decode).parameters["skip_special_tokens"].default is True

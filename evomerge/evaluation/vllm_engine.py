@@ -26,7 +26,12 @@ from pathlib import Path
 import torch
 
 from evomerge.core.errors import ConfigError, ModelFolderError
-from evomerge.evaluation.evaluator import LmEvalEvaluator, TaskResult, quiet_lm_class
+from evomerge.evaluation.evaluator import (
+    ANSWERS_SKIP_SPECIAL_TOKENS,
+    LmEvalEvaluator,
+    TaskResult,
+    quiet_lm_class,
+)
 from evomerge.models.folders import read_model_config
 from evomerge.models.tensor_names import checkpoint_state
 
@@ -80,7 +85,18 @@ def lm_eval_vllm_module():
 
 
 def _quiet_vllm_class():
-    return quiet_lm_class(lm_eval_vllm_module().VLLM)
+    quiet = quiet_lm_class(lm_eval_vllm_module().VLLM)
+
+    class SameAnswers(quiet):
+        @staticmethod
+        def modify_gen_kwargs(gen_kwargs, eos=None, default_max_gen_toks: int = 256):
+            """lm-eval's vLLM kwargs, but answers decoded without special tokens, as the hf
+            backend decodes them (evaluator.ANSWERS_SKIP_SPECIAL_TOKENS)."""
+            kwargs, until, max_gen_toks = quiet.modify_gen_kwargs(gen_kwargs, eos, default_max_gen_toks)
+            return kwargs | {"skip_special_tokens": ANSWERS_SKIP_SPECIAL_TOKENS}, until, max_gen_toks
+
+    SameAnswers.__name__ = SameAnswers.__qualname__ = quiet.__name__
+    return SameAnswers
 
 
 def _cpu_head_sizes() -> list[int] | None:
