@@ -155,6 +155,24 @@ def build_all(out: Path, names=None) -> dict[str, dict[str, Path]]:
     return result
 
 
+def peft_adapter(base: Path, out: Path, targets) -> Path:
+    """A peft LoRA adapter over `base` (rank 4, random non-zero factors), saved by peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                     task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = get_peft_model(model, cfg)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = torch.randn_like(p) * 0.05
+    model.save_pretrained(str(out))
+    return out
+
+
 def cached_families() -> dict[str, dict[str, Path]]:
     """Every family, built once into the shared test cache ($EVOMERGE_CACHE/families/<key>, under
     a lock so that two test runs do not build it at once); about 20 s on 2 cores."""

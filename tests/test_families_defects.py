@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import cached_families
+from families import cached_families, peft_adapter
 
 from evomerge.core.errors import ConfigError
 from evomerge.merge.engine import merge_state_dict
@@ -127,23 +127,6 @@ def test_gpt_neox_head_comes_from_the_last_slice(fam):
 
 
 # --- 5: peft's all-linear targets, written as full module paths ----------------------------------
-def _peft_adapter(base: Path, out: Path, targets) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                     task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = get_peft_model(model, cfg)
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.data = torch.randn_like(p) * 0.05
-    model.save_pretrained(str(out))
-    return out
-
-
 @pytest.mark.parametrize("family", ["phi3", "gpt2", "gpt_neox", "falcon", "llama"])
 def test_all_linear_adapter_with_full_module_paths_is_read(fam, family, tmp_path):
     """peft writes target_modules="all-linear" as full module paths for some families; the
@@ -154,7 +137,7 @@ def test_all_linear_adapter_with_full_module_paths_is_read(fam, family, tmp_path
     from transformers import AutoModelForCausalLM
 
     base = fam[family]["base"]
-    adapter = _peft_adapter(base, tmp_path / "a", "all-linear")
+    adapter = peft_adapter(base, tmp_path / "a", "all-linear")
     targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
     src = load_source(f"{base}+{adapter}")
     merged = PeftModel.from_pretrained(
@@ -170,7 +153,7 @@ def test_full_path_target_modules_the_base_lacks_are_refused(fam, tmp_path):
     from evomerge.core.errors import MergeError
 
     base = fam["llama"]["base"]
-    adapter = _peft_adapter(base, tmp_path / "a", ["model.layers.0.self_attn.q_proj"])
+    adapter = peft_adapter(base, tmp_path / "a", ["model.layers.0.self_attn.q_proj"])
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["target_modules"] = ["model.layers.0.self_attn.q_proj", "model.layers.9.self_attn.q_proj"]
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
@@ -184,7 +167,7 @@ def test_vllm_engine_refuses_an_adapter_and_head_size_16(fam, tmp_path):
 
     base = fam["llama"]["base"]
     assert engine_folder_problem(base) is None
-    adapter = _peft_adapter(base, tmp_path / "a", ["q_proj"])
+    adapter = peft_adapter(base, tmp_path / "a", ["q_proj"])
     assert "adapter" in engine_folder_problem(adapter)
     small = tmp_path / "heads16"
     shutil.copytree(base, small)
@@ -201,7 +184,7 @@ def test_vllm_search_engine_starts_from_the_tokenizer_folder(fam, tmp_path, monk
     from evomerge.search import validation
 
     base = fam["llama"]["base"]
-    adapter = _peft_adapter(base, tmp_path / "a", ["q_proj"])
+    adapter = peft_adapter(base, tmp_path / "a", ["q_proj"])
     seen = {}
 
     def fake_make(cfg, task, **kw):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import FAMILIES, MEMBERS, cached_families
+from families import FAMILIES, MEMBERS, cached_families, peft_adapter
 from mergekit_golden import GOLDEN, describe, load_folder
 
 from evomerge.merge.engine import merge_state_dict
@@ -124,23 +124,6 @@ def test_inplace_merger_equals_the_engine(fam, family, kind):
 
 
 # --- LoRA adapters: short and full-path target_modules equal peft --------------------------------
-def _peft_adapter(base: Path, out: Path, targets) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                     task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = get_peft_model(model, cfg)
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.data = torch.randn_like(p) * 0.05
-    model.save_pretrained(str(out))
-    return out
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_lora_adapter_equals_peft(fam, family, tmp_path):
     """all-linear (peft writes short names or full module paths) and the same modules by their
@@ -153,10 +136,10 @@ def test_lora_adapter_equals_peft(fam, family, tmp_path):
     if FAMILIES[family].dtype != torch.float32:
         pytest.skip("peft merges bfloat16 LoRA factors in bfloat16; evomerge in float32")
     base = fam[family]["base"]
-    full = _peft_adapter(base, tmp_path / "full", "all-linear")
+    full = peft_adapter(base, tmp_path / "full", "all-linear")
     targets = json.loads((full / "adapter_config.json").read_text())["target_modules"]
     shorts = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    short = _peft_adapter(base, tmp_path / "short", shorts)
+    short = peft_adapter(base, tmp_path / "short", shorts)
     from evomerge.core.errors import MergeError
 
     for adapter in (full, short):

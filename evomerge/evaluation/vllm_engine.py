@@ -158,8 +158,45 @@ def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size
                                  max_num_seqs=batch_size)
     finally:
         torch.set_num_threads(threads)  # vLLM's CPU worker resets the process's torch threads
+        undo_compile_decorators()
     _ENGINES[key] = lm
     return lm
+
+
+def undo_compile_decorators() -> list[str]:
+    """Gives the transformers classes vLLM decorated for torch.compile their own code back.
+
+    vLLM's Transformers backend (olmo2, phi, gpt_neox, starcoder2, ...) decorates the HF decoder
+    class it runs *in place*: a new base class, ``__init__`` and ``__call__``. An HF model of that
+    class built later in the process (the in-place merger's, the test-split scoring's) then fails
+    ("'Olmo2Model' object has no attribute 'do_not_compile'"). The engine runs eagerly
+    (enforce_eager), where the decorated ``__call__`` only calls ``forward``, as the class's own
+    does. Returns the classes restored."""
+    import inspect
+    import sys
+
+    try:
+        from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+    except ImportError:
+        return []
+    restored = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("transformers.models.") or module is None:
+            continue
+        for cls in list(vars(module).values()):
+            if not (isinstance(cls, type) and cls.__module__ == name
+                    and TorchCompileWithNoGuardsWrapper in cls.__bases__):
+                continue
+            init = cls.__dict__.get("__init__")
+            old_init = inspect.getclosurevars(init).nonlocals.get("old_init") if init else None
+            cls.__bases__ = tuple(b for b in cls.__bases__ if b is not TorchCompileWithNoGuardsWrapper)
+            if old_init is not None:
+                cls.__init__ = old_init
+            for attr in ("__call__", "save_aot_compiled_function"):
+                if attr in cls.__dict__:
+                    delattr(cls, attr)
+            restored.append(cls.__qualname__)
+    return restored
 
 
 def swap_weights(lm, weights: dict[str, torch.Tensor]) -> None:
