@@ -36,10 +36,11 @@ def run_tests(junit: Path, vllm: bool) -> None:
                    check=False)
 
 
-def outcomes(junit: Path) -> dict[str, dict[str, tuple[str, str]]]:
+def outcomes(junits: list[Path]) -> dict[str, dict[str, tuple[str, str]]]:
     """test function -> parameter id -> (passed | skipped | failed, message)."""
     out: dict[str, dict[str, tuple[str, str]]] = defaultdict(dict)
-    for case in ET.parse(junit).getroot().iter("testcase"):
+    cases = [c for j in junits for c in ET.parse(j).getroot().iter("testcase")]
+    for case in cases:
         m = re.match(r"(\w+)(?:\[(.*)\])?$", case.get("name", ""))
         if not m:
             continue
@@ -71,8 +72,8 @@ def matrix(res) -> str:
     from test_families_matrix import DEVIATIONS, GOLDENS, KINDS
 
     rows = ["| family | merges = mergekit 0.1.5 | in-place = engine | LoRA = peft | "
-            "search, resume, export, materialize | data-flow (DFS) |",
-            "|---|---|---|---|---|---|"]
+            "search, resume, export, materialize | data-flow (DFS) | vLLM swap = hf |",
+            "|---|---|---|---|---|---|---|"]
     for f in sorted(FAMILIES):
         merge = [res["test_merge_equals_mergekit"].get(f"{f}-{k}") for k in KINDS]
         merge = [r for r in merge if r]
@@ -105,26 +106,30 @@ def matrix(res) -> str:
         else:
             r = res["test_folded_model_equals_the_scaled_path"].get(f)
             dfs = "folds = path" if r and r[0] == "passed" else cell([r] if r else [])
-        rows.append(f"| {f} | {mcell} | {cell(inplace)} | {lora_cell} | {cell(search)} | {dfs} |")
+        swap = res["test_swap_scores_as_hf"].get(f)
+        vcell = cell([swap]) if swap else "not run"
+        rows.append(f"| {f} | {mcell} | {cell(inplace)} | {lora_cell} | {cell(search)} | {dfs} "
+                    f"| {vcell} |")
     notes = ["", "Differences from mergekit 0.1.5 (with transformers 5.19), by design:", ""]
     for (f, k), (why, _) in sorted(DEVIATIONS.items()):
         notes.append(f"- {f}, {k}: {why}.")
     for f, e in sorted(GOLDENS.items()):
         errs = {r["error"] for r in e["recipes"].values() if "error" in r}
         if errs:
-            notes.append(f"- {f}: mergekit 0.1.5 cannot read the folders transformers 5 writes "
-                         f"(\"{sorted(errs)[0][:110]}...\").")
+            notes.append(f"- {f}: mergekit 0.1.5's architecture definition expects tensors these "
+                         f"folders do not have (\"{sorted(errs)[0][:100]}...\").")
     return "\n".join(rows + notes)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--junit", type=Path, help="a pytest --junitxml report of the matrix tests")
+    ap.add_argument("--junit", type=Path, action="append",
+                    help="a pytest --junitxml report of the matrix tests (repeatable)")
     ap.add_argument("--vllm", action="store_true", help="also run the vLLM swap tests (slow)")
     args = ap.parse_args()
-    if args.junit is None:
-        args.junit = Path(tempfile.mkdtemp()) / "matrix.xml"
-        run_tests(args.junit, args.vllm)
+    if not args.junit:
+        args.junit = [Path(tempfile.mkdtemp()) / "matrix.xml"]
+        run_tests(args.junit[0], args.vllm)
     print(matrix(outcomes(args.junit)))
     gen = json.loads((REPO / "tests/golden/families.json").read_text())["generator"]
     print(f"\nGoldens: mergekit {gen['mergekit']}, torch {gen['torch']}, transformers "
