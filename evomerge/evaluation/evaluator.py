@@ -113,6 +113,13 @@ def _metrics(raw: dict) -> dict[str, float]:
     return out
 
 
+# Generated answers are decoded without special tokens in both backends: lm-eval's hf model
+# decodes with skip_special_tokens=True, its vllm model asks vLLM for them (skip_special_tokens=
+# False); the vllm backend overrides that (vllm_engine.py), so that "<s>" in an answer cannot make
+# exact_match differ between backends (docs/evaluation.md).
+ANSWERS_SKIP_SPECIAL_TOKENS = True
+
+
 def quiet_lm_class(lm_class):
     """``lm_class`` (an lm-eval LM) without its per-call progress bars: lm-eval's backends pass
     ``disable_tqdm=False`` explicitly, so TQDM_DISABLE has no effect, and a search calls them

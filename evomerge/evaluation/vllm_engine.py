@@ -25,8 +25,15 @@ from pathlib import Path
 
 import torch
 
-from evomerge.core.errors import ConfigError
-from evomerge.evaluation.evaluator import LmEvalEvaluator, TaskResult, quiet_lm_class
+from evomerge.core.errors import ConfigError, ModelFolderError
+from evomerge.evaluation.evaluator import (
+    ANSWERS_SKIP_SPECIAL_TOKENS,
+    LmEvalEvaluator,
+    TaskResult,
+    quiet_lm_class,
+)
+from evomerge.models.folders import read_model_config
+from evomerge.models.tensor_names import checkpoint_state
 
 _ENGINES: dict[tuple, object] = {}  # engine settings -> lm-eval VLLM LM (one engine per process)
 
@@ -78,7 +85,54 @@ def lm_eval_vllm_module():
 
 
 def _quiet_vllm_class():
-    return quiet_lm_class(lm_eval_vllm_module().VLLM)
+    quiet = quiet_lm_class(lm_eval_vllm_module().VLLM)
+
+    class SameAnswers(quiet):
+        @staticmethod
+        def modify_gen_kwargs(gen_kwargs, eos=None, default_max_gen_toks: int = 256):
+            """lm-eval's vLLM kwargs, but answers decoded without special tokens, as the hf
+            backend decodes them (evaluator.ANSWERS_SKIP_SPECIAL_TOKENS)."""
+            kwargs, until, max_gen_toks = quiet.modify_gen_kwargs(gen_kwargs, eos, default_max_gen_toks)
+            return kwargs | {"skip_special_tokens": ANSWERS_SKIP_SPECIAL_TOKENS}, until, max_gen_toks
+
+    SameAnswers.__name__ = SameAnswers.__qualname__ = quiet.__name__
+    return SameAnswers
+
+
+def _cpu_head_sizes() -> list[int] | None:
+    """The head sizes vLLM's CPU attention runs (None: not vLLM's CPU build, or no vLLM)."""
+    try:
+        from vllm.platforms import current_platform
+        if not current_platform.is_cpu():
+            return None
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except Exception:  # noqa: BLE001 - no vLLM here: vllm_available() says why, elsewhere
+        return None
+    return list(CPUAttentionBackend.get_supported_head_sizes())
+
+
+def engine_folder_problem(model_dir: str | Path) -> str | None:
+    """Why a vLLM engine cannot start from ``model_dir`` (None: it can): not a full model folder
+    (a LoRA adapter is no engine model: its base is), or an attention head size vLLM's CPU build
+    refuses at engine start ("Unsupported CPU attention configuration"), said before any work."""
+    from evomerge.models.adapters import is_adapter_folder, is_adapter_reference
+
+    if is_adapter_reference(str(model_dir)) or is_adapter_folder(Path(model_dir)):
+        return (f"{model_dir} is a LoRA adapter; the vLLM engine starts from a full model "
+                "folder (the adapter's base)")
+    try:
+        config = read_model_config(model_dir)
+    except ModelFolderError as err:
+        return str(err)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    heads = text.get("num_attention_heads") or text.get("n_head")
+    hidden = text.get("hidden_size") or text.get("n_embd")
+    head = text.get("head_dim") or (hidden // heads if heads and hidden else None)
+    sizes = _cpu_head_sizes() if head else None
+    if sizes is not None and head not in sizes:
+        return (f"{model_dir}: attention head size {head} is not one vLLM's CPU build runs "
+                f"({', '.join(map(str, sizes))}); use evaluator backend hf")
+    return None
 
 
 def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size: int = 32,
@@ -90,6 +144,8 @@ def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size
         return _ENGINES[key]
     if reason := vllm_available():
         raise ConfigError(f"evaluator backend 'vllm' needs vLLM (pip install 'evomerge[vllm]'): {reason}")
+    if problem := engine_folder_problem(model_dir):
+        raise ConfigError(f"evaluator backend 'vllm': {problem}")
     # In process: a swap passes tensors to the model directly (no engine process, no pickling).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # CPU backend only (GiB)
@@ -102,13 +158,51 @@ def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size
                                  max_num_seqs=batch_size)
     finally:
         torch.set_num_threads(threads)  # vLLM's CPU worker resets the process's torch threads
+        undo_compile_decorators()
     _ENGINES[key] = lm
     return lm
 
 
+def undo_compile_decorators() -> list[str]:
+    """Gives the transformers classes vLLM decorated for torch.compile their own code back.
+
+    vLLM's Transformers backend (olmo2, phi, gpt_neox, starcoder2, ...) decorates the HF decoder
+    class it runs *in place*: a new base class, ``__init__`` and ``__call__``. An HF model of that
+    class built later in the process (the in-place merger's, the test-split scoring's) then fails
+    ("'Olmo2Model' object has no attribute 'do_not_compile'"). The engine runs eagerly
+    (enforce_eager), where the decorated ``__call__`` only calls ``forward``, as the class's own
+    does. Returns the classes restored."""
+    import inspect
+    import sys
+
+    try:
+        from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+    except ImportError:
+        return []
+    restored = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("transformers.models.") or module is None:
+            continue
+        for cls in list(vars(module).values()):
+            if not (isinstance(cls, type) and cls.__module__ == name
+                    and TorchCompileWithNoGuardsWrapper in cls.__bases__):
+                continue
+            init = cls.__dict__.get("__init__")
+            old_init = inspect.getclosurevars(init).nonlocals.get("old_init") if init else None
+            cls.__bases__ = tuple(b for b in cls.__bases__ if b is not TorchCompileWithNoGuardsWrapper)
+            if old_init is not None:
+                cls.__init__ = old_init
+            for attr in ("__call__", "save_aot_compiled_function"):
+                if attr in cls.__dict__:
+                    delattr(cls, attr)
+            restored.append(cls.__qualname__)
+    return restored
+
+
 def swap_weights(lm, weights: dict[str, torch.Tensor]) -> None:
-    """Writes ``weights`` (Hugging Face names, a merged model's state dict) into the resident
-    engine through vLLM's in-place reload, then drops every cached KV block."""
+    """Writes ``weights`` (checkpoint names, as a folder stores them: models/tensor_names.py's
+    ``checkpoint_state`` of a merged model, tied heads dropped) into the resident engine through
+    vLLM's in-place reload, then drops every cached KV block."""
     # Each swap warns "RotaryEmbedding: Failed to load weights": the rotary cache is no checkpoint
     # tensor and vLLM keeps the layer's own. (Weights missing from ``weights`` are still reported,
     # by vLLM's reload/inplace.py logger.)
@@ -133,6 +227,8 @@ class VllmEvaluator(LmEvalEvaluator):
     def __init__(self, tasks: Sequence[str], *, model_dir: str | Path, dtype: str = "float32",
                  max_model_len: int | None = None, kv_cache_gib: int = 1, enforce_eager: bool = True,
                  **kwargs):
+        if problem := engine_folder_problem(model_dir):  # before any run folder or weights
+            raise ConfigError(f"evaluator backend 'vllm': {problem}")
         super().__init__(tasks, **kwargs)
         self.engine_args = dict(model_dir=model_dir, dtype=dtype, batch_size=self.batch_size,
                                 max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
@@ -154,7 +250,9 @@ class VllmEvaluator(LmEvalEvaluator):
         if model is not None:
             t0 = time.perf_counter()
             with torch.no_grad():
-                swap_weights(lm, dict(model.state_dict()))
+                # checkpoint names (transformers renames and fuses some when loading; vLLM's
+                # load_weights takes the folder's), tied heads dropped as a folder has them
+                swap_weights(lm, checkpoint_state(model))
             self.swap_s = time.perf_counter() - t0
         elif getattr(lm, "evomerge_swapped", False):
             restore_folder_weights(lm)

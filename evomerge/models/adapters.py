@@ -261,8 +261,11 @@ def _check_targets(config, base, modules: dict[str, Any], name: str) -> None:
     targets = config.target_modules
     if not targets or isinstance(targets, str):
         return  # a regex (or all-linear): the factors themselves were checked
-    present = {n.rsplit(".", 2)[-2] for n in base.shapes if n.endswith(".weight") and "." in n}
-    absent = sorted(set(targets) - present - {"all-linear"})
+    # peft's rule: a target names a module by its last parts ("q_proj", "self_attn.q_proj") or
+    # its full path ("model.layers.0.self_attn.q_proj": how peft writes "all-linear" for some)
+    modules = {n[:-len(".weight")] for n in base.shapes if n.endswith(".weight")}
+    suffixes = {m.split(".", i)[-1] for m in modules for i in range(m.count(".") + 1)}
+    absent = sorted(set(targets) - suffixes - {"all-linear"})
     if absent:
         raise MergeError(f"{name}: target_modules {absent} do not exist in the base {base.name}")
 

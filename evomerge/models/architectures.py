@@ -24,20 +24,45 @@ class ArchSpec:
     out_projections: tuple[str, ...]
 
 
-_LLAMA_LIKE = ArchSpec(inner="model", layers="layers", embeddings=("embed_tokens", "rotary_emb"),
-                       norm="norm", out_projections=("self_attn.o_proj.", "mlp.down_proj."))
+def _model(out_projections: tuple[str, ...], *, norm: str = "norm") -> ArchSpec:
+    """A decoder under ``model`` (Llama's layout: embed_tokens, layers, a final norm, rotary_emb)."""
+    return ArchSpec(inner="model", layers="layers", embeddings=("embed_tokens", "rotary_emb"),
+                    norm=norm, out_projections=out_projections)
+
+
+_LLAMA_LIKE = _model(("self_attn.o_proj.", "mlp.down_proj."))
+# Every family here is pre-norm: each block reads the residual stream only through a
+# scale-invariant norm (RMSNorm or LayerNorm), also where attention and MLP run in parallel
+# (phi, gpt_neox, falcon) or where a constant multiplies the block's output (granite's
+# residual_multiplier); the MoE routers read the normed stream too. tests/test_families_dfs.py
+# checks each folded model against its scaled path.
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,  # its q/k norms act on the projections of the normed input
+    "phi3": _LLAMA_LIKE,  # fused qkv_proj / gate_up_proj read the normed input
+    "granite": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
+    "starcoder2": _model(("self_attn.o_proj.", "mlp.c_proj.")),
+    "mixtral": _model(("self_attn.o_proj.", ".w2.")),  # block_sparse_moe.experts.E.w2
+    "qwen2_moe": _model(("self_attn.o_proj.", "down_proj.")),  # experts' and shared expert's
+    "phi": _model(("self_attn.dense.", "mlp.fc2."), norm="final_layernorm"),
     # GPT-2's projections are Conv1D ([in, out] weights): a scalar factor does not care.
     "gpt2": ArchSpec(inner="transformer", layers="h", embeddings=("wte", "wpe"), norm="ln_f",
                      out_projections=("attn.c_proj.", "mlp.c_proj.")),
+    "gpt_neox": ArchSpec(inner="gpt_neox", layers="layers", embeddings=("embed_in", "rotary_emb"),
+                         norm="final_layer_norm",
+                         out_projections=("attention.dense.", "mlp.dense_4h_to_h.")),
+    "falcon": ArchSpec(inner="transformer", layers="h", embeddings=("word_embeddings", "rotary_emb"),
+                       norm="ln_f", out_projections=("self_attention.dense.", "mlp.dense_4h_to_h.")),
 }
+_SANDWICH = "has sandwich (post-)norms: its scales would fold into the post-norm weights"
 _WHY_NOT = {
     "gemma": "Gemma stores RMSNorm weights as (1 + w) and scales embeddings by sqrt(hidden)",
-    "gemma2": "Gemma 2 has sandwich (post-)norms: its scales would fold into the post-norm weights",
-    "gemma3": "Gemma 3 has sandwich (post-)norms: its scales would fold into the post-norm weights",
+    "gemma2": f"Gemma 2 {_SANDWICH}",
+    "gemma3": f"Gemma 3 {_SANDWICH}",
+    "gemma3_text": f"Gemma 3 {_SANDWICH}",
     "olmo2": "OLMo-2 is post-norm only: a step scale does not fold into its weights",
 }
 

@@ -28,12 +28,20 @@ from evomerge.models.folders import (
 )
 from evomerge.models.tensor_files import DTYPES as ST_DTYPES
 from evomerge.models.tensor_files import read_index, read_tensor
+from evomerge.models.tensor_names import checkpoint_views
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 # Non-layer tensors indexed by token id (their rows follow the tokenizer).
 _VOCAB_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "embed_out", "lm_head")
-# Non-layer tensors that come before the layers (mergekit's pre_weights); the rest come after.
+# Non-layer tensors that come before the layers (mergekit's pre_weights); the rest come after,
+# heads among them: gpt_neox's head is `embed_out` (mergekit takes it from the last slice).
 _PRE_NAMES = ("embed", "wte", "wpe")
+_HEAD_NAMES = ("lm_head", "embed_out")
+
+
+def is_pre_tensor(name: str) -> bool:
+    """A non-layer tensor that comes before the layers (the embeddings), not a head."""
+    return not any(h in name for h in _HEAD_NAMES) and any(k in name for k in _PRE_NAMES)
 _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -219,7 +227,7 @@ def _layout(name: str, config: Mapping[str, Any], tensor_names: list[str]) -> La
         if m:
             prefixes.add(m["prefix"])
             layers.setdefault(int(m["index"]), set()).add(m["rest"])
-        elif any(k in t for k in _PRE_NAMES):
+        elif is_pre_tensor(t):
             pre.append(t)
         else:
             post.append(t)
@@ -321,7 +329,7 @@ def load_source_lm(name: str, *, base: str | None = None, device: str = "cpu",
     source = load_adapter_source(name, base=base, allow_pickle=allow_pickle)
     model = load_causal_lm(source.base_source.path, device=device, dtype=dtype,
                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    params = model.state_dict()
+    params = checkpoint_views(model)  # the adapter's (checkpoint) names in the loaded model
     with ExitStack() as stack, torch.no_grad():
         for tensor in source.adapter.modules:
             params[tensor].copy_(source.read(tensor, stack))

@@ -195,7 +195,7 @@ def check_tasks(cfg: SearchConfig):
         try:
             # log_samples: per-item scores, kept so a larger subset reuses the items already scored
             ev = make_evaluator(cfg.evaluator, t, split=t.split, batch_size=cfg.batch_size, log_samples=True,
-                                model_dir=cfg.models[0], dtype=cfg.dtype)
+                                model_dir=cfg.tokenizer_folder(), dtype=cfg.dtype)
         except UnknownTaskError as e:
             raise ConfigError(f"tasks.{i}.name: {e}") from None
         except ValueError as e:

@@ -65,6 +65,7 @@ from evomerge.merge.inplace.memory import (
 from evomerge.methods.registry import TaskArithmeticMerge, TensorGroup, get_method
 from evomerge.methods.sparsify import Sparsifier
 from evomerge.models.sources import MergeError
+from evomerge.models.tensor_names import checkpoint_views
 from evomerge.recipes.parameter_space import Recipe, same_model
 
 
@@ -121,27 +122,29 @@ class InPlaceMerger:
         self._lowrank_entries: dict[str, lowrank.LowRankEntry] = {}
 
         self.model = self._make_model()
-        targets = self.model.state_dict(keep_vars=True)
+        # checkpoint names (the sources') -> the model's tensors under transformers' own names
+        targets = checkpoint_views(self.model)
         self._entries: dict[str, Entry] = {}
-        covered: set[int] = set()
+        covered: dict[int, int] = {}  # storage -> elements written (fused tensors: several views)
         with ExitStack() as stack, torch.no_grad():
             for job in self._plan.jobs:
                 param = targets.get(job.name)
                 if param is None:
                     raise MergeError(f"{job.name}: the target model has no such tensor")
+                key = param.untyped_storage().data_ptr()
+                covered[key] = covered.get(key, 0) + param.numel()
                 if self._lowrank:
-                    covered.add(param.data_ptr())
                     self._lowrank_entries[job.name] = lowrank.make_entry(
                         job, self._plan, param.detach(), dtype=self.dtype, device=self.device,
                         stack=stack)
                     continue
                 tensors = load_inputs(self._plan, job, stack, device=self._host,
                                       dtype=self.dtype)
-                covered.add(param.data_ptr())
                 entry = self._make_entry(job, tensors, param.detach())
                 if entry is not None:
                     self._entries[job.name] = entry
-        uncovered = [k for k, p in self.model.named_parameters() if p.data_ptr() not in covered]
+        uncovered = [k for k, p in self.model.named_parameters()
+                     if covered.get(p.untyped_storage().data_ptr(), 0) < p.numel()]
         if uncovered:
             raise MergeError(f"the target model has parameters that no source provides: "
                              f"{uncovered[:5]}")
@@ -194,6 +197,9 @@ class InPlaceMerger:
         if tuple(target.shape) != tuple(first.shape):
             raise MergeError(f"{job.name}: the target model's shape {list(target.shape)} differs "
                              f"from the sources' {list(first.shape)}")
+        if not target.is_contiguous():
+            raise MergeError(f"{job.name}: the loaded model holds it as a strided slice of a fused "
+                             "tensor; the in-place merger writes contiguous tensors only")
         flat_target = target.view(-1)
         ta = self._ta
         keys = tuple(k for k in tensors if not (ta and k == job.base))
