@@ -6,8 +6,10 @@ Nothing time- or host-dependent goes in, so merging the same recipe twice gives 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
+from threading import Event
 from typing import TYPE_CHECKING
 
 from evomerge.methods.registry import uses_random_masks
@@ -16,10 +18,12 @@ if TYPE_CHECKING:
     from evomerge.merge.plan import MergePlan
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, stop: Event | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
+            if stop is not None and stop.is_set():
+                return ""  # the merge failed: nobody reads this card
             h.update(block)
     return h.hexdigest()
 
@@ -38,7 +42,16 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def model_card(plan: MergePlan) -> str:
+def source_hashes(plan: MergePlan, stop: Event | None = None) -> dict[Path, str]:
+    """sha256 of every source weight file (the card's table), each file hashed once; cut short
+    (empty hashes) once `stop` is set."""
+    files = dict.fromkeys(f for source in plan.sources.values() for f in source.weight_files)
+    return {f: sha256_file(f, stop) for f in files}
+
+
+def model_card(plan: MergePlan, hashes: Mapping[Path, str] | None = None) -> str:
+    """The card; `hashes` (source_hashes, computed beside the merge) or else hashed here."""
+    hashes = hashes if hashes is not None else source_hashes(plan)
     recipe = plan.recipe
     lines = [
         "---",
@@ -71,7 +84,7 @@ def model_card(plan: MergePlan) -> str:
     lines += ["## Source weights (sha256)", "", "| model | file | sha256 |", "|---|---|---|"]
     for name, source in plan.sources.items():
         for file in source.weight_files:
-            lines.append(f"| {name} | {file.name} | `{sha256_file(file)}` |")
+            lines.append(f"| {name} | {file.name} | `{hashes[file]}` |")
     lines += ["", "## Libraries", ""]
     lines += [f"- {k} {v}" for k, v in library_versions().items()]
     return "\n".join(lines) + "\n"
