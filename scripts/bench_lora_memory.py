@@ -105,12 +105,62 @@ def write_family(root: Path, size: tuple[int, int, int, int], rank: int, n: int,
     return base, adapters
 
 
+# hidden, intermediate, layers, vocab, key/value width (grouped-query attention at 70B)
+PLAN_SIZES = {"7B": (4096, 11008, 32, 32000, 4096), "13B": (5120, 13824, 40, 32000, 5120),
+              "70B": (8192, 28672, 80, 32000, 1024)}
+
+
+def plan_table(reserve_gb: float, gpu_gb: float = 80.0, sources: int = 3, rank: int = 16) -> None:
+    """The search's memory plan (memory.choose_plan) for 7B/13B/70B with three sources, on one
+    80 GB GPU and on 8: each choice's bytes per GPU, and what the plan picks when the config
+    leaves dtype and placement open (or its refusal)."""
+    from evomerge.merge.inplace.memory import (
+        CHOICES,
+        choose_plan,
+        memory_plan_from_shapes,
+        per_gpu_bytes,
+    )
+
+    budget = (gpu_gb - reserve_gb) * 1e9
+    print(f"\nSearch memory plan, {sources} sources, {gpu_gb:g} GB GPUs less {reserve_gb:g} GB each "
+          "for vLLM's KV cache and activations; GB per GPU (model-sized parts split over the GPUs)")
+    head = ["model", "GPUs", "method", *(f"{str(d)[6:]} {p}" for d, p in CHOICES), "choice"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for label, (hidden, inter, layers, vocab, kv) in PLAN_SIZES.items():
+        shapes = llama_shapes(hidden, inter, layers, vocab)
+        for name in shapes:
+            if name.endswith(("k_proj.weight", "v_proj.weight")):
+                shapes[name] = (kv, hidden)
+        lora = sum(3 * rank * (shape[0] + shape[1]) * 4 for n, shape in shapes.items()
+                   if n.rsplit(".", 2)[-2] in TARGETS) * sources
+        for gpus in (1, 8):
+            for method, adapter_bytes in (("task_arithmetic", None), ("ties", None),
+                                          ("task_arithmetic", lora)):
+                cells = []
+                for d, p in CHOICES:
+                    mp = memory_plan_from_shapes(shapes, method, sources, dtype=d, placement=p,
+                                                 device="cuda", adapter_bytes=adapter_bytes)
+                    g = per_gpu_bytes(mp, gpus)
+                    cells.append(f"{g / 1e9:.1f}{'' if g <= budget else ' ✗'}")
+                try:
+                    mp = choose_plan(shapes, method, sources, device_bytes=budget, gpus=gpus,
+                                     adapter_bytes=adapter_bytes)
+                    choice = f"{str(mp.dtype)[6:]} {mp.placement}"
+                except ValueError as err:
+                    choice = "refused: " + str(err).split("the smallest ")[1].split(";")[0]
+                kind = f"{method} (LoRA factors)" if adapter_bytes else method
+                print(f"| {label} | {gpus} | {kind} | " + " | ".join(cells) + f" | {choice} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the same run (nothing is timed)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=3)
+    parser.add_argument("--reserve-gb", type=float, default=8.0,
+                        help="GB per GPU kept for vLLM's KV cache and activations (plan table)")
     args = parser.parse_args(argv)
     import torch
 
@@ -150,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.1f}x | {r[5]:.3f} | "
               f"{r[6]:.3f} |")
+    plan_table(args.reserve_gb, sources=args.adapters, rank=args.rank)
     return 0
 
 

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -116,3 +117,75 @@ def test_shards_written_tensor_by_tensor_read_back_as_safetensors(tmp_path):
     save_file(tensors, str(ref))
     index = read_index(ref)
     assert all(torch.equal(read_tensor(index, k), t) for k, t in tensors.items())
+
+
+def test_mergekits_out_shard_size_flag_shards_as_max_shard_size(tmp_path):
+    from merge_helpers import model_family
+
+    from evomerge.cli.main import main
+
+    base, ft1, ft2 = model_family(tmp_path / "family")
+    cfg = tmp_path / "ta.yml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                   f"  - model: {ft1}\n    parameters: {{weight: 0.5}}\n"
+                   f"  - model: {ft2}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    assert main(["merge", str(cfg), str(tmp_path / "a"), "--max-shard-size", "5KB"]) == 0
+    assert main(["merge", str(cfg), str(tmp_path / "b"), "--out-shard-size", "5K"]) == 0
+    a = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    b = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    assert a == b and "model-00002-of-" in " ".join(a)
+
+
+# --- the search's memory plan: placement and dtype chosen when the config leaves them open ------
+
+_SHAPES = {f"layers.{i}.w": (4096, 4096) for i in range(8)}
+
+
+def _per_gpu(dtype, placement, gpus=1, method="task_arithmetic"):
+    from evomerge.merge.inplace.memory import memory_plan_from_shapes, per_gpu_bytes
+
+    mp = memory_plan_from_shapes(_SHAPES, method, 3, dtype=dtype, placement=placement,
+                                 device="cuda")
+    return per_gpu_bytes(mp, gpus)
+
+
+def test_the_plan_picks_the_first_choice_that_fits_float32_resident_first():
+    from evomerge.merge.inplace.memory import choose_plan
+
+    resident32, stream32 = _per_gpu(torch.float32, "resident"), _per_gpu(torch.float32, "stream")
+    resident16 = _per_gpu(torch.bfloat16, "resident")
+    assert stream32 < resident32 and resident16 < resident32
+    picks = {
+        resident32: (torch.float32, "resident"),  # room for everything: exact and resident
+        resident32 - 1: (torch.float32, "stream"),  # one byte short: the inputs stream
+    }
+    for room, want in picks.items():
+        mp = choose_plan(_SHAPES, "task_arithmetic", 3, device_bytes=room)
+        assert (mp.dtype, mp.placement) == want
+    # the config's dtype is kept: bf16 resident where float32 would also have fitted
+    mp = choose_plan(_SHAPES, "task_arithmetic", 3, device_bytes=resident32, dtype="bfloat16")
+    assert (mp.dtype, mp.placement) == (torch.bfloat16, "resident")
+    # on 8 GPUs the model-sized parts split: float32 resident fits where one GPU streams
+    room = _per_gpu(torch.float32, "resident", gpus=8)
+    assert room < resident32 / 2
+    mp = choose_plan(_SHAPES, "task_arithmetic", 3, device_bytes=room, gpus=8)
+    assert (mp.dtype, mp.placement) == (torch.float32, "resident")
+    mp = choose_plan(_SHAPES, "task_arithmetic", 3, device_bytes=room, gpus=1)
+    assert (mp.dtype, mp.placement) != (torch.float32, "resident")
+
+
+def test_the_plan_refuses_with_the_shortfall_when_nothing_fits():
+    from evomerge.merge.inplace.memory import choose_plan
+
+    smallest = _per_gpu(torch.bfloat16, "stream", method="ties")
+    room = smallest / 2
+    with pytest.raises(ValueError) as err:
+        choose_plan(_SHAPES, "ties", 3, device_bytes=room)
+    text = str(err.value)
+    assert "no memory plan fits ties" in text and "bfloat16, stream" in text
+    assert f"{smallest / 1e9:.1f} GB per GPU of {room / 1e9:.1f} GB" in text
+    assert f"{(smallest - room) / 1e9:.1f} GB short" in text
+    # a placement the config fixes is the only one tried
+    with pytest.raises(ValueError, match="float32, resident"):
+        choose_plan(_SHAPES, "ties", 3, device_bytes=smallest, dtype="float32",
+                    placement="resident")

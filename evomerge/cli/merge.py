@@ -48,6 +48,13 @@ def _size(text: str) -> int:
     return int(t.removesuffix("b"))
 
 
+def _kmb(text: str) -> int:
+    """mergekit's --out-shard-size (its parse_kmb): a count with an optional K, M or B suffix."""
+    t = text.strip().lower()
+    factor = {"k": 10**3, "m": 10**6, "b": 10**9}.get(t[-1:], 1)
+    return int(t[:-1] if factor > 1 else t) * factor
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `merge` sub-command to an argparse sub-parser set."""
     p = subparsers.add_parser(
@@ -66,6 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="read pickled .bin/.pt weights (torch.load with weights_only=True)")
     p.add_argument("--max-shard-size", type=_size, default="5GB",
                    help="largest safetensors shard, e.g. 2GB, 500MB (default 5GB)")
+    p.add_argument("--out-shard-size", dest="max_shard_size", type=_kmb, metavar="SIZE",
+                   help="mergekit's name for it: bytes with K, M or B (10^9) suffixes, e.g. 5B")
     p.set_defaults(func=run)
     return p
 

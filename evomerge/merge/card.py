@@ -5,7 +5,10 @@ Nothing time- or host-dependent goes in, so merging the same recipe twice gives 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import metadata
+from pathlib import Path
+from threading import Event
 from typing import TYPE_CHECKING
 
 from evomerge.methods.registry import uses_random_masks
@@ -31,7 +34,16 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def model_card(plan: MergePlan) -> str:
+def source_hashes(plan: MergePlan, stop: Event | None = None) -> dict[Path, str]:
+    """sha256 of every source's meaning files (the card's table: weights, config, tokenizer,
+    adapter_config.json), each file hashed once; cut short (empty hashes) once `stop` is set."""
+    files = dict.fromkeys(f for source in plan.sources.values() for f in meaning_files(source))
+    return {f: sha256_file(f, stop) for f in files}
+
+
+def model_card(plan: MergePlan, hashes: Mapping[Path, str] | None = None) -> str:
+    """The card; `hashes` (source_hashes, computed beside the merge) or else hashed here."""
+    hashes = hashes if hashes is not None else source_hashes(plan)
     recipe = plan.recipe
     lines = [
         "---",
@@ -65,7 +77,7 @@ def model_card(plan: MergePlan) -> str:
     lines += ["## Source files (sha256)", "", "| model | file | sha256 |", "|---|---|---|"]
     for name, source in plan.sources.items():
         for file in meaning_files(source):
-            lines.append(f"| {name} | {file.name} | `{sha256_file(file)}` |")
+            lines.append(f"| {name} | {file.name} | `{hashes[file]}` |")
     lines += ["", "## Libraries", ""]
     lines += [f"- {k} {v}" for k, v in library_versions().items()]
     return "\n".join(lines) + "\n"

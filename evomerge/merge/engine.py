@@ -11,14 +11,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from threading import Event
 from typing import Any
 
 import torch
 
 from evomerge.core.io import fsync_dir, umask, write_durable
-from evomerge.merge.card import model_card
+from evomerge.merge.card import model_card, source_hashes
 from evomerge.merge.plan import (
     DTYPES,
     MergePlan,
@@ -184,16 +186,23 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~umask())  # the folder is renamed into place: give it mkdir's mode, not mkdtemp's 0700
+    # The card's source hashes are read beside the merge (hashlib and file reads release the
+    # GIL): they would otherwise read every source a second time after it.
+    hashing, stop = ThreadPoolExecutor(1, thread_name_prefix="evomerge-sha256"), Event()
     try:
+        hashes = hashing.submit(source_hashes, plan, stop)
         _write_shards(plan, tmp, max_shard_size, device=device, dtype=dtype)
         write_durable(tmp / "config.json", _json_bytes(plan.out_config))
         _copy_extras(plan, tmp)
-        write_durable(tmp / "README.md", model_card(plan).encode("utf-8"))
+        write_durable(tmp / "README.md", model_card(plan, hashes.result()).encode("utf-8"))
         fsync_dir(tmp)
         _swap_into_place(tmp, out, force)
     except BaseException:
+        stop.set()
+        hashing.shutdown(cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    hashing.shutdown()
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from threading import Event
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,10 +20,13 @@ MEANING_FILES = ("config.json", "generation_config.json", "adapter_config.json",
                  "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, stop: Event | None = None) -> str:
+    """``stop``: set when the hash is no longer wanted (a failed merge's card): returns "" early."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
+            if stop is not None and stop.is_set():
+                return ""
             h.update(block)
     return h.hexdigest()
 

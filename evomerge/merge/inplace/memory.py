@@ -254,6 +254,56 @@ def memory_plan_from_shapes(shapes: Mapping[str, Sequence[int]], method: str, ro
                       parameters=n_params, rows=n, parts=parts)
 
 
+# What the search prefers when the config leaves dtype and placement open: exact float32 deltas
+# over bf16, and resident over streamed (a streamed tensor is copied to the device per candidate).
+CHOICES: tuple[tuple[torch.dtype, Placement], ...] = (
+    (torch.float32, "resident"), (torch.float32, "stream"),
+    (torch.bfloat16, "resident"), (torch.bfloat16, "stream"))
+
+
+def choose_plan(shapes: Mapping[str, Sequence[int]], method: str, rows: int, *,
+                device_bytes: float, gpus: int = 1, host_bytes: float | None = None,
+                dtype: torch.dtype | str | None = None, placement: Placement | None = None,
+                adapter_bytes: int | None = None) -> MemoryPlan:
+    """The first plan of CHOICES (only those of `dtype` / `placement` when given) whose device
+    parts fit `device_bytes` per GPU, split over `gpus` (tensor-parallel: each GPU holds 1/gpus of
+    every tensor, and its own workspace), and whose host parts fit `host_bytes` when given.
+    ValueError naming the shortfall of the smallest candidate when none fits."""
+    want = _dtype_name(dtype) if dtype is not None else None
+    options = [(d, p) for d, p in CHOICES if (want is None or d == DTYPES[want])
+               and (placement is None or p == placement)]
+    if not options:  # a dtype outside CHOICES (float16, float64): that dtype, both placements
+        options = [(DTYPES[want], p) for p in (placement,) if p] or [
+            (DTYPES[want], p) for p in PLACEMENTS]
+    tried = []
+    for d, p in options:
+        mp = memory_plan_from_shapes(shapes, method, rows, dtype=d, placement=p, device="cuda",
+                                     adapter_bytes=adapter_bytes)
+        per_gpu = per_gpu_bytes(mp, gpus)
+        if per_gpu <= device_bytes and (host_bytes is None or mp.host_bytes <= host_bytes):
+            return mp
+        tried.append((per_gpu, mp))
+    per_gpu, best = min(tried, key=lambda t: t[0])
+    gb = 1e9
+    short = [f"{per_gpu / gb:.1f} GB per GPU of {device_bytes / gb:.1f} GB"]
+    if host_bytes is not None and best.host_bytes > host_bytes:
+        short.append(f"{best.host_bytes / gb:.1f} GB of host memory of {host_bytes / gb:.1f} GB")
+    raise ValueError(
+        f"no memory plan fits {method} over {rows} inputs of {best.parameters / 1e9:.2f}B "
+        f"parameters on {gpus} GPU(s): the smallest ({_dtype_name(best.dtype)}, {best.placement}) "
+        "needs "
+        f"{' and '.join(short)}, {(per_gpu - device_bytes) / gb:.1f} GB short per GPU; use "
+        "more GPUs, LoRA sources (kept as factors), or fewer sources")
+
+
+def per_gpu_bytes(mp: MemoryPlan, gpus: int) -> float:
+    """Device bytes per GPU with every model-sized part split over `gpus` (workspaces and
+    staging buffers, sized by one tensor or one chunk, are not split)."""
+    whole = sum(b for name, (place, b) in mp.parts.items()
+                if place == "device" and name in ("workspace", "whole", "staging"))
+    return (mp.device_bytes - whole) / gpus + whole
+
+
 def plan(models: Sequence[str], base_model: str | None, method: str, *,
          dtype: torch.dtype | str = torch.float32, placement: Placement = "resident",
          device: str | torch.device = "cpu", allow_pickle: bool = False) -> MemoryPlan:
@@ -276,7 +326,7 @@ def plan(models: Sequence[str], base_model: str | None, method: str, *,
                                    device=device, adapter_bytes=adapter_bytes)
 
 
-__all__ = ["CPU_CHUNK", "MAGNITUDE_SPARSIFIERS", "PLACEMENTS", "RANDOM_SPARSIFIERS", "Entry",
+__all__ = ["CHOICES", "CPU_CHUNK", "choose_plan", "per_gpu_bytes", "MAGNITUDE_SPARSIFIERS", "PLACEMENTS", "RANDOM_SPARSIFIERS", "Entry",
            "MemoryPlan", "Placement", "Workspace", "check_supported", "element_size",
            "index_dtype", "is_whole", "make_staging", "make_workspace", "memory_plan_from_shapes", "plan",
            "probe_recipe", "work_dtype"]
