@@ -45,6 +45,21 @@ def write_header_only(path: Path, shapes: dict[str, tuple], dtype: str = "F32") 
         f.truncate(f.tell() + offset)
 
 
+def write_sharded_header_only(folder: Path, shapes: dict[str, tuple], dtype: str = "F32") -> None:
+    """Header-only shards, one per layer (a mapping of one huge file may be refused), and their index."""
+    shards: dict[str, dict[str, tuple]] = {}
+    for name, shape in shapes.items():
+        part = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        shards.setdefault(part, {})[name] = shape
+    weight_map = {}
+    for i, group in enumerate(shards.values(), start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_header_only(folder / file, group, dtype=dtype)
+        weight_map.update({k: file for k in group})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": weight_map}))
+
+
 def llama_config(hidden: int, inter: int, layers: int, vocab: int) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
             "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 32,
@@ -77,18 +92,8 @@ def write_family(root: Path, size: tuple[int, int, int, int], rank: int, n: int,
             "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
             "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base)}))
         adapters.append(a)
-    if headers_only:  # one shard per layer: mmap of one huge file may be refused
-        shards: dict[str, dict[str, tuple]] = {}
-        for name, shape in shapes.items():
-            part = name.split(".")[2] if name.startswith("model.layers.") else "rest"
-            shards.setdefault(part, {})[name] = shape
-        weight_map = {}
-        for i, group in enumerate(shards.values(), start=1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            write_header_only(base / file, group)
-            weight_map.update({k: file for k in group})
-        (base / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {}, "weight_map": weight_map}))
+    if headers_only:
+        write_sharded_header_only(base, shapes)
         for a in adapters:
             write_header_only(a / "adapter_model.safetensors", adapter_shapes(shapes, rank))
         return base, adapters

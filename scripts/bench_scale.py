@@ -30,7 +30,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_lora_memory import llama_config, write_header_only  # noqa: E402
+from bench_lora_memory import llama_config, write_sharded_header_only  # noqa: E402
 from synthetic_llama import llama_shapes  # noqa: E402
 
 # name -> (hidden, intermediate, layers, vocab): about 0.54B, 3.4B and 6.7B parameters
@@ -47,17 +47,7 @@ def write_model(folder: Path, size: tuple[int, int, int, int]) -> int:
     cfg = llama_config(*size)
     cfg["torch_dtype"] = "bfloat16"
     (folder / "config.json").write_text(json.dumps(cfg))
-    shards: dict[str, dict[str, tuple]] = {}
-    for name, shape in shapes.items():
-        part = name.split(".")[2] if name.startswith("model.layers.") else "rest"
-        shards.setdefault(part, {})[name] = shape
-    weight_map = {}
-    for i, group in enumerate(shards.values(), start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_header_only(folder / file, group, dtype="BF16")
-        weight_map.update({k: file for k in group})
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": weight_map}))
+    write_sharded_header_only(folder, shapes, dtype="BF16")
     total = 0
     for shape in shapes.values():
         n = 1

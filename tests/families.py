@@ -157,20 +157,9 @@ def build_all(out: Path, names=None) -> dict[str, dict[str, Path]]:
 
 def peft_adapter(base: Path, out: Path, targets) -> Path:
     """A peft LoRA adapter over `base` (rank 4, random non-zero factors), saved by peft."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from lora_helpers import make_adapter  # tests only: this module also runs in mergekit's venv
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                     task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        model = get_peft_model(model, cfg)
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.data = torch.randn_like(p) * 0.05
-    model.save_pretrained(str(out))
-    return out
+    return make_adapter(base, out, seed=3, targets=targets)
 
 
 def cached_families() -> dict[str, dict[str, Path]]:

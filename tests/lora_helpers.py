@@ -12,12 +12,14 @@ import torch
 def make_adapter(base_dir: Path, out: Path, seed: int, *, rank: int = 4, alpha: int = 8,
                  targets=("q_proj", "v_proj", "down_proj"), use_rslora: bool = False,
                  use_dora: bool = False) -> Path:
-    """A peft adapter with random, non-zero A and B (scale 0.02), saved with save_pretrained."""
+    """A peft adapter with random, non-zero A and B (scale 0.02), saved with save_pretrained;
+    ``targets``: module names, or one of peft's strings ("all-linear")."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+    targets = targets if isinstance(targets, str) else list(targets)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
                      use_rslora=use_rslora, use_dora=use_dora, task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

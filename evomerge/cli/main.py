@@ -28,8 +28,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-
-
 # ----------------------------------------------------------------------------- zoo
 def cmd_zoo(args: argparse.Namespace) -> int:
     from evomerge.zoo.kernels import pin_kernels
