@@ -486,6 +486,26 @@ def test_floors_within_the_metrics_range(tiny, tmp_path, capsys, floors, message
     assert message in refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path, floors=floors))
 
 
+def test_base_scores_written_in_a_staged_config(tiny, tmp_path, capsys):
+    # the staged (PS+DFS) config refuses the filled-in key as a single-stage one does: at the top
+    # level (every stage's default) and in a stage
+    stage = {k: v for k, v in tiny_config_dict(tiny, tmp_path).items() if k != "run_dir"}
+    for where, cfg in (("", {"run_dir": str(tmp_path / "run"), "floors": {"base_scores": {"zoo_add": 0.3}},
+                             "stages": [dict(stage, name="a")]}),
+                       ("stages.1: ", {"run_dir": str(tmp_path / "run"),
+                                       "stages": [dict(stage, name="a"),
+                                                  dict(stage, name="b", floors={"base_scores": {"zoo_add": 0.3}})]})):
+        assert f"{where}floors.base_scores: not set by hand" in refused(capsys, tmp_path, cfg)
+
+
+def test_base_score_plus_margin_outside_the_metrics_range(tiny, tmp_path, capsys):
+    # the tiny random models score below 0.5 on zoo_add: with a margin of -0.5 the floor lies below
+    # 0 and every candidate meets it; refused once the base's scores are measured, before the run folder
+    err = refused(capsys, tmp_path, tiny_config_dict(tiny, tmp_path, floors={"margin": -0.5}))
+    assert re.search(r"floors.margin: -0.5 on the base model's score [0-9.]+ on task 'zoo_add' gives the floor "
+                     r"-?[0-9.]+, outside the range \[0, 1\] of its metric acc", err), err
+
+
 def test_unknown_field_in_adapter_config(tiny, tmp_path, capsys):
     from lora_helpers import edit_config, make_adapter
 

@@ -71,6 +71,23 @@ class FloorsConfig(BaseModel):
                 raise ValueError(f"floors.values.{t.name}: {v:g}{with_margin} lies outside the range "
                                  f"[{lo:g}, {hi:g}] of its metric {t.metric}")
 
+    def check_base_scores(self, tasks: Sequence[TaskConfig]) -> None:
+        """Once the base's scores are measured: each floor they set (a task without a given value)
+        plus the margin lies in its metric's range, as check_tasks asks of a given value."""
+        if not self.base:
+            return
+        for t in tasks:
+            rng, score = metric_range(t.metric), (self.base_scores or {}).get(t.name)
+            if rng is None or score is None or t.name in self.values:
+                continue
+            lo, hi = rng
+            floor = score + self.margin
+            if not lo <= floor <= hi:
+                never = "no candidate can reach it" if floor > hi else "every candidate meets it"
+                raise ValueError(f"floors.margin: {self.margin:g} on the base model's score {score:g} on task "
+                                 f"{t.name!r} gives the floor {floor:g}, outside the range [{lo:g}, {hi:g}] of its "
+                                 f"metric {t.metric}: {never}; choose a smaller margin, or set floors.values.{t.name}")
+
     def floor_of(self) -> dict[str, float]:
         """task -> floor + margin, for the tasks that have a floor."""
         floors = dict(self.base_scores or {}) if self.base else {}

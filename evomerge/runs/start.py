@@ -140,7 +140,12 @@ def with_base_scores(cfg: SearchConfig, evaluators) -> SearchConfig:
     scores = measure_base_scores(cfg.base_model or cfg.models[0], cfg.tasks, evaluators,
                                  device=cfg.device, dtype=cfg.dtype, allow_pickle=cfg.allow_pickle,
                                  trust_remote_code=cfg.trust_remote_code)
-    return cfg.model_copy(update={"floors": cfg.floors.model_copy(update={"base_scores": scores})})
+    floors = cfg.floors.model_copy(update={"base_scores": scores})
+    try:
+        floors.check_base_scores(cfg.tasks)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg.model_copy(update={"floors": floors})
 
 
 def with_frozen_base_scores(cfg: SearchConfig | None, frozen: SearchConfig) -> SearchConfig | None:

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from evomerge.core.errors import ConfigError
-from evomerge.search.config import SearchConfig
+from evomerge.search.config import SearchConfig, refuse_filled_in
 from evomerge.search.validation import check_sources, check_tasks
 
 STAGE_REF = "stage:"
@@ -78,6 +78,11 @@ class StagedConfig:
             data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: cannot read the config: {e}") from None
+        if isinstance(data, dict):  # a user's file: the keys the search fills in are not theirs
+            refuse_filled_in(data, str(path))
+            for i, stage in enumerate(data.get("stages") if isinstance(data.get("stages"), list) else []):
+                if isinstance(stage, dict):
+                    refuse_filled_in(stage, f"{path}: stages.{i}")
         return cls.from_dict(data, str(path))
 
     def to_yaml(self) -> str:
