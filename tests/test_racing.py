@@ -174,13 +174,10 @@ def test_status_of_a_racing_run(zoo_dir, tmp_path, capsys):
 
 
 def cli(*args: str):
-    import subprocess
-    import sys
+    """`evomerge search *args --quiet` in a process and session of its own (tests/cli_process.py)."""
+    import cli_process
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", *args, "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    return cli_process.start("search", *args, "--quiet")
 
 
 def _stage_items(cfg, g, task_index, n):

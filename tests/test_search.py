@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import cli_process
 import numpy as np
 import pytest
 import yaml
@@ -44,11 +43,9 @@ def write_config(tmp_path: Path, data: dict) -> Path:
     return p
 
 
-def cli(*args: str, **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", *args, "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True, **kw)
+def cli(*args: str) -> cli_process.CliProcess:
+    """`evomerge search *args --quiet` in a process and session of its own (tests/cli_process.py)."""
+    return cli_process.start("search", *args, "--quiet")
 
 
 OPTIMIZERS = {

@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import cli_process
 import numpy as np
 import pytest
 import yaml
@@ -37,8 +38,7 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
 def evomerge(*args: str, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=timeout)
+    return cli_process.run(*args, env=ENV, timeout=timeout)
 
 
 def base(**over) -> dict:
@@ -154,7 +154,7 @@ def killed_run(zoo_dir, tmp_path_factory):
     for k, target in enumerate(sorted(rng.choice(np.arange(3, 12), size=3, replace=False))):
         p = cli(str(cfg), "--run-dir", str(run_dir)) if k == 0 else cli("--resume", str(run_dir))
         kill_when(p, lambda t=target: lines(run_dir / LOG) >= t, rng)
-        assert p.returncode < 0, p.stdout.read()  # killed mid-run
+        assert p.returncode < 0, p.communicate()[0]  # killed mid-run
     p = cli("--resume", str(run_dir))
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
