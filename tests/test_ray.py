@@ -7,14 +7,22 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 
+import cli_process
+import psutil
 import pytest
 import yaml
-from ray_helpers import REPO, assert_gone, killing_builder, kills, tiny_config, worker_pids
+from ray_helpers import (
+    REPO,
+    assert_gone,
+    killing_builder,
+    kills,
+    ray_processes,
+    tiny_config,
+    worker_pids,
+)
 
 from evomerge.runs.folder import LOG, RunFolder, history
 from evomerge.runs.start import run_search
@@ -105,9 +113,7 @@ def test_sigterm_with_ray_workers_then_resume(zoo_dir, reference, tmp_path):
     tmp = tempfile.mkdtemp(prefix="r8c", dir="/tmp")
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_TMPDIR=tmp,
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "evomerge.cli", "search", "--quiet"]
-    p = subprocess.Popen([*cmd, str(cfg), "--run-dir", str(run_dir), "--workers", "2"], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    p = cli_process.start("search", "--quiet", cfg, "--run-dir", run_dir, "--workers", "2", env=env)
     try:
         while p.poll() is None and not ((run_dir / LOG).is_file() and (run_dir / LOG).read_bytes().count(b"\n") >= 3):
             time.sleep(0.05)
@@ -122,14 +128,44 @@ def test_sigterm_with_ray_workers_then_resume(zoo_dir, reference, tmp_path):
     assert "Resume with: evomerge search --resume" in out and "Traceback" not in out
     assert_gone(worker_pids(run_dir), tmp)
     shutil.rmtree(tmp, ignore_errors=True)
-    r = subprocess.run([*cmd, "--resume", str(run_dir), "--workers", "0"], capture_output=True, text=True, env=env,
-                       timeout=600, start_new_session=True)
+    r = cli_process.run("search", "--quiet", "--resume", run_dir, "--workers", "0", env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     got = RunFolder.open(run_dir).records()
     keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
     assert len(keys) == len(set(keys)) == 8
     assert history(got) == history(RunFolder.open(reference).records())
 
+
+
+@pytest.mark.parametrize("target", ["driver", "group"])
+def test_no_ray_process_outlives_a_killed_search(zoo_dir, tmp_path, target):
+    """`kill -9` of the search's process alone (a user's kill of the PID), or of its whole process
+    group: the private local Ray it started (GCS, raylet, workers) goes with it."""
+    cfg = tmp_path / "search.yml"
+    cfg.write_text(yaml.safe_dump(tiny_config(zoo_dir, budget={"generations": 50})))
+    run_dir = tmp_path / "run"
+    tmp = tempfile.mkdtemp(prefix="r8k", dir="/tmp")
+    env = dict(os.environ, RAY_TMPDIR=tmp, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    p = cli_process.start("search", "--quiet", cfg, "--run-dir", run_dir, "--workers", "2", env=env)
+    try:
+        # two candidates logged: the workers are up and scoring
+        while p.poll() is None and not ((run_dir / LOG).is_file() and (run_dir / LOG).read_bytes().count(b"\n") >= 4):
+            time.sleep(0.05)
+        assert p.poll() is None, "the search ended before the kill"
+        workers = worker_pids(run_dir)
+        assert workers and all(psutil.pid_exists(w) for w in workers) and ray_processes(tmp), "no Ray to kill"
+        (os.kill if target == "driver" else os.killpg)(p.pid, signal.SIGKILL)
+        p.wait()
+        assert p.returncode == -signal.SIGKILL
+        assert_gone(workers, tmp)
+    finally:
+        for q in ray_processes(tmp):  # whatever a failed check left: not into the next test
+            q.kill()
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_racing_on_two_workers_equals_in_process(zoo_dir, local_ray, tmp_path):
