@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
+import cli_process
 import numpy as np
 import pytest
 import torch
@@ -37,9 +36,9 @@ def test_in_memory_scores_equal_evomerge_eval_on_the_saved_folder(zoo_dir, tmp_p
     in_memory = LmEvalEvaluator(TASKS, split="test", batch_size=16).evaluate(model, tok, limit=150)
     model.save_pretrained(tmp_path / "merged")
     tok.save_pretrained(tmp_path / "merged")
-    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "eval", str(tmp_path / "merged"),
-                          "--split", "test", "--limit", "150", "--batch-size", "16", "--json"],
-                         capture_output=True, text=True, check=True, cwd=tmp_path)
+    out = cli_process.run("eval", tmp_path / "merged", "--split", "test", "--limit", "150", "--batch-size", "16",
+                          "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
     from_cli = json.loads(out.stdout.strip().splitlines()[-1])
     assert {t: r.metrics for t, r in in_memory.items()} == {t: v["metrics"] for t, v in from_cli.items()}
     assert all(v["n"] == 150 for v in from_cli.values())
@@ -78,7 +77,7 @@ def test_evaluate_twice_gives_the_same_scores(zoo_dir):
 
 # ------------------------------------------------------------------ bad inputs
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return cli_process.run(*args, cwd=cwd)
 
 
 def test_missing_model_folder(tmp_path):

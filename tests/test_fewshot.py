@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 
+import cli_process
 import pytest
 import yaml
 from ray_helpers import REPO, assert_gone, tiny_config, worker_pids
@@ -88,10 +87,7 @@ def test_a_killed_and_resumed_search_gives_the_same_history(zoo_dir, in_process,
     cfg = tmp_path / "search.yml"
     cfg.write_text(yaml.safe_dump(_config(zoo_dir)))
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "evomerge.cli", "search", "--quiet"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen([*cmd, str(cfg), "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    p = cli_process.start("search", "--quiet", cfg, "--run-dir", run_dir)
     deadline = time.monotonic() + 300
     # killed inside the first generation: the resumed process's evaluator has built no prompt yet
     while p.poll() is None and time.monotonic() < deadline:
@@ -101,8 +97,7 @@ def test_a_killed_and_resumed_search_gives_the_same_history(zoo_dir, in_process,
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL, f"the search exited ({p.returncode}) before the kill"
-    r = subprocess.run([*cmd, "--resume", str(run_dir)], capture_output=True, text=True, env=env, timeout=600,
-                       start_new_session=True)
+    r = cli_process.run("search", "--quiet", "--resume", run_dir, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     got = RunFolder.open(run_dir).records()
     keys = [(r.generation, r.index) for r in got if r.type == "candidate"]

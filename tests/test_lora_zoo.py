@@ -7,10 +7,9 @@ from __future__ import annotations
 import fcntl
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import cli_process
 import pytest
 import torch
 from merge_helpers import load_folder
@@ -94,17 +93,14 @@ def test_winner_exports_rebuilds_and_materializes_as_folder_and_adapter(lora_zoo
     from evomerge.runs.adapter import materialize_adapter
     from evomerge.runs.materialize import materialize
 
-    env_cmd = [sys.executable, "-m", "evomerge.cli"]
     yml = tmp_path / "best.mergekit.yaml"
-    r = subprocess.run([*env_cmd, "export", str(lora_run), "--format", "mergekit", "--out",
-                        str(yml)], capture_output=True, text=True)
+    r = cli_process.run("export", lora_run, "--format", "mergekit", "--out", yml)
     assert r.returncode == 0, r.stderr
     text = yml.read_text()
     models = [ln.split("model: ", 1)[1] for ln in text.splitlines() if "model: " in ln]
     adapters = [m for m in models if "/lora/" in m]
     assert len(adapters) >= 3 and all(m.startswith(f"{lora_zoo / 'base'}+") for m in adapters)
-    r = subprocess.run([*env_cmd, "merge", str(yml), str(tmp_path / "rebuilt")],
-                       capture_output=True, text=True)
+    r = cli_process.run("merge", yml, tmp_path / "rebuilt")
     assert r.returncode == 0, r.stderr
     full, info = materialize(lora_run, tmp_path / "full", score_test=False)
     rebuilt, want = load_folder(tmp_path / "rebuilt"), load_folder(full)

@@ -22,6 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import cli_process
 import pytest
 import yaml
 from ray_helpers import REPO, assert_gone, free_port, stop_process_group, tiny_config
@@ -134,8 +135,7 @@ def expected(zoo_dir, tmp_path_factory):
 
 
 def cli(env, *args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return cli_process.run(*args, env=env, timeout=timeout)
 
 
 def write_config(zoo_dir: Path, tmp_path: Path, generations: int = 1) -> Path:
@@ -186,10 +186,8 @@ def test_a_search_on_both_nodes_survives_the_worker_node_killed(cluster, expecte
     run_search(SearchConfig.from_dict(config(zoo_dir, 3)), run_dir=local, quiet=True, workers=0)
     expected3 = history(RunFolder.open(local).records())
     run_dir = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(write_config(zoo_dir, tmp_path, 3)),
-                          "--run-dir", str(run_dir), "--quiet", "--ray-address", cluster.gcs, "--workers", "2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env,
-                         start_new_session=True)
+    p = cli_process.start("search", write_config(zoo_dir, tmp_path, 3), "--run-dir", run_dir, "--quiet",
+                          "--ray-address", cluster.gcs, "--workers", "2", env=cluster.env)
     try:
         log = run_dir / LOG
         while p.poll() is None and cluster.second_id not in logged_nodes(log):

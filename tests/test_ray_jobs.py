@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import cli_process
 import pytest
 import yaml
 from ray_helpers import REPO, assert_gone, free_port, stop_process_group, tiny_config, worker_pids
@@ -56,8 +57,7 @@ def ray_head(tmp_path_factory):
 
 
 def cli(env, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return cli_process.run(*args, env=env, timeout=timeout)
 
 
 def test_submit_then_jobs_then_status(ray_head, zoo_dir, tmp_path):
