@@ -8,6 +8,7 @@ below are the zoo's too (evomerge/zoo/kernels.py), so the fixture builds it in t
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
 import tempfile
@@ -70,11 +71,35 @@ def zoo_test_scores(zoo_dir):
             for name, m in manifest["models"].items()}
 
 
+# The groups that take longest (alone on 2 cores: the Ray modules about 290 s, test_readme 160,
+# test_search 135, test_dataflow_search 55, test_vllm and test_study about 45), handed out first:
+# xdist's own order (by number of tests) put these few-test groups last, and the worker that drew
+# one at the end ran it while the other idled.
+LONGEST_FIRST = ("ray", "test_readme", "test_search", "test_dataflow_search", "test_vllm", "test_study")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     """Groups for pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): a module's tests stay on
     one worker, so its module-scoped fixtures (a shared search, a Ray cluster) are built once, and
-    every module that starts Ray shares one worker, so two Ray instances never compete."""
+    every module that starts Ray shares one worker, so two Ray instances never compete. Groups go
+    out longest first (LONGEST_FIRST, then by number of tests, as xdist would), each in one piece."""
     ray_modules = {item.module.__name__ for item in items if item.get_closest_marker("ray")}
+    group = {}
     for item in items:
         module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("ray" if module in ray_modules else module))
+        group[item] = "ray" if module in ray_modules else module
+        item.add_marker(pytest.mark.xdist_group(group[item]))
+    size = collections.Counter(group.values())
+    first_seen = {g: i for i, g in reversed(list(enumerate(group.values())))}
+
+    def rank(item):
+        g = group[item]
+        known = LONGEST_FIRST.index(g) if g in LONGEST_FIRST else len(LONGEST_FIRST)
+        return known, -size[g], first_seen[g]
+
+    items.sort(key=rank)
