@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml constraints.txt
 # -n 2: two pytest-xdist workers (the suite waits on subprocess start-up and Ray as much as on
 # compute); tests/conftest.py keeps each module, and every Ray module, on one worker.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=30 tests
 
 zoo: install
 	$(VENV)/bin/evomerge zoo --out $(ZOO) --lora
