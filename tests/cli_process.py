@@ -18,10 +18,12 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 # Imported once by the fork server (multiprocessing.forkserver's preload): what every `evomerge
@@ -71,6 +73,7 @@ class CliProcess:
 
     def __init__(self, argv, env, cwd, separate: bool):
         self._dir = tempfile.mkdtemp(prefix="evomerge-cli-")
+        weakref.finalize(self, shutil.rmtree, self._dir, True)
         self._out = os.path.join(self._dir, "out")
         self._err = os.path.join(self._dir, "err") if separate else self._out
         ctx = _context()
