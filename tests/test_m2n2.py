@@ -124,6 +124,45 @@ def test_tensor_granularity_gives_each_tensor_its_own_value_in_parameter_order(z
     assert seeds[0][per_model:].tolist() == [0.0] * per_model
 
 
+def test_a_crossover_of_per_tensor_recipes_builds_the_piecewise_mix_of_its_parents(tmp_path):
+    # task arithmetic is linear in its weights: the child's model is, tensor by tensor, the
+    # parents' models mixed with the ratio of the tensor's side of the split; the in-place merger
+    # builds it as the engine does
+    import torch
+    from merge_helpers import model_family
+
+    from evomerge.merge.engine import merge_state_dict
+    from evomerge.merge.inplace import InPlaceMerger
+
+    fam = [str(p) for p in model_family(tmp_path, "llama", n=2, layers=2, hidden=16)]
+    layout = load_source(fam[0]).layout
+    space = SearchSpace.model_validate({"method": "task_arithmetic", "parameters": {"weight": {"low": 0, "high": 2}},
+                                        "granularity": {"layers_per_group": 1, "tensors": True}})
+    codec = Codec(space, fam[1:], fam[0], layout)
+    rng = np.random.default_rng(1)
+    a, b = rng.random(codec.dim), rng.random(codec.dim)
+    pos = codec.positions()
+    split, w = int(pos.max()) // 2, 0.3
+    child = crossover(a, b, pos, split, w)
+    merger = InPlaceMerger(fam[1:], fam[0], "task_arithmetic", dtype="float32")
+    built = {n: merge_state_dict(codec.to_recipe(g), dtype=torch.float32) for n, g in (("a", a), ("b", b))}
+    got = {k: v.detach().clone() for k, v in merger.build(codec.to_recipe(child)).state_dict().items()}
+    place = {}  # full tensor name -> its group's place along the parameter order
+    for i, grp in enumerate(codec.groups):
+        kind, rest = grp.split(" ", 1)
+        if kind in ("embed", "head"):
+            place[rest] = i
+        else:
+            layers, sfx = rest.split(" ", 1)
+            place[layout.layer_name(int(layers.split("-")[0]), sfx)] = i
+    assert set(place) == set(built["a"])
+    for name, want_a in built["a"].items():
+        t = w if place[name] < split else 1 - w
+        want = (1 - t) * want_a + t * built["b"][name]
+        assert torch.allclose(got[name], want, atol=1e-6), name
+    assert any(place[n] < split for n in place) and any(place[n] >= split for n in place)
+
+
 def test_tensor_granularity_refusals():
     with pytest.raises(ValueError, match="split_attn_mlp: false"):
         SearchSpace.model_validate({"method": "linear", "parameters": {"weight": {"low": 0, "high": 1}},

@@ -42,6 +42,7 @@ class SteadyState:
                          if r.type in (RecordKind.REFERENCE, RecordKind.IRT))
         # an optimizer told per-item scores (M2N2) compares candidates item by item: one subset for all
         self.per_item = search.kind.per_item
+        self.fixed_items = search.fitness.samples(0) if self.per_item else None
         if self.per_item and not all(search.items.reusable.values()):
             raise ConfigError(f"optimizer {search.kind.name} needs per-item scores, and task(s) "
                               f"{', '.join(t for t, ok in search.items.reusable.items() if not ok)} "
@@ -115,8 +116,7 @@ class SteadyState:
         while self.told < n:
             x, rec = self.results.pop(self.told)
             if self.per_item:
-                self.opt.tell_items(x, *self.s.items.vector(rec.recipe_hash if rec.ok else None,
-                                                            self.s.fitness.samples(0)))
+                self.opt.tell_items(x, *self.s.items.vector(rec.recipe_hash if rec.ok else None, self.fixed_items))
             else:
                 self.opt.tell(x[None, :], np.array([rec.fitness]))
             self.told_records[(rec.generation, rec.index)] = rec
