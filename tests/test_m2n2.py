@@ -119,9 +119,12 @@ def test_tensor_granularity_gives_each_tensor_its_own_value_in_parameter_order(z
     weights = mk["slices"][1]["sources"][0]["parameters"]["weight"]
     assert len(mk["slices"]) == layout.num_layers and len(weights) == len(layout.layer_suffixes)
     assert "cannot run" not in mergekit_yaml(recipe)
-    seeds = seed_genomes(codec, ("sources", "start"))
-    assert len(seeds) == 3 and seeds[0][:per_model].tolist() == [0.5] * per_model  # weight 1 in [0, 2]
+    seeds = seed_genomes(codec, ("sources", "start", "plain"))
+    assert seeds[0][:per_model].tolist() == [0.5] * per_model  # weight 1 in [0, 2]
     assert seeds[0][per_model:].tolist() == [0.0] * per_model
+    assert np.array_equal(seeds[2], codec.x0) and seeds[3].tolist() == [0.1] * codec.dim  # start, plain 0.1
+    # the start is the middle of the cube: the plain merge at 0.5 repeats it and is left out
+    assert len(seeds) == 7 and [s[0] for s in seeds[2:]] == [0.5, 0.1, 0.3, 0.7, 0.9]
 
 
 def test_a_crossover_of_per_tensor_recipes_builds_the_piecewise_mix_of_its_parents(tmp_path):

@@ -33,7 +33,7 @@ from evomerge.evaluation.floors import FloorsConfig
 from evomerge.evaluation.tasks import TaskConfig
 from evomerge.search.fitness_config import FitnessConfig, check_fitness, irt_requested
 from evomerge.search.optimizers import OPTIMIZERS, REGISTRY, Batch, OptimizerKind
-from evomerge.search.optimizers.cma_options import AUTO_SEPARABLE_DIM, Restarts
+from evomerge.search.optimizers.cma_options import AUTO_SEPARABLE_DIM, PLAIN_LEVELS, Restarts
 from evomerge.search.optimizers.m2n2 import M2N2Options
 from evomerge.search.spaces.dataflow import DfsSpace
 from evomerge.search.spaces.parameter import SearchSpace
@@ -93,8 +93,6 @@ class RestartsConfig(_Strict):
     start: Literal["random", "x0"] = Field(Restarts.start, description="where a restart begins: a uniform random "
                                            "point of the cube (the optimizer's own stream) or the first run's start")
 
-
-PLAIN_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 class OptimizerConfig(_Strict):

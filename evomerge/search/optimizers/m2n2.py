@@ -31,8 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.search.optimizers.base import Optimizer
-
-SEED_KINDS = ("sources", "start")
+from evomerge.search.optimizers.cma_options import PLAIN_LEVELS
 
 
 class M2N2Options(BaseModel):
@@ -45,9 +44,9 @@ class M2N2Options(BaseModel):
                          description="resource competition: an item's reward is c_j / z_j^alpha (0: none)")
     attraction: bool = Field(True, description="the second parent by attraction (false: like the first)")
     split_point: bool = Field(True, description="a random split point per crossover (false: one ratio for all)")
-    seeds: tuple[Literal["sources", "start"], ...] = Field(
+    seeds: tuple[Literal["sources", "start", "plain"], ...] = Field(
         ("sources",), min_length=1, description="the first candidates: each source alone (its weight 1, "
-        "the others' 0), the space's start")
+        "the others' 0), the space's start, plain merges (every per-model gene at 0.1, 0.3, ..., 0.9)")
     in_flight: int = Field(2, ge=1, le=64, description="candidates asked before the results they could "
                            "see (the paper: 1); at least the workers, to keep them all busy")
 
@@ -61,7 +60,7 @@ class M2N2Options(BaseModel):
             raise ValueError(f"optimizer.m2n2.seeds: sources sets each source's weight alone, and the "
                              f"space ({space.method}) searches no per-model weight; use seeds: [start] or "
                              "another space")
-        n_seeds = ("sources" in self.seeds) * n_models + ("start" in self.seeds)
+        n_seeds = ("sources" in self.seeds) * n_models + ("start" in self.seeds) + ("plain" in self.seeds) * 5
         if n_seeds < 2:
             raise ValueError(f"optimizer.m2n2.seeds: {list(self.seeds)} gives {n_seeds} seed genome; a "
                              "crossover needs two (add sources or start)")
@@ -76,11 +75,20 @@ class M2N2Options(BaseModel):
 def seed_genomes(codec, kinds) -> np.ndarray:
     """The seed genomes in ``kinds``' order: ``sources``, each source model alone (its per-model
     ``weight`` genes at 1, every other source's at 0, clipped to the genes' ranges; the other genes
-    at the start), and ``start``, the space's start ``codec.x0``. Repeats are left out."""
+    at the start), ``start``, the space's start ``codec.x0``, and ``plain``, the plain merges of
+    CMA-ES's ``start: best_plain`` (every per-model gene at one of ``PLAIN_LEVELS``, the others at
+    the start). Repeats are left out."""
     out: list[np.ndarray] = []
+    per_model = np.array([g.model is not None for g in codec.genes])
     for kind in kinds:
         if kind == "start":
             out.append(codec.x0.copy())
+            continue
+        if kind == "plain":
+            for level in PLAIN_LEVELS:
+                g = codec.x0.copy()
+                g[per_model] = level
+                out.append(g)
             continue
         for m in codec.models:
             g = codec.x0.copy()
