@@ -25,6 +25,8 @@ of P + 1, so that 2 workers leave one idle at each generation's tail), the same 
 - steady: the steady-state engine (``random_steady``, search/steady.py): the next candidate is
   asked as soon as a worker frees, so no worker waits for a generation's last candidate.
 Both draw the same genomes (SteadyRandomSearch's draws are RandomSearch's, row by row).
+And M2N2 (``m2n2``, steady, two candidates in flight), on the random search's tasks and items: its
+asks depend on the results, two at a time, so this row says whether 2 workers stay busy with it.
 
     python scripts/bench_workers.py --quick      # 1 repeat, 2 generations of 4: about 3 minutes on 2 cores
     python scripts/bench_workers.py              # 3 repeats, 3 generations of 6
@@ -101,6 +103,12 @@ def random_config(zoo: Path, gens: int, popsize: int, seed: int, steady: bool) -
     return cfg
 
 
+def m2n2_config(zoo: Path, gens: int, popsize: int, seed: int) -> dict:
+    cfg = random_config(zoo, gens, popsize, seed, True)
+    cfg["optimizer"] = {"name": "m2n2", "popsize": popsize + 1, "m2n2": {"archive_size": popsize + 1, "in_flight": 2}}
+    return cfg
+
+
 def measure(run_dir: Path, workers: int, cpu_s: float) -> dict:
     from evomerge.runs.folder import RunFolder
 
@@ -137,10 +145,11 @@ def main() -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     rows, histories = [], {}
-    searches = {"cma": ("barrier", "pipelined"), "random": ("barrier", "generation", "steady")}
+    searches = {"cma": ("barrier", "pipelined"), "random": ("barrier", "generation", "steady"), "m2n2": ("steady",)}
     cfgs = {("cma", m): cfg for m in searches["cma"]}
     cfgs |= {("random", m): SearchConfig.from_dict(random_config(args.zoo, gens, popsize, args.seed, m == "steady"))
              for m in searches["random"]}
+    cfgs[("m2n2", "steady")] = SearchConfig.from_dict(m2n2_config(args.zoo, gens, popsize, args.seed))
     try:
         # Two workers start once; the 1-worker runs use the first only.
         ex = RayExecutor(cfg, None, None, workers=2, threads=1)
@@ -188,7 +197,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['search']} | {r['workers']} | {r['mode']} | {r['jobs']} | {r['items'][0]}-{r['items'][1]} | "
-              f"{r['wall']:.1f} | {r['busy']:.0%} | {base[(r['search'], r['workers'])] / r['wall']:.2f}x |")
+              f"{r['wall']:.1f} | {r['busy']:.0%} | "
+              + (f"{base[(r['search'], r['workers'])] / r['wall']:.2f}x |" if (r["search"], r["workers"]) in base else "- |"))
     speedup = base[("cma", 2)] / next(r["wall"] for r in rows if r["workers"] == 2 and r["mode"] == "pipelined")
     target = speedup >= 1.2
     print(f"\n2 workers, pipelined vs barrier: {speedup:.2f}x (target >= 1.2x: {'met' if target else 'missed'})")

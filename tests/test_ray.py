@@ -182,3 +182,19 @@ def test_racing_on_two_workers_equals_in_process(zoo_dir, local_ray, tmp_path):
     assert {r.stage for r in stages} == {0, 1, 2}
     # stage 1 scored only the 4 items that stage 0 had not
     assert all(r.items_scored == {"zoo_rev": 4} for r in stages if r.stage == 1)
+
+
+def test_m2n2_on_two_workers_equals_in_process(zoo_dir, local_ray, tmp_path):
+    # M2N2 asks two candidates ahead (in_flight 2): both workers score candidates, and the archive
+    # is told the per-item scores that come back from them in log order
+    cfg = tiny_config(zoo_dir, tasks=[{"name": "zoo_rev", "metric": "acc", "limit": 16},
+                                      {"name": "zoo_add", "metric": "acc", "limit": 16}],
+                      optimizer={"name": "m2n2", "popsize": 4, "m2n2": {"archive_size": 4}}, racing=None)
+    run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "ray2", quiet=True, workers=2)
+    local_ray.update(worker_pids(tmp_path / "ray2"))
+    run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "local", quiet=True, workers=0)
+    got = RunFolder.open(tmp_path / "ray2").records()
+    assert history(got) == history(RunFolder.open(tmp_path / "local").records())
+    cands = [r for r in got if r.type == "candidate"]
+    assert len(cands) == 8 and {r.worker.split("@")[0] for r in cands} == {"w0", "w1"}
+    assert len({r.eval_key for r in cands}) == 1  # one item subset for every candidate

@@ -53,6 +53,7 @@ OPTIMIZERS = {
     "optuna-cmaes": {"name": "optuna", "sampler": "CmaEsSampler", "popsize": 4},
     "optuna-tpe": {"name": "optuna", "sampler": "TPESampler", "popsize": 4},
     "random-steady": {"name": "random_steady", "popsize": 4},  # the steady-state engine (search/steady.py)
+    "m2n2": {"name": "m2n2", "popsize": 4},  # steady-state, told per-item scores (search/optimizers/m2n2.py)
 }
 
 

@@ -84,6 +84,27 @@ class ItemStore:
         self._add(recipe_hash, scores)
         return name
 
+    def vector(self, recipe_hash: str | None, samples: Samples) -> tuple[np.ndarray, np.ndarray]:
+        """One recipe's per-item scores on ``samples`` (each task's metric, tasks in the fitness's
+        order, items in index order; all 0 for ``recipe_hash`` None, a failed candidate) and each
+        item's capacity, its task's weight over its item count: ``scores @ capacity`` is the
+        weighted fitness. An optimizer that shares items as resources reads it (M2N2)."""
+        have = self.data.get(recipe_hash, {}) if recipe_hash is not None else None
+        scores, capacity = [], []
+        for t in self.fitness.tasks:
+            full = self.full_items(t.name, samples)
+            if have is not None:
+                known = have.get(t.name, {})
+                missing = [i for i in full if t.metric not in known.get(i, {})]
+                if missing:
+                    raise ValueError(f"{t.name}: no per-item {t.metric} of item {missing[0]} for recipe "
+                                     f"{recipe_hash} (the task's metric is not kept per item)")
+                scores += [known[i][t.metric] for i in full]
+            else:
+                scores += [0.0] * len(full)
+            capacity += [t.weight / len(full)] * len(full)
+        return np.array(scores, dtype=np.float64), np.array(capacity, dtype=np.float64)
+
     # ------------------------------------------------------------------ planning and combining
     def full_items(self, task: str, samples: Samples) -> list[int]:
         idx = samples.get(task)

@@ -33,7 +33,8 @@ from evomerge.evaluation.floors import FloorsConfig
 from evomerge.evaluation.tasks import TaskConfig
 from evomerge.search.fitness_config import FitnessConfig, check_fitness, irt_requested
 from evomerge.search.optimizers import OPTIMIZERS, REGISTRY, Batch, OptimizerKind
-from evomerge.search.optimizers.cma_options import AUTO_SEPARABLE_DIM, Restarts
+from evomerge.search.optimizers.cma_options import AUTO_SEPARABLE_DIM, PLAIN_LEVELS, Restarts
+from evomerge.search.optimizers.m2n2 import M2N2Options
 from evomerge.search.spaces.dataflow import DfsSpace
 from evomerge.search.spaces.parameter import SearchSpace
 
@@ -93,8 +94,6 @@ class RestartsConfig(_Strict):
                                            "point of the cube (the optimizer's own stream) or the first run's start")
 
 
-PLAIN_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
-
 
 class OptimizerConfig(_Strict):
     name: str = Field("cma", description=f"one of {', '.join(OPTIMIZERS)}")
@@ -112,6 +111,11 @@ class OptimizerConfig(_Strict):
                                                "(generation 0 scores plain merges, CMA-ES starts at the best)")
     plain_levels: tuple[float, ...] = Field(PLAIN_LEVELS, min_length=1, max_length=20, description="start: "
                                             "best_plain: positions in [0, 1] that every per-model gene takes at once")
+    m2n2: M2N2Options | None = Field(None, description="m2n2: archive, competition, attraction (docs/search.md)")
+
+    @property
+    def m2n2_options(self) -> M2N2Options:
+        return self.m2n2 or M2N2Options()
 
     @field_validator("plain_levels")
     @classmethod
@@ -153,6 +157,8 @@ class OptimizerConfig(_Strict):
             sampler_class(self.sampler)
         elif self.sampler != "CmaEsSampler" or self.sampler_args:
             raise ValueError(f"sampler and sampler_args apply to name: optuna, not {self.name!r}")
+        if self.m2n2 is not None and self.name != "m2n2":
+            raise ValueError(f"m2n2 applies to name: m2n2, not {self.name!r}")
         if self.name != "cma":
             # non-default values only: a frozen config.yaml writes every field, defaults included
             given = [k for k in ("separable", "bounds", "restarts", "start", "plain_levels")
@@ -370,6 +376,8 @@ class SearchConfig(_Strict):
         if self.optimizer.kind.batch is not Batch.GENERATION and self.fitness.irt:
             raise ValueError(f"fitness.estimator irt refits after each generation; optimizer {self.optimizer.name} "
                              "takes one candidate at a time (use estimator: mean)")
+        if self.optimizer.kind.per_item:
+            self.optimizer.m2n2_options.check(self.space, len(self.models), [t.weight for t in self.tasks])
         if self.floors is not None:
             self.floors.check_tasks(self.tasks)
         if self.optimizer.start == "best_plain" and self.is_dfs:

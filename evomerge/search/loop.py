@@ -94,7 +94,8 @@ class Search:
         self.kind = optimizers.kind(o.name)  # what the optimizer declares: its objectives and batch rule
         self.multi = self.kind.multi_objective
         kw = optimizers.optimizer_options(o, len(cfg.tasks), self.codec.x0,
-                                          lambda: np.array([g.model is not None for g in self.codec.genes]))
+                                          lambda: np.array([g.model is not None for g in self.codec.genes]),
+                                          codec=self.codec)
         self.optimizer = make_optimizer(o.name, self.codec.x0, o.sigma0 or cfg.space.sigma0, o.popsize, cfg.seed,
                                         **kw)
         self.fitness = FitnessFunction(cfg.tasks, evaluators, cfg.seed, floors=cfg.floors)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from evomerge.core.errors import RunFolderError
+from evomerge.core.errors import ConfigError, RunFolderError
 from evomerge.evaluation.trial import TrialResult
 from evomerge.search.jobs import EvalJob
 from evomerge.search.records import EvalRecord, RecordKind
@@ -40,6 +40,13 @@ class SteadyState:
         self.told_records: dict[tuple[int, int], EvalRecord] = {}
         self.items = sum(sum((r.items_scored or {}).values()) for r in search.run.records()
                          if r.type in (RecordKind.REFERENCE, RecordKind.IRT))
+        # an optimizer told per-item scores (M2N2) compares candidates item by item: one subset for all
+        self.per_item = search.kind.per_item
+        self.fixed_items = search.fitness.samples(0) if self.per_item else None
+        if self.per_item and not all(search.items.reusable.values()):
+            raise ConfigError(f"optimizer {search.kind.name} needs per-item scores, and task(s) "
+                              f"{', '.join(t for t, ok in search.items.reusable.items() if not ok)} "
+                              "report a metric that is not a mean over items")
 
     @property
     def generations(self) -> int:
@@ -75,7 +82,7 @@ class SteadyState:
                                          "changed, so this run cannot continue exactly")
                 self._scored(k, x, rec)
                 continue
-            job = self.s.job(RecordKind.CANDIDATE, g, i, x, g)
+            job = self.s.job(RecordKind.CANDIDATE, g, i, x, 0 if self.per_item else g)
             hit = self.s.cache.get((job.recipe.hash(), job.eval_key))
             if hit is not None:
                 self._scored(k, x, self.s.log(job, self.s.cached(hit), hit))
@@ -108,7 +115,10 @@ class SteadyState:
         """Tells the results of candidates told..n-1 (all of them scored), in log order."""
         while self.told < n:
             x, rec = self.results.pop(self.told)
-            self.opt.tell(x[None, :], np.array([rec.fitness]))
+            if self.per_item:
+                self.opt.tell_items(x, *self.s.items.vector(rec.recipe_hash if rec.ok else None, self.fixed_items))
+            else:
+                self.opt.tell(x[None, :], np.array([rec.fitness]))
             self.told_records[(rec.generation, rec.index)] = rec
             self.items += sum((rec.items_scored or {}).values())
             self.told += 1

@@ -39,6 +39,16 @@ def layer_part(module: str) -> str:
                      "use granularity.split_attn_mlp: false for this architecture")
 
 
+def tensor_order(suffixes) -> tuple[str, ...]:
+    """A layer's tensors in forward order as far as names tell: attention, then MLP, then the rest."""
+    def key(sfx: str):
+        try:
+            return (("attn", "mlp").index(layer_part(sfx.split(".")[0])), sfx)
+        except ValueError:
+            return (2, sfx)
+    return tuple(sorted(suffixes, key=key))
+
+
 @dataclass(frozen=True)
 class Gene:
     param: str
@@ -81,20 +91,33 @@ class Codec:
         if n_layers % k:
             raise ValueError(f"granularity.layers_per_group: {k} does not divide the {n_layers} layers")
         self.layer_groups = [(s, s + k) for s in range(0, n_layers, k)]
-        self.parts: tuple[str | None, ...] = ("attn", "mlp") if g.split_attn_mlp else (None,)
+        self.tensors = g.tensors
+        self.parts: tuple[str | None, ...] = (("attn", "mlp") if g.split_attn_mlp else
+                                              tensor_order(layout.layer_suffixes) if g.tensors else (None,))
         modules = sorted({suffix.split(".")[0] for suffix in layout.layer_suffixes})
         self.module_parts = {m: layer_part(m) for m in modules} if g.split_attn_mlp else {}
         self.own_ends = g.embeddings == "own"
         self.tied = layout.tied
 
         groups: list[str] = []
-        if self.own_ends:
+        if self.tensors:
+            groups += [f"embed {t}" for t in layout.pre]
+        elif self.own_ends:
             groups.append("embed+head" if self.tied else "embed")
         for s, e in self.layer_groups:
             groups += [self._group_name(s, e, p) for p in self.parts]
-        if self.own_ends and not self.tied:
+        if self.tensors:
+            groups += [f"head {t}" for t in layout.post]
+        elif self.own_ends and not self.tied:
             groups.append("head")
         self.groups = groups
+        if self.tensors:  # a layer tensor's value: the first filter (longest first) that its name holds
+            self.filters = sorted(self.parts, key=lambda sfx: (-len(sfx), sfx))
+            for sfx in self.parts:
+                first = next(f for f in self.filters if f".{f}" in layout.layer_name(0, sfx))
+                if first != sfx:
+                    raise ValueError(f"granularity.tensors: the filter of layer tensor {first!r} also "
+                                     f"matches {sfx!r}, so they cannot take values of their own")
 
         n = len(self.models)
         genes, x0 = [], []
@@ -113,6 +136,13 @@ class Codec:
         self.genes = genes
         self.x0 = np.array(x0, dtype=np.float64)
         self._index = {(gn.model, gn.param, gn.group): i for i, gn in enumerate(genes)}
+
+    def positions(self) -> np.ndarray:
+        """Each gene's place along the model's parameter order (its group's index: embeddings,
+        layers in order, head; M2N2's split points cut this order); method-wide genes searched
+        once for the whole model take place 0."""
+        index = {g: i for i, g in enumerate(self.groups)}
+        return np.array([index.get(g.group, 0) for g in self.genes], dtype=np.int64)
 
     @staticmethod
     def _group_name(start: int, end: int, part: str | None) -> str:
@@ -143,6 +173,12 @@ class Codec:
         """One source's value of ``param`` in one output slice: a scalar or a filter list."""
         start, end = self.layer_groups[slice_index]
         last = len(self.layer_groups) - 1
+        if self.tensors:
+            ends = ([(t, f"embed {t}") for t in self.layout.pre] if slice_index == 0 else []) + \
+                   ([(t, f"head {t}") for t in self.layout.post] if slice_index == last else [])
+            return [{"filter": t, "value": values[(model, param, grp)]} for t, grp in ends] + \
+                   [{"filter": f".{sfx}", "value": values[(model, param, self._group_name(start, end, sfx))]}
+                    for sfx in self.filters]
         layer_vals = {p: values[(model, param, self._group_name(start, end, p))] for p in self.parts}
         entries = []
         if self.own_ends:

@@ -25,13 +25,16 @@ class OptimizerKind:
     name: str
     batch: Batch = Batch.GENERATION
     multi_objective: bool = False  # told one maximized value per task metric (the tasks are the objectives)
-    options: str = ""  # which config options apply: "cma" (cma_options, start), "optuna" (sampler)
+    options: str = ""  # which config options apply: "cma" (cma_options, start), "optuna" (sampler), "m2n2"
+    # told each candidate's per-item scores (tell_items) on one fixed item subset: M2N2's resources
+    per_item: bool = False
 
 
 REGISTRY: dict[str, OptimizerKind] = {k.name: k for k in (
     OptimizerKind("cma", options="cma"),
     OptimizerKind("random"),
     OptimizerKind("random_steady", batch=Batch.STEADY),
+    OptimizerKind("m2n2", batch=Batch.STEADY, options="m2n2", per_item=True),
     OptimizerKind("optuna", options="optuna"),
     OptimizerKind("nsga2", multi_objective=True, options="optuna"),
 )}
@@ -47,11 +50,16 @@ def kind(name: str) -> OptimizerKind:
 
 def make_optimizer(name: str, x0, sigma0: float, popsize: int | None, seed: int,
                    sampler: str = "CmaEsSampler", sampler_args: dict | None = None, n_objectives: int = 1,
-                   cma_options: dict | None = None) -> Optimizer:
+                   cma_options: dict | None = None, m2n2: dict | None = None) -> Optimizer:
     """``cma`` (pycma; ``cma_options``: the keyword options of ``optimizers.cma.CMAES``), ``random``,
-    ``random_steady`` (one candidate at a time), ``optuna`` with an Optuna sampler named by its
-    class, or ``nsga2`` (Optuna's NSGAIISampler, ``n_objectives`` maximized objectives)."""
+    ``random_steady`` (one candidate at a time), ``m2n2`` (``m2n2``: the keyword options of
+    ``optimizers.m2n2.M2N2``), ``optuna`` with an Optuna sampler named by its class, or ``nsga2``
+    (Optuna's NSGAIISampler, ``n_objectives`` maximized objectives)."""
     k = kind(name)
+    if k.name == "m2n2":
+        from evomerge.search.optimizers.m2n2 import M2N2
+
+        return M2N2(x0, sigma0, popsize, seed, **(m2n2 or {}))
     if k.name == "cma":
         from evomerge.search.optimizers.cma import CMAES
 
@@ -72,13 +80,19 @@ def make_optimizer(name: str, x0, sigma0: float, popsize: int | None, seed: int,
     return OptunaOptimizer(x0, sigma0, popsize, seed, sampler=sampler, sampler_args=sampler_args)
 
 
-def optimizer_options(o, n_tasks: int, x0, per_model) -> dict:
+def optimizer_options(o, n_tasks: int, x0, per_model, codec=None) -> dict:
     """``make_optimizer``'s keyword options for an `OptimizerConfig` ``o``: the objectives of a
     multi-objective optimizer, the sampler of an Optuna one, CMA-ES's options and (``start:
     best_plain``) its seed population of plain merges around ``x0`` (``per_model()``: the genome's
-    per-model gene mask)."""
+    per-model gene mask), M2N2's options, its genes' places along the parameter order and its seed
+    genomes (from the parameter-space ``codec``)."""
     k = kind(o.name)
     kw: dict = {}
+    if k.options == "m2n2":
+        from evomerge.search.optimizers.m2n2 import seed_genomes
+
+        opts = o.m2n2_options
+        kw["m2n2"] = {"options": opts, "positions": codec.positions(), "seeds": seed_genomes(codec, opts.seeds)}
     if k.multi_objective:
         kw["n_objectives"] = n_tasks
     if k.options == "optuna":

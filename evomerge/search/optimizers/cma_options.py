@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 AUTO_SEPARABLE_DIM = 20  # separable: auto -> diagonal covariance above this many genes
+PLAIN_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # plain merges: every per-model gene at one of these positions
 
 
 @dataclass(frozen=True)

@@ -79,11 +79,23 @@ class Granularity(_Strict):
     ``embeddings``: ``own`` gives the embeddings and the output head (final norm + lm_head) groups
     of their own (one group when the embeddings are tied); ``with_layers`` lets them follow the
     first and last layer group, as mergekit does by default.
+    ``tensors``: one value per tensor of each layer group (q_proj, k_proj, ... of layers 0-1) and
+    per embedding and head tensor: the finest groups a recipe's filters express (M2N2's split
+    points fall between tensors).
     """
 
     layers_per_group: int | Literal["all"] = "all"
     split_attn_mlp: bool = False
     embeddings: Literal["own", "with_layers"] = "own"
+    tensors: bool = False
+
+    @model_validator(mode="after")
+    def _tensors(self) -> Granularity:
+        if self.tensors and self.split_attn_mlp:
+            raise ValueError("tensors: per-tensor groups already split attention and MLP; set split_attn_mlp: false")
+        if self.tensors and self.embeddings != "own":
+            raise ValueError("tensors: the embedding and head tensors get groups of their own; set embeddings: own")
+        return self
 
     @field_validator("layers_per_group")
     @classmethod
