@@ -6,7 +6,8 @@ The sources are written as *headers only* (scripts/bench_lora_memory.py's writer
 safetensors shard (one per layer) is its header followed by a sparse hole, so a 7B model takes no
 disk space and reads as zeros. Both tools read the same files and run the same recipe (bf16, on
 CPU): task_arithmetic and ties over a base and three sources, slerp of two models. The outputs are
-real (14.5 GB per 7B merge) and removed after each run.
+real (14.5 GB per 7B merge) and removed after each run; the sources' pages are dropped from the
+page cache before each run, so neither tool finds what the other read.
 
     python scripts/bench_scale.py --mergekit-venv /work/mkvenv --sizes 0.5b,3b,7b
 
@@ -82,6 +83,19 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
+def evict(folders: list[Path]) -> None:
+    """The sources' pages out of the page cache, so that every run starts as cold as the first
+    (a tool run second would otherwise find what the first read; only these files' clean pages
+    are dropped, nothing of anyone else's)."""
+    for folder in folders:
+        for path in folder.glob("*.safetensors"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
     """Wall time and peaks of a command (one process; sampled every 20 ms)."""
     peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "VmHWM": 0}
@@ -131,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         cmd = [str(args.mergekit_venv / "bin" / "mergekit-yaml"), str(cfg), str(out),
                                "--no-cuda", "--no-copy-tokenizer", "--quiet"]
+                    evict(folders)
                     result[tool] = measure(cmd, env, work / f"{size}-{method}-{tool}.log")
                     shutil.rmtree(out, ignore_errors=True)
                     r = result[tool]
