@@ -96,6 +96,16 @@ def evict(folders: list[Path]) -> None:
                 os.close(fd)
 
 
+def warm(folders: list[Path]) -> None:
+    """The sources read once, into the page cache as far as it holds them (as a second merge of
+    the same sources finds them)."""
+    for folder in folders:
+        for path in folder.glob("*.safetensors"):
+            with open(path, "rb", buffering=0) as f:
+                while f.read(1 << 24):
+                    pass
+
+
 def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
     """Wall time and peaks of a command (one process; sampled every 20 ms)."""
     peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "VmHWM": 0}
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mergekit-venv", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="folder for sources and outputs")
     ap.add_argument("--tools", default="evomerge,mergekit")
+    ap.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                    help="each run starts with the sources out of the page cache (cold), or read "
+                    "into it just before (warm: as far as memory holds them)")
     args = ap.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -146,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                         cmd = [str(args.mergekit_venv / "bin" / "mergekit-yaml"), str(cfg), str(out),
                                "--no-cuda", "--no-copy-tokenizer", "--quiet"]
                     evict(folders)
+                    if args.cache == "warm":
+                        warm(folders[:2] if method == "slerp" else folders)
                     result[tool] = measure(cmd, env, work / f"{size}-{method}-{tool}.log")
                     shutil.rmtree(out, ignore_errors=True)
                     r = result[tool]
@@ -155,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((size, params, method, result))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nbf16 Llama shapes, header-only sources, CPU, {os.cpu_count()} cores; "
+    print(f"\nbf16 Llama shapes, header-only sources ({args.cache} page cache), CPU, "
+          f"{os.cpu_count()} cores; "
           f"load average {os.getloadavg()[0]:.2f}")
     print("| size | method | tool | wall s | peak RSS GB | anon RSS GB | file RSS GB | "
           "wall / mergekit | anon / mergekit |")
