@@ -6,7 +6,8 @@ The sources are written as *headers only* (scripts/bench_lora_memory.py's writer
 safetensors shard (one per layer) is its header followed by a sparse hole, so a 7B model takes no
 disk space and reads as zeros. Both tools read the same files and run the same recipe (bf16, on
 CPU): task_arithmetic and ties over a base and three sources, slerp of two models. The outputs are
-real (14.5 GB per 7B merge) and removed after each run.
+real (14.5 GB per 7B merge) and removed after each run; the sources' pages are dropped from the
+page cache before each run, so neither tool finds what the other read.
 
     python scripts/bench_scale.py --mergekit-venv /work/mkvenv --sizes 0.5b,3b,7b
 
@@ -82,6 +83,29 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
+def evict(folders: list[Path]) -> None:
+    """The sources' pages out of the page cache, so that every run starts as cold as the first
+    (a tool run second would otherwise find what the first read; only these files' clean pages
+    are dropped, nothing of anyone else's)."""
+    for folder in folders:
+        for path in folder.glob("*.safetensors"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def warm(folders: list[Path]) -> None:
+    """The sources read once, into the page cache as far as it holds them (as a second merge of
+    the same sources finds them)."""
+    for folder in folders:
+        for path in folder.glob("*.safetensors"):
+            with open(path, "rb", buffering=0) as f:
+                while f.read(1 << 24):
+                    pass
+
+
 def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
     """Wall time and peaks of a command (one process; sampled every 20 ms)."""
     peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "VmHWM": 0}
@@ -108,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mergekit-venv", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="folder for sources and outputs")
     ap.add_argument("--tools", default="evomerge,mergekit")
+    ap.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                    help="each run starts with the sources out of the page cache (cold), or read "
+                    "into it just before (warm: as far as memory holds them)")
     args = ap.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -131,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         cmd = [str(args.mergekit_venv / "bin" / "mergekit-yaml"), str(cfg), str(out),
                                "--no-cuda", "--no-copy-tokenizer", "--quiet"]
+                    evict(folders)
+                    if args.cache == "warm":
+                        warm(folders[:2] if method == "slerp" else folders)
                     result[tool] = measure(cmd, env, work / f"{size}-{method}-{tool}.log")
                     shutil.rmtree(out, ignore_errors=True)
                     r = result[tool]
@@ -140,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((size, params, method, result))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nbf16 Llama shapes, header-only sources, CPU, {os.cpu_count()} cores; "
+    print(f"\nbf16 Llama shapes, header-only sources ({args.cache} page cache), CPU, "
+          f"{os.cpu_count()} cores; "
           f"load average {os.getloadavg()[0]:.2f}")
     print("| size | method | tool | wall s | peak RSS GB | anon RSS GB | file RSS GB | "
           "wall / mergekit | anon / mergekit |")

@@ -84,6 +84,24 @@ def test_existing_out_dir_refused_without_force(tmp_path, zoo_dir, capsys):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finite_check_passes_a_sum_that_overflows_and_refuses_nan_and_inf(dtype):
+    """The check's one-pass sum: finite elements whose sum overflows still pass; a NaN, an
+    infinity, or infinities of both signs (a NaN sum) anywhere are refused."""
+    from evomerge.merge.engine import _check_finite
+    from evomerge.models.sources import MergeError
+
+    big = torch.finfo(dtype).max
+    ok = torch.full((1000,), big, dtype=dtype)
+    _check_finite("w", ok)
+    _check_finite("w", -ok)
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        t = ok.clone()
+        t[500:500 + len(bad)] = torch.tensor(bad, dtype=dtype)
+        with pytest.raises(MergeError, match="non-finite"):
+            _check_finite("w", t)
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_non_finite_merge_is_refused_naming_the_tensor(tmp_path, zoo_dir, capsys, existing):
     """A recipe that overflows one tensor (float32 max is 3.4e38): an error naming that tensor,

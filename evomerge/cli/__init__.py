@@ -1,5 +1,9 @@
 """The command line: `evomerge <command>`."""
 
-from evomerge.cli.main import main
+from evomerge.core.env import use_huge_pages
+
+use_huge_pages()  # before evomerge.cli.main imports torch
+
+from evomerge.cli.main import main  # noqa: E402
 
 __all__ = ["main"]

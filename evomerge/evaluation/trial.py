@@ -31,7 +31,10 @@ def make_builder(cfg) -> CandidateBuilder:
     from evomerge.merge.inplace.merger import InPlaceMerger
 
     # Parameter space: the sources are loaded once and each candidate is written into one model.
-    return InPlaceMerger(cfg.models, cfg.base_model, cfg.space.method, device=cfg.device, dtype=cfg.dtype,
+    # "auto" (a run frozen before the search decided it): the merger's memory plan chooses
+    return InPlaceMerger(cfg.models, cfg.base_model, cfg.space.method, device=cfg.device,
+                         dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                         placement=None if cfg.placement == "auto" else cfg.placement,
                          allow_pickle=cfg.allow_pickle)
 
 

@@ -79,7 +79,11 @@ class TaskArithmeticMerge:
         extras = [p.name for p in self.extras]
         deltas = base.new_empty((len(keys), *base.shape))
         for row, key in enumerate(keys):
-            delta = group.tensors[key] - base
+            tensor = group.tensors[key]
+            if self.sparsifier is None and tensor.dtype == base.dtype:
+                torch.sub(tensor, base, out=deltas[row])  # the same bits, without a temporary
+                continue
+            delta = tensor - base
             if self.sparsifier is not None:
                 delta = sparsify(
                     delta,
@@ -111,4 +115,6 @@ class TaskArithmeticMerge:
             mixed /= divisor
         if shared["lambda"] != 1:
             mixed *= shared["lambda"]
+        if mixed.dtype == base.dtype:  # in place: base + mixed and mixed + base are the same bits
+            return mixed.add_(base)
         return (base + mixed).to(base.dtype)

@@ -17,30 +17,33 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     v0 and v1; linear where |cos θ| > DOT_THRESHOLD. Coefficients in float32 (float64 stays),
     the result in the inputs' dtype, with mergekit 0.1.5's reductions (chunked norms and dot)."""
     dtype = work_dtype(v0)
-    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    flat = v0.reshape(1, -1)
     tt = torch.tensor([t], dtype=dtype, device=v0.device).reshape(-1, 1)
-    if not a.shape[1]:
-        return ((1 - tt) * a + tt * b).reshape(v0.shape).to(v0.dtype)
+    if not flat.shape[1]:
+        return ((1 - tt) * flat + tt * v1.reshape(1, -1)).reshape(v0.shape).to(v0.dtype)
+    # converted once, not once per pass (three passes read them): the same values, one tensor's
+    # worth of work-dtype copies held
+    a, b = flat.to(dtype), v1.reshape(1, -1).to(dtype)
     spans = [(lo, lo + CHUNK_ELEMENTS) for lo in range(0, a.shape[1], CHUNK_ELEMENTS)]
     norm_a = torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(a[:, lo:hi].to(dtype), dim=1, keepdim=True) for lo, hi in spans]),
+        [torch.linalg.vector_norm(a[:, lo:hi], dim=1, keepdim=True) for lo, hi in spans]),
         dim=0)
     norm_b = torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(b[:, lo:hi].to(dtype), dim=1, keepdim=True) for lo, hi in spans]),
+        [torch.linalg.vector_norm(b[:, lo:hi], dim=1, keepdim=True) for lo, hi in spans]),
         dim=0)
     norm_a = torch.where(norm_a > EPS, norm_a, 1)
     norm_b = torch.where(norm_b > EPS, norm_b, 1)
     # normalized before multiplying, so the raw dot cannot overflow
-    dot = torch.stack([((a[:, lo:hi].to(dtype) / norm_a) * (b[:, lo:hi].to(dtype) / norm_b))
+    dot = torch.stack([((a[:, lo:hi] / norm_a) * (b[:, lo:hi] / norm_b))
                        .sum(dim=1, keepdim=True) for lo, hi in spans]).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    result = torch.empty_like(a)
+    result = torch.empty_like(flat)
     for lo, hi in spans:
-        result[:, lo:hi] = coef_a * a[:, lo:hi].to(dtype) + coef_b * b[:, lo:hi].to(dtype)
+        result[:, lo:hi] = coef_a * a[:, lo:hi] + coef_b * b[:, lo:hi]
     return result.reshape(v0.shape)
 
 

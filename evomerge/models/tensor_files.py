@@ -24,6 +24,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # safetensors' own limit
+WRITEBACK_BYTES = 1 << 28  # a shard's writeback is started every 256 MiB written
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class ShardWriter:
         self.path, self.room, self.metadata = path, room, metadata or {}
         self.entries: dict[str, dict] = {}
         self.size = 0
+        self._unsynced = 0  # bytes written since writeback was last started
         self._f = open(path, "wb")  # noqa: SIM115 (closed in close())
         self._f.seek(8 + room)
 
@@ -101,9 +103,21 @@ class ShardWriter:
         n = t.numel() * t.element_size()
         if n:
             self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._unsynced += n
+            if self._unsynced >= WRITEBACK_BYTES:
+                self._start_writeback()
         self.entries[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [self.size, self.size + n]}
         self.size += n
+
+    def _start_writeback(self) -> None:
+        """Starts the kernel writing what is written so far, without waiting for it (DONTNEED
+        starts writeback of dirty pages and drops the pages already written): the fsync at close
+        waits for the last stretch only, and the output does not fill the page cache."""
+        self._f.flush()
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        self._unsynced = 0
 
     def close(self) -> None:
         """Writes the header and fsyncs the file."""

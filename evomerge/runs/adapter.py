@@ -18,12 +18,15 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from evomerge.core.errors import UsageError
 from evomerge.core.io import atomic_write_text, replace_folder
+from evomerge.models.tensor_files import ShardWriter, header_room
 
 EXACT_METHODS = ("task_arithmetic", "linear")
 
@@ -33,9 +36,19 @@ def _refuse(reason: str) -> UsageError:
                       "--adapter)")
 
 
-def adapter_factors(recipe) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], object, str]:
-    """Per targeted base tensor, (B [out, R], A [R, in]) of the merged adapter (scaling 1);
-    also the base's SourceModel and name. UsageError with the reason when not exact."""
+@dataclass(frozen=True)
+class FactorPlan:
+    """What the merged adapter is made of, checked before any factor is read: per targeted base
+    tensor, each adapter source's coefficient (group key -> c_i)."""
+
+    plan: object  # merge.plan.MergePlan
+    base: object  # the base's SourceModel
+    base_name: str
+    coefs: dict[str, dict[int, float]]
+
+
+def plan_factors(recipe) -> FactorPlan:
+    """Every check of an adapter export; UsageError with the reason when it is not exact."""
     from evomerge.merge.engine import plan_merge, plan_source
     from evomerge.models.sources import AdapterSource
 
@@ -57,8 +70,7 @@ def adapter_factors(recipe) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]
         raise _refuse(f"the adapters are over different bases ({sorted(bases)})")
     base_path = bases.pop()
     base_source = next(iter(adapters.values())).base_source
-    base_name = base_name or base_source.name
-    factors: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    coefs: dict[str, dict[int, float]] = {}
     for job in plan.jobs:
         weights = {}
         for k, (model, name) in enumerate(zip(job.models, job.inputs, strict=True)):
@@ -80,56 +92,85 @@ def adapter_factors(recipe) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]
                 raise _refuse(f"linear weights of {job.name} sum to {total:g} without normalize: "
                               "the base itself is scaled, which no adapter can express")
             coef = {k: w / div for k, w in weights.items()}
-        for k, c in coef.items():
-            src = plan_source(plan, job.models[k])
-            f = src.lora(job.name) if isinstance(src, AdapterSource) else None
+        coefs[job.name] = {k: c for k, c in coef.items()
+                           if isinstance(plan_source(plan, job.models[k]), AdapterSource)}
+    return FactorPlan(plan, base_source, base_name or base_source.name, coefs)
+
+
+def iter_factors(fp: FactorPlan) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Per targeted base tensor, (name, B [out, R], A [R, in]) of the merged adapter (scaling 1),
+    one tensor's factors read at a time."""
+    from evomerge.merge.engine import plan_source
+
+    for job in fp.plan.jobs:
+        bs, as_ = [], []
+        for k, c in fp.coefs[job.name].items():
+            f = plan_source(fp.plan, job.models[k]).lora(job.name)
             if f is None:
                 continue
             if f.fan_in_fan_out:
                 raise _refuse("fan_in_fan_out adapters (GPT-2's Conv1D) are not exported yet")
-            bs, as_ = factors.setdefault(job.name, ([], []))
             bs.append(f.b.to(torch.float32) * (c * f.scaling))
             as_.append(f.a.to(torch.float32))
-    merged = {n: (torch.cat(b, dim=1), torch.cat(a, dim=0)) for n, (b, a) in factors.items()}
-    return merged, base_source, base_name
+        if bs:
+            yield job.name, torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+
+def adapter_factors(recipe) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], object, str]:
+    """Per targeted base tensor, (B [out, R], A [R, in]) of the merged adapter (scaling 1), all in
+    memory; also the base's SourceModel and name. UsageError with the reason when not exact."""
+    fp = plan_factors(recipe)
+    return {n: (b, a) for n, b, a in iter_factors(fp)}, fp.base, fp.base_name
+
+
+def _module(name: str) -> str:
+    return name[: -len(".weight")]
 
 
 def write_adapter(recipe, out: str | Path, *, force: bool = False, dtype: str = "float32",
                   note: str = "") -> Path:
-    """Writes the merged adapter folder (staged, then renamed into place); returns its path."""
+    """Writes the merged adapter folder (staged, then renamed into place); returns its path.
+    The factors stream into the weights file one targeted tensor at a time (as the merge engine
+    writes shards): the merged adapter is never held whole."""
     from peft import LoraConfig
-    from safetensors.torch import save
 
-    from evomerge.core.io import write_durable
     from evomerge.merge.plan import DTYPES
     from evomerge.models.adapters import ADAPTER_WEIGHTS, FINGERPRINT_KEY, base_fingerprint
 
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out} exists; pass --force to replace it")
-    factors, base, base_name = adapter_factors(recipe)
-    modules = {n[: -len(".weight")]: bf for n, bf in factors.items()}
-    ranks = {m: b.shape[1] for m, (b, _) in modules.items()}
-    r = max(ranks.values())
-    pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
-    config = LoraConfig(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern),
-                        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
-                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=str(base_name))
+    fp = plan_factors(recipe)  # every refusal before anything is written
     torch_dtype = DTYPES[dtype]
-    tensors = {}
-    for m, (b, a) in sorted(modules.items()):
-        tensors[f"base_model.model.{m}.lora_A.weight"] = a.to(torch_dtype).contiguous()
-        tensors[f"base_model.model.{m}.lora_B.weight"] = b.to(torch_dtype).contiguous()
-    meta = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(base, list(factors))}
     staging = out.parent / f".{out.name}.adapter-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
+        names = [f"base_model.model.{_module(n)}.lora_{x}.weight" for n in fp.coefs for x in "AB"]
+        weights = ShardWriter(staging / ADAPTER_WEIGHTS, header_room(names))
+        ranks: dict[str, int] = {}
+        try:
+            for name, b, a in iter_factors(fp):
+                m = _module(name)
+                ranks[m] = b.shape[1]
+                weights.add(f"base_model.model.{m}.lora_A.weight", a.to(torch_dtype))
+                weights.add(f"base_model.model.{m}.lora_B.weight", b.to(torch_dtype))
+                del a, b
+            weights.metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(
+                fp.base, [f"{m}.weight" for m in ranks])}
+            weights.close()
+        except BaseException:
+            weights.abort()
+            raise
+        r = max(ranks.values())
+        pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
+        config = LoraConfig(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern),
+                            target_modules=sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                            base_model_name_or_path=str(fp.base_name))
         config.save_pretrained(str(staging))
-        write_durable(staging / ADAPTER_WEIGHTS, save(tensors, metadata=meta))
         card = [f"# LoRA adapter merged by evomerge ({recipe.merge_method})", "",
-                f"Base: `{base_name}`. Rank {r} (the sum of the merged adapters' ranks), "
+                f"Base: `{fp.base_name}`. Rank {r} (the sum of the merged adapters' ranks), "
                 "scaling 1.", "", note, "", "## Recipe", "", "```yaml", recipe.to_yaml().strip(),
                 "```", ""]
         atomic_write_text(staging / "README.md", "\n".join(card))

@@ -30,6 +30,7 @@ from evomerge.search.config import SearchConfig, StudyConfig, default_run_dir
 from evomerge.search.irt_fitness import check_anchors
 from evomerge.search.jobs import Executor
 from evomerge.search.loop import Search, SearchOutcome
+from evomerge.search.memory_plan import with_frozen_plan, with_memory_plan
 from evomerge.search.validation import check_sources, check_tasks
 
 
@@ -174,6 +175,7 @@ def plan_search(cfg: SearchConfig, *, run_dir: str | Path | None = None, config_
     ``check_executor``: the executor's own (Ray: its address and CPUs)."""
     check_mirrors(with_mirror_settings(cfg, None, study_storage))
     check_executor(cfg)
+    cfg = with_memory_plan(cfg)  # dtype/placement auto: decided here, frozen with the run
     evaluators = validate(cfg)
     cfg = with_base_scores(cfg, evaluators)  # floors at the base's scores: measured once, frozen
     if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
@@ -203,6 +205,7 @@ def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, r
         if cfg is not None and cfg.background is None:
             cfg = cfg.model_copy(update={"background": frozen.background})
         cfg = with_frozen_base_scores(cfg, frozen)
+        cfg = with_frozen_plan(cfg, frozen)
         if cfg is not None:
             diff = _diff_keys(frozen.search_key(), cfg.search_key())
             if diff:

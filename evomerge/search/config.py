@@ -270,8 +270,14 @@ class SearchConfig(_Strict):
     base_model: str | None = Field(None, description="base model folder (task-arithmetic methods)")
     search_space: SpaceOrName = Field(description="a file in search_spaces/ (name or path) or inline")
     tasks: list[TaskConfig] = Field(min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="the merge's and the evaluated model's dtype; auto: float32 where the "
+        "memory plan fits it on `device`, else bfloat16 (decided at search start, frozen with the run)")
     device: str = "cpu"
+    placement: Literal["auto", "resident", "stream"] = Field(
+        "auto", description="where the in-place merger keeps its inputs: resident on `device`, or stream "
+        "(host memory, copied per tensor); auto: the memory plan's choice at search start, frozen with the run "
+        "(docs/inplace.md); a search no plan fits is refused naming the shortfall")
     batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE, description="fixed lm-eval batch size")
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig, description="the evaluator backend "
                                        "(`{backend: hf}` or `{backend: vllm}`, docs/evaluation.md)")

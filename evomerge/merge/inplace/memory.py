@@ -264,36 +264,42 @@ CHOICES: tuple[tuple[torch.dtype, Placement], ...] = (
 def choose_plan(shapes: Mapping[str, Sequence[int]], method: str, rows: int, *,
                 device_bytes: float, gpus: int = 1, host_bytes: float | None = None,
                 dtype: torch.dtype | str | None = None, placement: Placement | None = None,
-                adapter_bytes: int | None = None) -> MemoryPlan:
+                adapter_bytes: int | None = None, device: str = "cuda") -> MemoryPlan:
     """The first plan of CHOICES (only those of `dtype` / `placement` when given) whose device
     parts fit `device_bytes` per GPU, split over `gpus` (tensor-parallel: each GPU holds 1/gpus of
     every tensor, and its own workspace), and whose host parts fit `host_bytes` when given.
-    ValueError naming the shortfall of the smallest candidate when none fits."""
+    `device` "cpu": one memory, `device_bytes` of it; only "resident" (streaming from the host to
+    the host saves nothing). ValueError naming the shortfall of the smallest candidate when none
+    fits."""
+    cpu = torch.device(device).type == "cpu"
     want = _dtype_name(dtype) if dtype is not None else None
     options = [(d, p) for d, p in CHOICES if (want is None or d == DTYPES[want])
-               and (placement is None or p == placement)]
-    if not options:  # a dtype outside CHOICES (float16, float64): that dtype, both placements
-        options = [(DTYPES[want], p) for p in (placement,) if p] or [
-            (DTYPES[want], p) for p in PLACEMENTS]
+               and (placement is None or p == placement) and (not cpu or p == "resident")]
+    if not options:  # a dtype outside CHOICES (float16, float64), or stream asked for on CPU
+        options = [(DTYPES[want], p) if want else (torch.float32, p)
+                   for p in ((placement,) if placement else ("resident",) if cpu else PLACEMENTS)]
     tried = []
     for d, p in options:
-        mp = memory_plan_from_shapes(shapes, method, rows, dtype=d, placement=p, device="cuda",
-                                     adapter_bytes=adapter_bytes)
-        per_gpu = per_gpu_bytes(mp, gpus)
-        if per_gpu <= device_bytes and (host_bytes is None or mp.host_bytes <= host_bytes):
+        mp = memory_plan_from_shapes(shapes, method, rows, dtype=d, placement=p,
+                                     device="cpu" if cpu else "cuda", adapter_bytes=adapter_bytes)
+        need = mp.host_bytes if cpu else per_gpu_bytes(mp, gpus)
+        if need <= device_bytes and (cpu or host_bytes is None or mp.host_bytes <= host_bytes):
             return mp
-        tried.append((per_gpu, mp))
-    per_gpu, best = min(tried, key=lambda t: t[0])
+        tried.append((need, mp))
+    need, best = min(tried, key=lambda t: t[0])
     gb = 1e9
-    short = [f"{per_gpu / gb:.1f} GB per GPU of {device_bytes / gb:.1f} GB"]
-    if host_bytes is not None and best.host_bytes > host_bytes:
+    where = "of host memory" if cpu else "per GPU"
+    short = [f"{need / gb:.1f} GB {where} of {device_bytes / gb:.1f} GB"]
+    if not cpu and host_bytes is not None and best.host_bytes > host_bytes:
         short.append(f"{best.host_bytes / gb:.1f} GB of host memory of {host_bytes / gb:.1f} GB")
+    fixes = ("a bfloat16 dtype, a GPU, or fewer sources" if cpu
+             else "more GPUs, LoRA sources (kept as factors), or fewer sources")
     raise ValueError(
         f"no memory plan fits {method} over {rows} inputs of {best.parameters / 1e9:.2f}B "
-        f"parameters on {gpus} GPU(s): the smallest ({_dtype_name(best.dtype)}, {best.placement}) "
-        "needs "
-        f"{' and '.join(short)}, {(per_gpu - device_bytes) / gb:.1f} GB short per GPU; use "
-        "more GPUs, LoRA sources (kept as factors), or fewer sources")
+        f"parameters on {'the CPU' if cpu else f'{gpus} GPU(s)'}: the smallest "
+        f"({_dtype_name(best.dtype)}, {best.placement}) needs {' and '.join(short)}, "
+        f"{(need - device_bytes) / gb:.1f} GB short {'' if cpu else 'per GPU'}".rstrip()
+        + f"; use {fixes}")
 
 
 def per_gpu_bytes(mp: MemoryPlan, gpus: int) -> float:
@@ -304,10 +310,11 @@ def per_gpu_bytes(mp: MemoryPlan, gpus: int) -> float:
     return (mp.device_bytes - whole) / gpus + whole
 
 
-def plan(models: Sequence[str], base_model: str | None, method: str, *,
-         dtype: torch.dtype | str = torch.float32, placement: Placement = "resident",
-         device: str | torch.device = "cpu", allow_pickle: bool = False) -> MemoryPlan:
-    """Memory an `InPlaceMerger` needs, from config.json and the safetensors headers only."""
+def _plan_inputs(models: Sequence[str], base_model: str | None, method: str,
+                 dtype: torch.dtype | str, allow_pickle: bool
+                 ) -> tuple[dict[str, Sequence[int]], int, int | None]:
+    """(shapes of the merged floating-point tensors, rows per tensor, adapter bytes or None)
+    from config.json and the safetensors headers only."""
     recipe = probe_recipe(models, base_model, method, None, dtype)
     sources = {name: load_source(name, allow_pickle=allow_pickle, base=base_model)
                for name in recipe.referenced_models()}
@@ -322,11 +329,59 @@ def plan(models: Sequence[str], base_model: str | None, method: str, *,
     if lowrank.applies(method, sources, base_model):
         torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         adapter_bytes = lowrank.resident_bytes(sources.values(), torch_dtype)
+    return shapes, rows, adapter_bytes
+
+
+def plan(models: Sequence[str], base_model: str | None, method: str, *,
+         dtype: torch.dtype | str = torch.float32, placement: Placement = "resident",
+         device: str | torch.device = "cpu", allow_pickle: bool = False) -> MemoryPlan:
+    """Memory an `InPlaceMerger` needs, from config.json and the safetensors headers only."""
+    shapes, rows, adapter_bytes = _plan_inputs(models, base_model, method, dtype, allow_pickle)
     return memory_plan_from_shapes(shapes, method, rows, dtype=dtype, placement=placement,
                                    device=device, adapter_bytes=adapter_bytes)
 
 
-__all__ = ["CHOICES", "CPU_CHUNK", "choose_plan", "per_gpu_bytes", "MAGNITUDE_SPARSIFIERS", "PLACEMENTS", "RANDOM_SPARSIFIERS", "Entry",
+# Of a GPU's memory, what the plan leaves to the evaluator beside the merged model (activations,
+# vLLM's KV cache): the plan table (scripts/bench_lora_memory.py) keeps 8 GB of an 80 GB GPU.
+EVALUATOR_SHARE = 0.1
+
+
+def memory_capacity(device: str | torch.device) -> float:
+    """Bytes a merger may plan for on `device`: a GPU's memory less EVALUATOR_SHARE of it; on CPU
+    the host memory available now (MemAvailable: RAM not held by other processes)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev.index or 0).total_memory
+        return total * (1 - EVALUATOR_SHARE)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def auto_plan(models: Sequence[str], base_model: str | None, method: str, *,
+              device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+              placement: Placement | None = None, allow_pickle: bool = False,
+              capacity: float | None = None) -> MemoryPlan:
+    """The plan `choose_plan` picks for these sources on `device` (one GPU, or the CPU) when
+    `dtype` or `placement` is left open (None), within `capacity` bytes (default:
+    `memory_capacity(device)`); ValueError naming the shortfall when none fits. LoRA adapters
+    are counted at float32 (an upper bound for the bf16 choices)."""
+    shapes, rows, adapter_bytes = _plan_inputs(models, base_model, method,
+                                               dtype or torch.float32, allow_pickle)
+    dev = torch.device(device)
+    room = memory_capacity(dev) if capacity is None else capacity
+    return choose_plan(shapes, method, rows, device_bytes=room, dtype=dtype, placement=placement,
+                       adapter_bytes=adapter_bytes, device=dev.type)
+
+
+__all__ = ["CHOICES", "CPU_CHUNK", "EVALUATOR_SHARE", "auto_plan", "choose_plan", "memory_capacity", "per_gpu_bytes", "MAGNITUDE_SPARSIFIERS", "PLACEMENTS", "RANDOM_SPARSIFIERS", "Entry",
            "MemoryPlan", "Placement", "Workspace", "check_supported", "element_size",
            "index_dtype", "is_whole", "make_staging", "make_workspace", "memory_plan_from_shapes", "plan",
            "probe_recipe", "work_dtype"]

@@ -56,6 +56,7 @@ from evomerge.merge.inplace.memory import (
     Entry,
     MemoryPlan,
     Placement,
+    auto_plan,
     is_whole,
     make_staging,
     memory_plan_from_shapes,
@@ -80,7 +81,9 @@ class InPlaceMerger:
 
     placement "resident": everything on `device`. "stream": the resident inputs stay in CPU
     memory (pinned when CUDA is available) and are copied to `device` tensor by tensor; only the
-    target model and one tensor's staging and workspace buffers live on `device`.
+    target model and one tensor's staging and workspace buffers live on `device`. `dtype` or
+    `placement` None: the memory plan's choice for these sources on `device` (memory.auto_plan:
+    float32 before bfloat16, resident before stream), or its ValueError naming the shortfall.
 
     `fused`: on CPU in float32 with resident placement, build the task-arithmetic family's
     tensors with compiled whole-tensor kernels (checked against the chunked path on first use;
@@ -91,10 +94,15 @@ class InPlaceMerger:
     model: torch.nn.Module
 
     def __init__(self, models: Sequence[str], base_model: str | None, method: str, *,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-                 placement: Placement = "resident", allow_pickle: bool = False,
+                 device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str | None = torch.float32,
+                 placement: Placement | None = "resident", allow_pickle: bool = False,
                  tokenizer_source: str | None = None, chunk: int | None = None,
                  fused: bool | None = None) -> None:
+        if dtype is None or placement is None:  # left open: the memory plan's choice here
+            chosen = auto_plan(models, base_model, method, device=device, dtype=dtype,
+                               placement=placement, allow_pickle=allow_pickle)
+            dtype, placement = chosen.dtype, chosen.placement  # type: ignore[assignment]
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         self.device = torch.device(device)
