@@ -146,3 +146,19 @@ def test_racing_on_two_workers_equals_in_process(zoo_dir, local_ray, tmp_path):
     assert {r.stage for r in stages} == {0, 1, 2}
     # stage 1 scored only the 4 items that stage 0 had not
     assert all(r.items_scored == {"zoo_rev": 4} for r in stages if r.stage == 1)
+
+
+def test_the_ray_executor_has_what_the_loop_uses(zoo_dir, local_ray):
+    from evomerge.execution.registry import make_executor_factory
+    from evomerge.search.jobs import Executor, ExecutorFactory
+
+    factory = make_executor_factory(1)
+    assert isinstance(factory, ExecutorFactory) and factory.uses_ray
+    ex = factory(SearchConfig.from_dict(tiny_config(zoo_dir)), None, None)
+    try:
+        local_ray.update(ex.worker_pids)
+        assert isinstance(ex, Executor)
+        assert ex.pipelined is True and ex.should_stop() is False
+        assert list(ex.run([])) == []
+    finally:
+        ex.close()

@@ -10,6 +10,7 @@ import pytest
 from test_racing import Crash, FakeExecutor, fake_config
 
 from evomerge.evaluation.trial import TrialResult
+from evomerge.execution.registry import in_process
 from evomerge.runs.folder import LOG, RunFolder, history
 from evomerge.runs.start import run_search
 from evomerge.search.optimizers.random_search import RandomSearch
@@ -46,7 +47,7 @@ class Pipelined(FakeExecutor):
 def search(cfg, executor=FakeExecutor, crash_after=None, **kw):
     FakeExecutor.crash_after = crash_after
     FakeExecutor.jobs_done = 0
-    return run_search(cfg, quiet=True, executor_factory=executor, **kw)
+    return run_search(cfg, quiet=True, executor_factory=in_process(executor), **kw)
 
 
 def test_a_steady_state_search_draws_random_searchs_genomes_one_at_a_time(zoo_dir, tmp_path, monkeypatch):
