@@ -132,7 +132,9 @@ def main() -> int:
 
     import ray
 
+    from evomerge.execution import ExecutorKind
     from evomerge.execution.ray import RayExecutor
+    from evomerge.execution.registry import Factory
     from evomerge.models.sources import load_source
     from evomerge.runs.folder import RunFolder, history
     from evomerge.runs.start import run_search
@@ -169,8 +171,8 @@ def main() -> int:
                             run_dir = tmp / f"{search}-w{workers}-{mode}-{rep}"
                             pids = [s.info["pid"] for s in ex.slots]
                             cpu0 = cpu_seconds(pids)
-                            run_search(cfgs[(search, mode)], run_dir=run_dir, quiet=True,
-                                       executor_factory=lambda c, f, t, m=mode, e=ex: Shared(e, m != "barrier"))
+                            shared = Factory(ExecutorKind.RAY, lambda c, f, t, m=mode, e=ex: Shared(e, m != "barrier"))
+                            run_search(cfgs[(search, mode)], run_dir=run_dir, quiet=True, executor_factory=shared)
                             runs.append(measure(run_dir, workers, cpu_seconds(pids) - cpu0))
                             histories.setdefault((search, mode), []).append(history(RunFolder.open(run_dir).records()))
                             print(f"{search} workers {workers} {mode} repeat {rep}: {runs[-1]['wall']:.1f} s, busy "

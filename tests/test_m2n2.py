@@ -251,3 +251,16 @@ def test_a_frozen_m2n2_config_round_trips(zoo_dir, tmp_path):
     again = type(cfg).from_dict(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))))
     assert again.optimizer.m2n2_options == M2N2Options(archive_size=5)
     assert again.search_key() == cfg.search_key()
+
+
+def test_a_task_whose_metric_is_no_item_mean_is_refused_before_the_run_folder(zoo_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    # the zoo's tasks all report item means; a task that does not (a corpus-level metric) is
+    # stood in for by the one rule's answer, read by the search plan
+    from evomerge.runs import start
+
+    monkeypatch.setattr(start, "per_item_means", lambda tasks, evs: {t.name: False for t in tasks})
+    cfg = search_config(zoo_dir, tmp_path, optimizer={"name": "m2n2"}, racing=None)
+    rc, _, err = run_cli(capsys, "search", write_yaml(tmp_path / "c.yml", cfg))
+    assert rc == 2 and "needs per-item scores" in err and "not a mean over items" in err, err
+    assert not (tmp_path / "run").exists()

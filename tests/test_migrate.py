@@ -13,6 +13,7 @@ import pytest
 import yaml
 from test_racing import Crash, FakeExecutor, fake_config
 
+from evomerge.execution.registry import in_process
 from evomerge.runs.folder import LOG, RunFolder, history
 from evomerge.runs.start import run_search
 
@@ -44,7 +45,7 @@ FORMATS = {
 def search(cfg, crash_after=None, **kw):
     FakeExecutor.crash_after = crash_after
     FakeExecutor.jobs_done = 0
-    return run_search(cfg, quiet=True, executor_factory=FakeExecutor, **kw)
+    return run_search(cfg, quiet=True, executor_factory=in_process(FakeExecutor), **kw)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 
 from evomerge.cli.main import main
 from evomerge.evaluation.trial import TrialResult
+from evomerge.execution.registry import in_process
 from evomerge.runs.folder import LOG, PARETO, RunFolder, dominates, history
 from evomerge.runs.start import run_search
 from evomerge.search import racing
@@ -121,7 +122,7 @@ def fake_config(zoo_dir, tmp_path, name="run", **over) -> SearchConfig:
 def fake_search(cfg, **kw):
     FakeExecutor.crash_after = kw.pop("crash_after", None)
     FakeExecutor.jobs_done = 0
-    return run_search(cfg, quiet=True, executor_factory=FakeExecutor, **kw)
+    return run_search(cfg, quiet=True, executor_factory=in_process(FakeExecutor), **kw)
 
 
 def test_racing_promotes_the_right_candidates(zoo_dir, tmp_path):

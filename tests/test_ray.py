@@ -198,3 +198,19 @@ def test_m2n2_on_two_workers_equals_in_process(zoo_dir, local_ray, tmp_path):
     cands = [r for r in got if r.type == "candidate"]
     assert len(cands) == 8 and {r.worker.split("@")[0] for r in cands} == {"w0", "w1"}
     assert len({r.eval_key for r in cands}) == 1  # one item subset for every candidate
+
+
+def test_the_ray_executor_has_what_the_loop_uses(zoo_dir, local_ray):
+    from evomerge.execution.registry import make_executor_factory
+    from evomerge.search.jobs import Executor, ExecutorFactory
+
+    factory = make_executor_factory(1)
+    assert isinstance(factory, ExecutorFactory) and factory.uses_ray
+    ex = factory(SearchConfig.from_dict(tiny_config(zoo_dir)), None, None)
+    try:
+        local_ray.update(ex.worker_pids)
+        assert isinstance(ex, Executor)
+        assert ex.pipelined is True and ex.should_stop() is False
+        assert list(ex.run([])) == []
+    finally:
+        ex.close()

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from evomerge.core.errors import ConfigError
+from evomerge.core.errors import ConfigError, RunFolderError
 from evomerge.runs.folder import LOG, OPTIMIZER, RunFolder, history
 from evomerge.runs.staged import run_staged
 from evomerge.runs.start import run_search
@@ -84,3 +84,39 @@ def test_a_staged_resume_checks_the_config_before_writing_it(zoo_dir, tmp_path):
         run_staged(missing, run_dir=tmp_path / "staged", resume=True, quiet=True)
     assert (tmp_path / "staged" / "config.yaml").read_text() == frozen
     assert not (tmp_path / "staged" / "stages").exists()
+
+
+def _folder_bytes(path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("broken", ["task", "executor", "config"])
+def test_a_resume_whose_plan_fails_leaves_the_run_folder_untouched(zoo_dir, tmp_path, broken):
+    """The resume's plan (runs.start.plan_search: the frozen config with the new budget, the
+    executor's check, the tasks and sources against those the search started with) is checked in
+    one step before the run folder is touched: no config rewritten, no session, no lock."""
+    from test_racing import FakeExecutor, fake_config
+
+    from evomerge.execution.registry import in_process
+
+    def refuse(cfg):
+        raise ConfigError("--workers 1000: too many")
+
+    run_search(fake_config(zoo_dir, tmp_path, budget={"generations": 1}, racing=None), quiet=True,
+               executor_factory=in_process(FakeExecutor))
+    run = tmp_path / "run"
+    factory = in_process(FakeExecutor)
+    if broken == "task":  # a task's items changed since the search started
+        tasks = json.loads((run / "tasks.json").read_text())
+        tasks["zoo_add"]["docs"] = "0" * 64
+        (run / "tasks.json").write_text(json.dumps(tasks))
+        error = "task 'zoo_add'"
+    elif broken == "executor":
+        factory = type(factory)(factory.kind, factory.make, check=refuse)
+        error = "too many"
+    before = _folder_bytes(run)
+    raised = fake_config(zoo_dir, tmp_path, budget={"generations": 2}, racing=None,
+                         **({"seed": 2} if broken == "config" else {}))
+    with pytest.raises((ConfigError, RunFolderError), match="differs .* in seed" if broken == "config" else error):
+        run_search(raised, run_dir=run, resume=True, quiet=True, executor_factory=factory)
+    assert _folder_bytes(run) == before

@@ -18,6 +18,7 @@ from test_racing import FakeExecutor, fake_config
 from evomerge.core.errors import ExecutionError, RunFolderError
 from evomerge.evaluation import irt
 from evomerge.evaluation.trial import TrialResult
+from evomerge.execution.registry import in_process
 from evomerge.recipes.parameter_space import Recipe
 from evomerge.runs import folder as folder_mod
 from evomerge.runs.folder import RunFolder, history
@@ -82,7 +83,7 @@ def run_fake(cfg, executor, **kw):
 
     FakeExecutor.crash_after = None
     FakeExecutor.jobs_done = 0
-    return run_search(cfg, quiet=True, executor_factory=executor, **kw)
+    return run_search(cfg, quiet=True, executor_factory=in_process(executor), **kw)
 
 
 # ----------------------------------------------------------------------------- 2. a failing test split

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from test_racing import Crash, FakeExecutor, fake_config
 
+from evomerge.evaluation.trial import TrialResult
+from evomerge.execution.registry import in_process
 from evomerge.runs.folder import LOG, RunFolder, history
 from evomerge.runs.start import run_search
 from evomerge.search.optimizers.random_search import RandomSearch
@@ -26,6 +28,7 @@ class Pipelined(FakeExecutor):
     pipelined = True
     slots = 3
     asks = 0
+    fifo = False  # True: the oldest job finishes first (even jobs)
 
     def run(self, jobs, background=None):
         yield from super().run(jobs)
@@ -37,14 +40,14 @@ class Pipelined(FakeExecutor):
                 flight.append(job)
             if not flight:
                 return
-            job = flight.pop()  # the newest finishes first
+            job = flight.pop(0 if self.fifo else -1)  # the newest finishes first
             background.done(job, self._job(job))
 
 
 def search(cfg, executor=FakeExecutor, crash_after=None, **kw):
     FakeExecutor.crash_after = crash_after
     FakeExecutor.jobs_done = 0
-    return run_search(cfg, quiet=True, executor_factory=executor, **kw)
+    return run_search(cfg, quiet=True, executor_factory=in_process(executor), **kw)
 
 
 def test_a_steady_state_search_draws_random_searchs_genomes_one_at_a_time(zoo_dir, tmp_path, monkeypatch):
@@ -98,3 +101,101 @@ def test_a_steady_state_search_killed_and_resumed_equals_uninterrupted(zoo_dir, 
     keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
     assert len(keys) == len(set(keys)) == 12  # none lost, none scored twice
     assert history(got) == expected
+
+
+def _asked_twice(monkeypatch):
+    """Each draw of SteadyRandomSearch is asked twice in a row: candidates 2j and 2j + 1 are one
+    recipe (in one block, so one settings key), and the second is asked while the first is in flight."""
+    from evomerge.search.optimizers.random_search import SteadyRandomSearch
+
+    ask = SteadyRandomSearch.ask
+
+    def twice(self, n=None):
+        self.asks = self.__dict__.get("asks", 0) + 1
+        if self.asks % 2 == 1:
+            self.last = ask(self, n)
+        return self.last.copy()
+
+    monkeypatch.setattr(SteadyRandomSearch, "ask", twice)
+
+
+class Counting(Pipelined):
+    scored: list[str] = []
+
+    def score(self, job):
+        if job.kind == "candidate":
+            Counting.scored.append(job.recipe.hash())
+        return super().score(job)
+
+
+def test_a_recipe_repeated_while_its_first_copy_is_in_flight_is_scored_once(zoo_dir, tmp_path, monkeypatch):
+    _asked_twice(monkeypatch)
+    search(fake_config(zoo_dir, tmp_path, "inproc", **STEADY))
+    expected = history(RunFolder.open(tmp_path / "inproc").records())
+    cands = [r for r in RunFolder.open(tmp_path / "inproc").records() if r.type == "candidate"]
+    assert len(cands) == 12 and len({r.recipe_hash for r in cands}) == 6
+    for slots in (1, 2, 3):
+        Pipelined.slots, Counting.scored = slots, []
+        search(fake_config(zoo_dir, tmp_path, f"piped{slots}", **STEADY), Counting)
+        assert len(Counting.scored) == len(set(Counting.scored)) == 6  # the repeat waited for the first's result
+        records = RunFolder.open(tmp_path / f"piped{slots}").records()
+        repeats = [r for r in records if r.type == "candidate" and r.index % 2 == 1]
+        assert all(r.cached_from == [r.generation, r.index - 1] and r.items_scored == {} for r in repeats)
+        assert history(records) == expected
+    # killed with repeats waiting, then resumed: the same history
+    Pipelined.slots = 3
+    cfg = fake_config(zoo_dir, tmp_path, "run", **STEADY)
+    for crash in (3, 1, 2):
+        with pytest.raises(Crash):
+            search(cfg, Counting, crash_after=crash,
+                   **({"resume": True, "run_dir": tmp_path / "run"} if (tmp_path / "run" / LOG).is_file() else {}))
+        cfg = None
+    search(None, Counting, resume=True, run_dir=tmp_path / "run")
+    assert history(RunFolder.open(tmp_path / "run").records()) == expected
+
+
+class Recording(Pipelined):
+    handed: list[tuple[str, int]] = []
+    fifo = True  # the asks are never held up waiting for a result
+
+    def score(self, job):
+        Recording.handed.append((str(job.kind), job.generation))
+        return super().score(job)
+
+
+def test_background_work_is_handed_out_beside_the_candidates_not_after_them(zoo_dir, tmp_path):
+    """A block's re-scores go to the next free worker, before the candidates asked after it: they
+    do not pile up behind the last block (a tail of workers waiting for the last re-scores)."""
+    tasks = [{"name": "zoo_add", "weight": 0.5, "limit": 16}, {"name": "zoo_sub", "weight": 0.5, "limit": 16}]
+    search(fake_config(zoo_dir, tmp_path, "inproc", background=True, tasks=tasks, **STEADY))
+    expected = history(RunFolder.open(tmp_path / "inproc").records())
+    Pipelined.slots, Recording.handed = 2, []
+    search(fake_config(zoo_dir, tmp_path, "piped", background=True, tasks=tasks, **STEADY), Recording)
+    handed = Recording.handed
+    first_rescore = next(n for n, (kind, _) in enumerate(handed) if kind == "rescore")
+    assert first_rescore < handed.index(("candidate", 2))  # block 0's re-scores before the last block's candidates
+    assert history(RunFolder.open(tmp_path / "piped").records()) == expected
+
+
+class FailsFirst(Counting):
+    """Fails the scoring of candidate (0, 0): its repeat (0, 1) cannot be served from it."""
+
+    def score(self, job):
+        if job.kind == "candidate" and (job.generation, job.index) == (0, 0):
+            Counting.scored.append(job.recipe.hash())
+            return TrialResult(job.recipe.hash(), -1.0, "failed", "RuntimeError: out of memory")
+        return super().score(job)
+
+
+def test_a_repeat_whose_first_copy_failed_is_scored_itself(zoo_dir, tmp_path, monkeypatch):
+    _asked_twice(monkeypatch)
+    Pipelined.slots, Counting.scored = 1, []  # one job at a time: as in-process
+    search(fake_config(zoo_dir, tmp_path, "inproc", **STEADY), FailsFirst)
+    expected = history(RunFolder.open(tmp_path / "inproc").records())
+    Pipelined.slots, Counting.scored = 3, []
+    search(fake_config(zoo_dir, tmp_path, "piped", **STEADY), FailsFirst)
+    records = RunFolder.open(tmp_path / "piped").records()
+    first, repeat = (next(r for r in records if r.type == "candidate" and (r.generation, r.index) == (0, i))
+                     for i in (0, 1))
+    assert (first.status, repeat.status, repeat.cached_from) == ("failed", "ok", None)
+    assert len(Counting.scored) == 7 and history(records) == expected

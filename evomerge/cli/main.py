@@ -20,7 +20,7 @@ from evomerge.cli.merge import add_parser as add_merge_parser
 from evomerge.core.env import quiet_libraries
 from evomerge.core.errors import EvomergeError, UsageError
 from evomerge.evaluation import BACKENDS
-from evomerge.execution import SOURCES
+from evomerge.execution import EXECUTOR_NAMES, EXECUTORS, SOURCES
 
 # Quiet, offline-friendly defaults; set before lm-eval, datasets or tqdm are imported.
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -152,8 +152,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         cfg = SearchConfig.load(args.config) if args.config else None
         search = run_search
     ray_kw = {}
-    if args.workers is not None or args.ray_address:
-        ray_kw = {"workers": args.workers, "ray_address": args.ray_address, "sources": args.sources}
+    if args.workers is not None or args.ray_address or args.executor is not None:
+        ray_kw = {"workers": args.workers, "ray_address": args.ray_address, "sources": args.sources,
+                  "executor": args.executor}
     if args.study_storage is not None:
         from evomerge.search.config import StudyConfig
 
@@ -188,6 +189,10 @@ def _add_search(sub) -> None:
     p.add_argument("--run-dir", type=Path, help="run folder for a new search (default: run_dir of the config, "
                    "else runs/<config name>)")
     p.add_argument("--quiet", action="store_true", help="plain log lines instead of the live panel")
+    p.add_argument("--executor", choices=EXECUTOR_NAMES, default=None,
+                   help="where candidates are built and scored: " + "; ".join(
+                       f"{name}: {e.help}" for name, e in EXECUTORS.items()) + " (default: ray when --workers N "
+                   "or --ray-address is given, else local)")
     p.add_argument("--workers", type=_workers_arg, metavar="N", help="score candidates on N Ray workers "
                    "(auto: one per GPU of the cluster when device is cuda, else 1); 0 or omitted: in-process "
                    "(see docs/ray.md)")

@@ -36,17 +36,22 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)  # lm_eval.api.metrics.mean, item for item
 
 
+def per_item_means(tasks, evaluators) -> dict[str, bool]:
+    """Per task: are its metrics means over items (so a subset's per-item scores stand for them)?"""
+    out = {}
+    for t in tasks:
+        ev = evaluators[t.name]
+        mean = getattr(ev, "mean_metrics", None)
+        out[t.name] = mean is not None and set(ev.metric_names(t.name)) <= set(mean(t.name))
+    return out
+
+
 class ItemStore:
     def __init__(self, run_path: Path, fitness: FitnessFunction, extra: dict):
         self.root = Path(run_path) / ITEMS
         self.fitness = fitness
         self.base_key = fitness.settings_key({t.name: "per-item" for t in fitness.tasks}, extra)
-        self.reusable: dict[str, bool] = {}
-        for t in fitness.tasks:
-            ev = fitness.evaluators[t.name]
-            mean = getattr(ev, "mean_metrics", None)
-            names = ev.metric_names(t.name)
-            self.reusable[t.name] = mean is not None and set(names) <= set(mean(t.name))
+        self.reusable = per_item_means(fitness.tasks, fitness.evaluators)
         # recipe hash -> task -> item -> {metric: value}
         self.data: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
 

@@ -35,6 +35,7 @@ from evomerge.core.errors import ConfigError, ExecutionError
 from evomerge.evaluation.trial import TrialResult
 from evomerge.execution import SOURCES
 from evomerge.execution.local import run_job
+from evomerge.execution.registry import ExecutorKind, Factory
 from evomerge.execution.sources import ShippedSources, remove_local
 from evomerge.execution.sources import fetch as fetch_sources
 from evomerge.execution.sources import ship as ship_sources
@@ -293,7 +294,7 @@ class RayExecutor:
                 if fl.origin is owner:
                     left -= 1
                     yield fl.job, res
-                elif fl.origin is not None and hasattr(fl.origin, "done"):  # background work
+                elif fl.origin is not None:  # background work (None: a dropped run's job)
                     fl.origin.done(fl.job, res)
         finally:  # abandoned (an exception, SearchStopped): what it still has in flight is dropped
             for fl in self._inflight.values():
@@ -421,11 +422,10 @@ def check_ray_setup(workers: int | str, address: str | None, threads: int) -> No
 
 
 def ray_executor(workers: int | str = "auto", *, address: str | None = None, threads: int | None = None,
-                 sources: str = "path", builder_factory=None, pipelined: bool = True):
-    """An executor factory for `driver.Search`: Ray workers."""
-    def factory(cfg, fitness, tokenizer):
+                 sources: str = "path", builder_factory=None, pipelined: bool = True) -> Factory:
+    """An executor factory for `search.loop.Search`: Ray workers."""
+    def make(cfg, fitness, tokenizer):
         return RayExecutor(cfg, fitness, tokenizer, workers=workers, threads=threads, address=address,
                            sources=sources, builder_factory=builder_factory, pipelined=pipelined)
-    factory.uses_ray = True
-    factory.check = lambda cfg: check_ray_setup(workers, address, threads or cfg.threads or 1)
-    return factory
+    return Factory(ExecutorKind.RAY, make,
+                   check=lambda cfg: check_ray_setup(workers, address, threads or cfg.threads or 1))

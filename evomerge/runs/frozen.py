@@ -68,14 +68,17 @@ def record_tasks(run: RunFolder, evaluators: dict) -> None:
     run.write_json(TASKS, task_fingerprints(evaluators))
 
 
+def tasks_recorded(run: RunFolder) -> bool:
+    """False for a run folder from before tasks.json (a resume records its tasks then)."""
+    return (run.path / TASKS).is_file()
+
+
 def check_tasks_unchanged(run: RunFolder, evaluators: dict) -> None:
-    """Refuses a resume whose tasks differ from those the search started with; records them in a
-    run folder from before tasks.json."""
+    """Refuses a resume whose tasks differ from those the search started with (writes nothing)."""
     path = run.path / TASKS
-    now = task_fingerprints(evaluators)
     if not path.is_file():
-        run.write_json(TASKS, now)
         return
+    now = task_fingerprints(evaluators)
     then = json.loads(path.read_text())
     for name, old in then.items():
         new = now.get(name)

@@ -1,5 +1,6 @@
-"""Starting and resuming a search in a run folder: the config is checked, the run folder created
-or opened (and its frozen config compared), an executor chosen, and `search.loop.Search` run.
+"""Starting and resuming a search in a run folder: an executor chosen (execution/registry.py), the
+search planned (``plan_search``: the config, or on resume the run folder's frozen one, checked in
+one step before anything is written), the run folder created or opened, and `search.loop.Search` run.
 
 ``run_search`` is what ``evomerge search`` calls; scripts and tests call it too.
 """
@@ -14,38 +15,31 @@ from pathlib import Path
 import torch
 
 from evomerge.core.errors import ConfigError
-from evomerge.evaluation.fitness import FitnessFunction
 from evomerge.evaluation.floors import measure_base_scores
-from evomerge.evaluation.trial import CandidateBuilder
-from evomerge.execution.local import LocalExecutor
+from evomerge.evaluation.items import per_item_means
+from evomerge.execution.registry import default_builder, make_executor_factory
 from evomerge.runs.folder import RunFolder
-from evomerge.runs.frozen import check_tasks_unchanged, load_frozen, record_tasks, with_inline_space
+from evomerge.runs.frozen import (
+    check_tasks_unchanged,
+    load_frozen,
+    record_tasks,
+    tasks_recorded,
+    with_inline_space,
+)
 from evomerge.runs.migrate import migrated
 from evomerge.runs.mirror import LogMirror, Observers, local_store_problem
 from evomerge.runs.progress import Display
 from evomerge.runs.source_hashes import check_sources_unchanged, record_sources
 from evomerge.runs.study import StudyMirror, shown, study_target
 from evomerge.runs.tracking import MlflowMirror
+from evomerge.search import optimizers
 from evomerge.search.config import SearchConfig, StudyConfig, default_run_dir
 from evomerge.search.irt_fitness import check_anchors
-from evomerge.search.jobs import Executor
+from evomerge.search.jobs import ExecutorFactory
 from evomerge.search.loop import Search, SearchOutcome
 from evomerge.search.memory_plan import with_frozen_plan, with_memory_plan
+from evomerge.search.steady import check_per_item
 from evomerge.search.validation import check_sources, check_tasks
-
-
-def default_builder(cfg: SearchConfig) -> CandidateBuilder:
-    from evomerge.evaluation.trial import make_builder
-
-    return make_builder(cfg)
-
-
-def local_executor(builder_factory=default_builder):
-    """An executor factory: builds and scores in this process."""
-    def factory(cfg: SearchConfig, fitness: FitnessFunction, tokenizer) -> Executor:
-        return LocalExecutor(builder_factory(cfg), fitness, tokenizer, penalty=cfg.penalty_fitness,
-                             batch_size=cfg.batch_size)
-    return factory
 
 
 def _diff_keys(a, b, prefix="") -> list[str]:
@@ -62,21 +56,8 @@ def validate(cfg: SearchConfig):
     check_sources(cfg)
     evaluators = check_tasks(cfg)
     check_anchors(cfg, evaluators)
+    check_per_item(optimizers.kind(cfg.optimizer.name), per_item_means(cfg.tasks, evaluators))
     return evaluators
-
-
-def make_executor_factory(workers: int | str | None = None, ray_address: str | None = None, *,
-                          sources: str = "path", builder_factory=default_builder, pipelined: bool = True):
-    """In-process (``workers`` None or 0 and no Ray address) or Ray workers (evomerge.execution.ray)."""
-    if (workers is None or workers == 0) and not ray_address:
-        return local_executor(builder_factory)
-    if workers == 0:
-        raise ConfigError("--workers 0 scores in-process; it cannot be combined with --ray-address")
-    from evomerge.execution.ray import ray_executor
-
-    return ray_executor("auto" if workers is None else workers, address=ray_address, sources=sources,
-                        builder_factory=None if builder_factory is default_builder else builder_factory,
-                        pipelined=pipelined)
 
 
 def mirrors_for(cfg: SearchConfig, run: RunFolder, report) -> list[LogMirror]:
@@ -159,97 +140,113 @@ def with_frozen_base_scores(cfg: SearchConfig | None, frozen: SearchConfig) -> S
 
 @dataclass(frozen=True)
 class SearchPlan:
-    """A new search, checked and resolved in one step before its run folder is written: the config
-    as it is frozen (the space inline, the floors' base scores measured, background work decided,
-    the mirrors' settings) with the task evaluators, and where its run folder goes."""
+    """A search, checked and resolved in one step before its run folder is written (new) or touched
+    (resumed): the config as it is frozen (the space inline, the floors' base scores measured,
+    background work decided, the mirrors' settings; on resume, the frozen one with the budget,
+    threads and mirrors given) with the task evaluators, and where its run folder is."""
 
     cfg: SearchConfig
     evaluators: dict
     run_dir: Path
+    resume: bool = False
+    rewrite_config: bool = False  # resume: config.yaml changes (budget, threads, mirrors, an older format)
+    record_tasks: bool = True  # tasks.json is written (a new run, or a run folder from before it)
 
 
-def plan_search(cfg: SearchConfig, *, run_dir: str | Path | None = None, config_path: str | None = None,
-                study_storage: str | None = None, uses_ray: bool = False,
-                check_executor=lambda cfg: None) -> SearchPlan:
-    """Every check of a new search that needs no run folder (a bad config leaves nothing behind);
-    ``check_executor``: the executor's own (Ray: its address and CPUs)."""
-    check_mirrors(with_mirror_settings(cfg, None, study_storage))
-    check_executor(cfg)
-    cfg = with_memory_plan(cfg)  # dtype/placement auto: decided here, frozen with the run
-    evaluators = validate(cfg)
+def plan_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, config_path: str | None = None,
+                study_storage: str | None = None, executor: ExecutorFactory, resume: bool = False) -> SearchPlan:
+    """Every check of a search that needs no write (a bad config leaves nothing behind, a bad
+    resume leaves its run folder as it was): the mirrors, the executor's own (Ray: its address and
+    CPUs), the sources, tasks and IRT anchors; on resume also the frozen config against ``cfg``
+    and the tasks and sources against those the search started with."""
+    if resume:
+        return _plan_resume(cfg, run_dir, study_storage, executor)
+    if cfg is None:
+        raise ConfigError("a config is needed to start a search")
+    # dtype/placement auto: decided here (by the sources' headers), frozen with the run
+    cfg = with_memory_plan(with_mirror_settings(cfg, None, study_storage))
+    evaluators = _checked(cfg, executor)
     cfg = with_base_scores(cfg, evaluators)  # floors at the base's scores: measured once, frozen
     if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
-        cfg = cfg.model_copy(update={"background": uses_ray})
+        cfg = cfg.model_copy(update={"background": executor.uses_ray})
     cfg = with_inline_space(cfg)  # the run folder is self-contained: see runs/frozen.py
-    cfg = with_mirror_settings(cfg, None, study_storage)
     return SearchPlan(cfg, evaluators, Path(run_dir or cfg.run_dir or default_run_dir(config_path)))
+
+
+def _checked(cfg: SearchConfig, executor: ExecutorFactory) -> dict:
+    """The checks of every plan, new or resumed; returns the task evaluators."""
+    check_mirrors(cfg)
+    executor.check(cfg)
+    return validate(cfg)
+
+
+def _plan_resume(cfg: SearchConfig | None, run_dir, study_storage: str | None,
+                 executor: ExecutorFactory) -> SearchPlan:
+    if run_dir is None:
+        raise ConfigError("--resume needs the run folder")
+    run = RunFolder.open(run_dir)
+    frozen, rewrite = migrated(load_frozen(run))  # earlier run-folder formats (runs/migrate.py)
+    resumed = resumed_config(frozen, cfg, run, study_storage)
+    evaluators = _checked(resumed, executor)
+    check_tasks_unchanged(run, evaluators)
+    check_sources_unchanged(run.path, resumed, "resume")
+    return SearchPlan(resumed, evaluators, run.path, resume=True, rewrite_config=rewrite or resumed != frozen,
+                      record_tasks=not tasks_recorded(run))
+
+
+def resumed_config(frozen: SearchConfig, cfg: SearchConfig | None, run: RunFolder,
+                   study_storage: str | None) -> SearchConfig:
+    """The frozen config of a resumed search, with what ``cfg`` (the resume's config, if any) may
+    change: the budget, threads and the mirrors' settings; any other difference is refused."""
+    if cfg is not None and cfg.background is None:
+        cfg = cfg.model_copy(update={"background": frozen.background})
+    cfg = with_frozen_plan(with_frozen_base_scores(cfg, frozen), frozen)
+    if cfg is not None:
+        diff = _diff_keys(frozen.search_key(), cfg.search_key())
+        if diff:
+            if not run.records():
+                what = (f"it has no evaluations yet, so `evomerge search CONFIG --run-dir {run.path}` (without "
+                        "--resume) starts it over with this config")
+            else:
+                what = (f"to search with this config, choose another run_dir (--run-dir), or delete {run.path} "
+                        "to start over")
+            raise ConfigError(f"the config differs from the run's frozen config in {', '.join(diff)}; "
+                              f"only the budget (and threads) may change on resume: {what}")
+        if (cfg.budget, cfg.threads) != (frozen.budget, frozen.threads):
+            frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
+    return with_mirror_settings(frozen, cfg, study_storage)
 
 
 def run_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, resume: bool = False,
                quiet: bool = False, builder_factory=default_builder, config_path: str | None = None,
                workers: int | str | None = None, ray_address: str | None = None, sources: str = "path",
-               executor_factory=None, study_storage: str | None = None) -> SearchOutcome:
+               executor: str | None = None, executor_factory: ExecutorFactory | None = None,
+               study_storage: str | None = None) -> SearchOutcome:
     """``evomerge search``: a new search, or ``resume=True`` to continue the one in ``run_dir``.
-    ``workers``/``ray_address``: score on Ray workers (evomerge.execution.ray); default in-process.
-    ``study_storage``: the Optuna study's storage URL (runs/study.py), frozen with the run."""
-    factory = executor_factory or make_executor_factory(workers, ray_address, sources=sources,
+    ``executor`` (a name of execution/registry.py), ``workers``/``ray_address``: score on Ray
+    workers (evomerge.execution.ray); default in-process. ``executor_factory``: an executor
+    factory of one's own (tests, scripts). ``study_storage``: the Optuna study's storage URL
+    (runs/study.py), frozen with the run."""
+    factory = executor_factory or make_executor_factory(workers, ray_address, executor=executor, sources=sources,
                                                         builder_factory=builder_factory)
-    uses_ray = getattr(factory, "uses_ray", False)  # a factory's attribute: it decides the background default
-    check_executor = getattr(factory, "check", lambda cfg: None)  # Ray: its address and CPUs, now
-    if resume:
-        if run_dir is None:
-            raise ConfigError("--resume needs the run folder")
-        run = RunFolder.open(run_dir)
-        frozen, rewrite = migrated(load_frozen(run))  # earlier run-folder formats (runs/migrate.py)
-        check_executor(cfg if cfg is not None else frozen)
-        if cfg is not None and cfg.background is None:
-            cfg = cfg.model_copy(update={"background": frozen.background})
-        cfg = with_frozen_base_scores(cfg, frozen)
-        cfg = with_frozen_plan(cfg, frozen)
-        if cfg is not None:
-            diff = _diff_keys(frozen.search_key(), cfg.search_key())
-            if diff:
-                if not run.records():
-                    what = (f"it has no evaluations yet, so `evomerge search CONFIG --run-dir {run_dir}` (without "
-                            "--resume) starts it over with this config")
-                else:
-                    what = (f"to search with this config, choose another run_dir (--run-dir), or delete {run_dir} "
-                            "to start over")
-                raise ConfigError(f"the config differs from the run's frozen config in {', '.join(diff)}; "
-                                  f"only the budget (and threads) may change on resume: {what}")
+    plan = plan_search(cfg, run_dir=run_dir, config_path=config_path, study_storage=study_storage,
+                       executor=factory, resume=resume)
+    cfg, evaluators = plan.cfg, plan.evaluators
+    if plan.resume:
+        run = RunFolder.open(plan.run_dir)
         run.acquire()
-        try:
-            if cfg is not None and (cfg.budget, cfg.threads) != (frozen.budget, frozen.threads):
-                frozen = frozen.model_copy(update={"budget": cfg.budget, "threads": cfg.threads})
-                run.write_text("config.yaml", frozen.to_yaml())
-            moved = with_mirror_settings(frozen, cfg, study_storage)
-            check_mirrors(moved)
-            if moved != frozen:  # the mirrors (study, tracking) may move on resume
-                frozen = moved
-                run.write_text("config.yaml", frozen.to_yaml())
-            if rewrite:
-                run.write_text("config.yaml", frozen.to_yaml())
-            cfg = frozen
-            evaluators = validate(cfg)
-            check_tasks_unchanged(run, evaluators)
-            check_sources_unchanged(run.path, cfg, "resume")
-        except BaseException:
-            run.close()
-            raise
     else:
-        if cfg is None:
-            raise ConfigError("a config is needed to start a search")
-        plan = plan_search(cfg, run_dir=run_dir, config_path=config_path, study_storage=study_storage,
-                           uses_ray=uses_ray, check_executor=check_executor)
-        cfg, evaluators = plan.cfg, plan.evaluators
         run = RunFolder.create(plan.run_dir, cfg.to_yaml())
-        try:
+    try:
+        if plan.rewrite_config:
+            run.write_text("config.yaml", cfg.to_yaml())
+        if plan.record_tasks:
             record_tasks(run, evaluators)
+        if not plan.resume:
             record_sources(run, cfg)
-        except BaseException:
-            run.close()
-            raise
-
+    except BaseException:
+        run.close()
+        raise
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     display = Display(quiet=quiet, tasks=[t.name for t in cfg.tasks])

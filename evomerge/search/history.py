@@ -61,7 +61,8 @@ class RunHistory:
         """Every scored recipe: the reference, the candidates and the re-scores."""
         return [r for r in self.records if RecordKind(r.type).evaluation]
 
-    def search_items(self) -> int:
-        """Items scored by the search's own evaluations (RecordKind.search_items)."""
+    def search_items(self, but: RecordKind | None = None) -> int:
+        """Items scored by the search's own evaluations (RecordKind.search_items); ``but``: leaving
+        that kind's out (the steady engine adds its candidates' as it tells them)."""
         return sum(sum((getattr(r, "items_scored", None) or {}).values()) for r in self.records
-                   if RecordKind(r.type).search_items)
+                   if RecordKind(r.type).search_items and r.type != but)

@@ -1,8 +1,8 @@
 """What the search loop hands to an executor: evaluation jobs, and the executor interface.
 
 The search decides *what* is evaluated (a batch of `EvalJob`s: recipe + the items to score) and
-logs what comes back; an executor (evomerge/execution/) decides *where*: in this process
-(`LocalExecutor`) or on Ray workers (`RayExecutor`), which finish jobs in any order.
+logs what comes back; an executor (evomerge/execution/, named in its registry) decides *where*: in
+this process (`LocalExecutor`) or on Ray workers (`RayExecutor`), which finish jobs in any order.
 
 Background work (``run(jobs, background=...)``): work that does not change the search's decisions
 (the full-dev re-scoring of the current top candidates, the test-split scores of a new best) is
@@ -17,7 +17,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from evomerge.evaluation.fitness import Samples
 from evomerge.evaluation.trial import TrialResult
@@ -57,6 +57,7 @@ class BackgroundWork(Protocol):
         ...
 
 
+@runtime_checkable
 class Executor(Protocol):
     """Everything the search loop uses of an executor."""
 
@@ -71,3 +72,20 @@ class Executor(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ExecutorFactory(Protocol):
+    """Everything start-up (runs/start.py) and the loop use of an executor before it exists; made by
+    the executors' registry (execution/registry.py)."""
+
+    uses_ray: bool  # True: a search's background work defaults on (``background: null``)
+
+    def check(self, cfg) -> None:
+        """The executor's own checks of a config (Ray: its address and CPUs), before a run folder
+        is written."""
+        ...
+
+    def __call__(self, cfg, fitness, tokenizer) -> Executor:
+        """The executor of a search (once its fitness and tokenizer exist)."""
+        ...

@@ -138,8 +138,12 @@ class Search:
         self.executor = self.executor_factory(self.cfg, self.fitness, tok)
         self.executor.should_stop = lambda: self.stop_requested
         self.display.start(self.max_generations, self.optimizer.popsize, records)
-        # (recipe hash, settings key) -> the record that scored it: a repeated recipe is not re-evaluated
-        self.cache = {(r.recipe_hash, r.eval_key): r for r in hist.evaluations() if r.ok}
+        # (recipe hash, settings key) -> the record that scored it: a repeated recipe is not re-evaluated.
+        # The first one, as in the session that logged them (a repeat served from it comes later).
+        self.cache: dict[tuple[str, str | None], EvalRecord] = {}
+        for r in hist.evaluations():
+            if r.ok:
+                self.cache.setdefault((r.recipe_hash, r.eval_key), r)
         self.items.load_logged(records)
         # items scored by the search's own evaluations (RecordKind.search_items)
         self.items_spent = hist.search_items()

@@ -9,19 +9,36 @@ history stays a function of the seed alone, whatever the workers and timing:
   ``k - pending`` is in, and the optimizer is told the results in log order, each one just before
   the ask it may influence (candidate ``j`` before ask ``j + pending``): every ask sees exactly the
   same tells, so a resume replays the asks bit for bit;
-- a block's generation record is written when its last candidate is told, from told candidates only.
+- a block's generation record is written when its last candidate is told, from told candidates only;
+- a recipe asked again while its first copy is in flight waits for that result and is served from
+  it (as a repeat is from the cache), so it is scored once whatever the workers: a failed first
+  copy is not reused, and the repeat is then scored itself, as it is in-process.
 
-Between candidates the workers take the search's background work (re-scoring, test scores).
+The search's background work (re-scoring, test scores) is handed out as soon as it is queued,
+before the next candidate: it runs beside the candidates instead of piling up for the end, where
+it would leave a tail of workers waiting for the last re-scores.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import numpy as np
 
 from evomerge.core.errors import ConfigError, RunFolderError
 from evomerge.evaluation.trial import TrialResult
+from evomerge.search import optimizers
+from evomerge.search.history import RunHistory
 from evomerge.search.jobs import EvalJob
 from evomerge.search.records import EvalRecord, RecordKind
+
+
+def check_per_item(kind: optimizers.OptimizerKind, means: dict[str, bool]) -> None:
+    """An optimizer told per-item scores (M2N2) needs every task's metrics to be item means."""
+    bad = [t for t, ok in means.items() if not ok]
+    if kind.per_item and bad:
+        raise ConfigError(f"optimizer.name: {kind.name} needs per-item scores, and task(s) {', '.join(bad)} "
+                          "report a metric that is not a mean over items")
 
 
 class SteadyState:
@@ -37,16 +54,16 @@ class SteadyState:
         self.told = 0
         self.results: dict[int, tuple[np.ndarray, EvalRecord]] = {}  # k -> its genome and record, once scored
         self.flight: dict[tuple[int, int], tuple[int, np.ndarray]] = {}  # (generation, index) -> k, genome
+        # (recipe hash, settings key) in flight -> the repeats of it asked meanwhile: (k, genome, job)
+        self.waiting: dict[tuple[str, str], list[tuple[int, np.ndarray, EvalJob]]] = {}
+        self.again: deque[EvalJob] = deque()  # repeats whose first copy failed: scored themselves
         self.told_records: dict[tuple[int, int], EvalRecord] = {}
-        self.items = sum(sum((r.items_scored or {}).values()) for r in search.run.records()
-                         if r.type in (RecordKind.REFERENCE, RecordKind.IRT))
+        # the generation records' item count: the candidates' items are added as they are told
+        self.items = RunHistory(search.run.records()).search_items(but=RecordKind.CANDIDATE)
         # an optimizer told per-item scores (M2N2) compares candidates item by item: one subset for all
         self.per_item = search.kind.per_item
         self.fixed_items = search.fitness.samples(0) if self.per_item else None
-        if self.per_item and not all(search.items.reusable.values()):
-            raise ConfigError(f"optimizer {search.kind.name} needs per-item scores, and task(s) "
-                              f"{', '.join(t for t, ok in search.items.reusable.items() if not ok)} "
-                              "report a metric that is not a mean over items")
+        check_per_item(search.kind, search.items.reusable)
 
     @property
     def generations(self) -> int:
@@ -62,14 +79,19 @@ class SteadyState:
 
     # ------------------------------------------------------------------ BackgroundWork
     def next(self) -> EvalJob | None:
+        if self.again:
+            return self.again.popleft()
+        if (bg := self._background()) is not None:
+            return bg
         while True:
             k = self.asked
             if not self._may_ask(k):
                 if not self.flight:
                     self._tell_upto(self.asked)  # the end: every result told
-                return self._background()
+                    return self._background()  # the last block's
+                return None
             if not self._ready(k - self.pending + 1):
-                return self._background()  # a result this ask must see is not in yet
+                return None  # a result this ask must see is not in yet
             self._tell_upto(k - self.pending + 1)
             x = self.opt.ask(1)[0]
             self.asked += 1
@@ -83,10 +105,15 @@ class SteadyState:
                 self._scored(k, x, rec)
                 continue
             job = self.s.job(RecordKind.CANDIDATE, g, i, x, 0 if self.per_item else g)
-            hit = self.s.cache.get((job.recipe.hash(), job.eval_key))
+            ck = (job.recipe.hash(), job.eval_key)
+            hit = self.s.cache.get(ck)
             if hit is not None:
                 self._scored(k, x, self.s.log(job, self.s.cached(hit), hit))
                 continue
+            if ck in self.waiting:  # its first copy is in flight: wait for that result
+                self.waiting[ck].append((k, x, job))
+                continue
+            self.waiting[ck] = []
             self.flight[(g, i)] = (k, x)
             return job
 
@@ -95,7 +122,17 @@ class SteadyState:
             self.s.background.done(job, result)
             return
         k, x = self.flight.pop((job.generation, job.index))
-        self._scored(k, x, self.s.log(job, result, None))
+        rec = self.s.log(job, result, None)
+        self._scored(k, x, rec)
+        repeats = self.waiting.pop((job.recipe.hash(), job.eval_key))
+        if rec.ok:
+            for k2, x2, job2 in repeats:
+                self._scored(k2, x2, self.s.log(job2, self.s.cached(rec), rec))
+        elif repeats:  # not reused: the first repeat is scored, the others wait for it
+            (k2, x2, job2), rest = repeats[0], repeats[1:]
+            self.waiting[(job2.recipe.hash(), job2.eval_key)] = rest
+            self.flight[(job2.generation, job2.index)] = (k2, x2)
+            self.again.append(job2)
         self.s.check_stop()
 
     def _background(self) -> EvalJob | None:
