@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from evomerge.core.errors import ConfigError
+from evomerge.execution.registry import local_factory
 from evomerge.merge.inplace import memory
 from evomerge.runs.start import plan_search, run_search
 from evomerge.search.config import SearchConfig
@@ -56,7 +57,7 @@ def test_auto_dtype_and_placement_are_the_plans_choice_at_search_start(zoo_dir, 
     f32, bf16 = _needs(zoo_dir, torch.float32), _needs(zoo_dir, torch.bfloat16)
     assert bf16 < f32
     _machine(monkeypatch, f32 if room == "float32" else f32 - 1)
-    plan = plan_search(_config(zoo_dir, tmp_path, dtype="auto"))
+    plan = plan_search(_config(zoo_dir, tmp_path, dtype="auto"), executor=local_factory())
     assert (plan.cfg.dtype, plan.cfg.placement) == want
     assert f"dtype: {want[0]}" in plan.cfg.to_yaml() and f"placement: {want[1]}" in plan.cfg.to_yaml()
     assert not (tmp_path / "run").exists()
