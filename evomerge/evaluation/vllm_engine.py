@@ -187,6 +187,18 @@ def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size
     return lm
 
 
+def close_engines() -> None:
+    """Shuts every resident engine of this process down and frees its KV cache (for a process that
+    starts engines of many models one after another: the architecture matrix's tests)."""
+    import gc
+
+    while _ENGINES:
+        _, lm = _ENGINES.popitem()
+        lm.model.llm_engine.engine_core.shutdown()
+        del lm
+    gc.collect()
+
+
 def undo_compile_decorators() -> list[str]:
     """Gives the transformers classes vLLM decorated for torch.compile their own code back.
 
