@@ -72,7 +72,7 @@ def matrix(res) -> str:
     from test_families_matrix import DEVIATIONS, GOLDENS, KINDS
 
     rows = ["| family | merges = mergekit 0.1.5 | in-place = engine | LoRA = peft | "
-            "search, resume, export, materialize | data-flow (DFS) | vLLM swap = hf |",
+            "search, resume, export, materialize | data-flow (DFS) | vLLM swap = fresh engine |",
             "|---|---|---|---|---|---|---|"]
     for f in sorted(FAMILIES):
         merge = [res["test_merge_equals_mergekit"].get(f"{f}-{k}") for k in KINDS]
@@ -106,7 +106,7 @@ def matrix(res) -> str:
         else:
             r = res["test_folded_model_equals_the_scaled_path"].get(f)
             dfs = "folds = path" if r and r[0] == "passed" else cell([r] if r else [])
-        swap = res["test_swap_scores_as_hf"].get(f)
+        swap = res["test_swap_scores_as_a_fresh_engine"].get(f)
         vcell = cell([swap]) if swap else "not run"
         rows.append(f"| {f} | {mcell} | {cell(inplace)} | {lora_cell} | {cell(search)} | {dfs} "
                     f"| {vcell} |")

@@ -12,6 +12,13 @@ Ratios are against the floor of the same backend, measured in the same run; medi
 
     python scripts/bench_eval.py --quick   # 100 items, 2 candidates, 1 repeat (about a minute after the engine)
     python scripts/bench_eval.py           # 500 items, 3 candidates, 3 repeats (a few minutes)
+    python scripts/bench_eval.py --prefix-cache [--quick]   # the vllm backend, prefix caching off/on
+
+--prefix-cache: the few-shot generation task (zoo_rev_gen_2shot) on the vllm backend, one engine
+per setting in one run: prefix caching off and on, with vLLM's CPU block (128 tokens) and with
+blocks of 32; and zoo_rev_gen with a system instruction before every prompt (a prefix all prompts
+share, as a task's fixed few-shot examples are). Per candidate: the evaluation (swap included),
+the prompt tokens read from the cache, and the ratio to the caching-off row of the same setting.
 
 Needs vLLM (pip install 'evomerge[vllm]'); threads: 1 by default.
 """
@@ -82,10 +89,61 @@ def floor_vllm(llm, batches, gen: bool) -> None:
         llm.generate([TokensPrompt(prompt_token_ids=r) for r in b], sp, use_tqdm=False)
 
 
+def ta_recipe(base: str, srcs: list[str], w: float) -> Recipe:
+    return Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+                             "models": [{"model": m, "parameters": {"weight": w}} for m in srcs]})
+
+
+INSTRUCTION = "Reverse the letters between r: and =."  # 37 tokens with BOS: one block of 32 shared
+CACHE_SETTINGS = [  # (task, block size, system instruction)
+    ("zoo_rev_gen_2shot", None, None), ("zoo_rev_gen_2shot", 32, None), ("zoo_rev_gen", 32, INSTRUCTION)]
+
+
+def prefix_cache_rows(args, base, srcs, merger, limit, weights, repeats) -> None:
+    """The vllm backend's evaluation per candidate with prefix caching off and on (one engine per
+    setting, all in this run); the cached prompt tokens counted from vLLM's request outputs."""
+    rows = []
+    for task, block, instruction in CACHE_SETTINGS:
+        off_s = {}
+        for caching in (False, True):
+            ev = VllmEvaluator([task], split="test", batch_size=args.batch_size, model_dir=srcs[0],
+                               prefix_caching=caching, block_size=block, system_instruction=instruction)
+            llm = ev.engine().model
+            torch.set_num_threads(args.threads)
+            real, cached = llm.generate, []
+
+            def generate(*a, real=real, cached=cached, **k):
+                out = real(*a, **k)
+                cached.extend(o.num_cached_tokens or 0 for o in out)
+                return out
+
+            llm.generate = generate
+            for w in weights:
+                model = merger.build(ta_recipe(base, srcs, w))
+                cached.clear()
+                secs, _ = timed(lambda ev=ev, m=model: ev.evaluate(m, limit=limit), repeats)
+                off_s.setdefault(w, secs)
+                rows.append([f"TA w={w}", task + (" + instruction" if instruction else ""), str(block or "128 (vLLM's)"),
+                             "on" if caching else "off", f"{secs:.2f}", f"{sum(cached) / max(len(cached), 1):.0f}",
+                             f"{off_s[w] / secs:.2f}x"])
+                print(*rows[-1], flush=True)
+            llm.generate = real
+    import os
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    table = Table(f"vllm backend, prefix caching off and on ({limit} test items, batch {args.batch_size}, "
+                  f"{args.threads} thread(s), median of {repeats}, load average {load})",
+                  ["candidate", "task", "block", "prefix caching", "vllm s", "cached tokens / prompt",
+                   "speed-up vs off"], rows)
+    table.print()
+    print(table.markdown())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=Path("artifacts/zoo"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--prefix-cache", action="store_true", help="only the vllm prefix caching rows")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
@@ -97,6 +155,9 @@ def main() -> int:
     srcs = [str(args.zoo / f"spec_{s}") for s in ("add", "rev", "sub")]
     base = str(args.zoo / "base")
     merger = InPlaceMerger(srcs, base, "task_arithmetic")
+    if args.prefix_cache:
+        prefix_cache_rows(args, base, srcs, merger, limit, weights, repeats)
+        return 0
     tok = load_tokenizer(args.zoo / "base")
     hf = {t: LmEvalEvaluator([t], split="test", batch_size=args.batch_size) for t in TASKS}
     t0 = time.perf_counter()
@@ -106,8 +167,7 @@ def main() -> int:
     print(f"vLLM engine start: {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for w in weights:
-        recipe = Recipe.from_dict({"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
-                                   "models": [{"model": m, "parameters": {"weight": w}} for m in srcs]})
+        recipe = ta_recipe(base, srcs, w)
         merge_s, model = timed(lambda r=recipe: merger.build(r), repeats)
         for t in TASKS:
             docs = list(hf[t].task(t).eval_docs)[:limit]

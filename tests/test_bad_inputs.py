@@ -425,6 +425,7 @@ def test_task_filter_that_does_not_compile(tiny, tmp_path, capsys, monkeypatch):
     ({"max_model_len": 1}, "evaluator.max_model_len: 1 leaves no room for a prompt: at least 2"),
     ({"max_model_len": 1_000_000_000}, "evaluator.max_model_len: 1000000000 is longer than the model's 32 positions"),
     ({"kv_cache_gib": 4000}, "evaluator.kv_cache_gib: 4000 GiB of KV cache, but this machine has"),
+    ({"block_size": 16}, "evaluator.block_size: 16 tokens, but vLLM's CPU attention takes multiples of 32 only"),
 ])
 def test_vllm_limits_against_the_model_and_the_machine(vllm_tiny, tmp_path, capsys, evaluator, message):
     pytest.importorskip("vllm")

@@ -171,3 +171,18 @@ def test_requests_built_once_score_as_freshly_built(spec, tok):
     assert rows(again) == rows(fresh.evaluate(spec["rev"], tok, samples={"zoo_add_gen": [5, 9]})["zoo_add_gen"])
     assert [r[0] for r in rows(again)] == [5, 9]
     assert rows(ev.evaluate(spec["rev"], tok, limit=4)["zoo_add_gen"]) == rows(fresh.evaluate(spec["rev"], tok, limit=4)["zoo_add_gen"])
+
+
+def test_prefix_caching_is_no_part_of_a_scores_settings_key():
+    """Prefix caching changes no score (tests/test_vllm_prefix_cache.py), so turning it off reuses
+    the cached scores; a block size given enters the key, the default one does not (runs made
+    before the option keep their keys)."""
+    from evomerge.evaluation.backends import EvaluatorConfig
+
+    on = EvaluatorConfig(backend="vllm")
+    assert on.prefix_caching is True
+    assert EvaluatorConfig(backend="vllm", prefix_caching=False).settings() == on.settings()
+    assert on.settings() == {"evaluator": {"backend": "vllm", "kv_cache_gib": 1, "max_model_len": None,
+                                           "enforce_eager": True}}
+    assert EvaluatorConfig(backend="vllm", block_size=32).settings()["evaluator"]["block_size"] == 32
+    assert EvaluatorConfig().settings() == {}

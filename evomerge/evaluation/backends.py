@@ -32,11 +32,22 @@ class EvaluatorConfig(BaseModel):
     kv_cache_gib: int = Field(1, ge=1, le=4096, description="vllm on CPU: KV cache size (GiB)")
     max_model_len: int | None = Field(None, ge=1, description="vllm: context length (default: the model's)")
     enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / compilation (faster start)")
+    prefix_caching: bool = Field(True, description="vllm: prompts of one candidate reuse the KV blocks of "
+                                 "their shared prefixes (reset at every weight swap)")
+    block_size: int | None = Field(None, ge=1, le=4096, description="vllm: KV cache block size in tokens; "
+                                   "prefix caching shares whole blocks (default: vLLM's, 128 on CPU)")
 
     def settings(self) -> dict:
         """What enters a score's settings key (the fitness cache, per-item reuse): empty for the
-        default backend, so runs made before this key existed keep their keys."""
-        return {} if self.backend == "hf" else {"evaluator": self.model_dump(mode="json")}
+        default backend, so runs made before this key existed keep their keys. Prefix caching is
+        left out (it changes no score: tests/test_vllm_prefix_cache.py), and so is a default
+        block size (runs made before the option keep their keys)."""
+        if self.backend == "hf":
+            return {}
+        dump = self.model_dump(mode="json", exclude={"prefix_caching"})
+        if dump["block_size"] is None:
+            del dump["block_size"]
+        return {"evaluator": dump}
 
 
 # gen_kwargs keys lm-eval itself reads before the backend sees the rest (lm_eval.models.utils.
@@ -101,7 +112,8 @@ def memory_gib() -> float:
 def check_vllm_limits(cfg: EvaluatorConfig, model_config: dict, device: str, *, min_len: int = 2) -> None:
     """The vllm settings against the model and the machine, before an engine starts: a context
     longer than the model's positions, one too short for any prompt (``min_len``: the generation
-    tasks' token budget + 1), a CPU KV cache larger than the machine's memory."""
+    tasks' token budget + 1), a CPU KV cache larger than the machine's memory, a KV block size
+    vLLM's CPU attention does not take."""
     if cfg.backend != "vllm":
         return
     if cfg.max_model_len is not None:
@@ -115,6 +127,12 @@ def check_vllm_limits(cfg: EvaluatorConfig, model_config: dict, device: str, *, 
             raise ConfigError(f"evaluator.max_model_len: {cfg.max_model_len} leaves no room for a prompt: at "
                               f"least {min_len} (the tokens a generation task may generate, plus one)")
     if not device.startswith("cuda"):
+        from evomerge.evaluation.vllm_engine import cpu_block_multiple
+
+        multiple = cpu_block_multiple() if cfg.block_size is not None else None
+        if multiple and cfg.block_size % multiple:
+            raise ConfigError(f"evaluator.block_size: {cfg.block_size} tokens, but vLLM's CPU attention takes "
+                              f"multiples of {multiple} only; give {multiple}, {2 * multiple}, ... or leave it out")
         total = memory_gib()
         if cfg.kv_cache_gib >= total:
             raise ConfigError(f"evaluator.kv_cache_gib: {cfg.kv_cache_gib} GiB of KV cache, but this machine "
@@ -136,7 +154,8 @@ def make_evaluator(cfg: EvaluatorConfig | None, task: TaskConfig, *, split: str 
     if model_dir is None:
         raise ValueError("the vllm backend needs a model folder to start its engine from")
     return VllmEvaluator([task.name], model_dir=model_dir, dtype=dtype, max_model_len=cfg.max_model_len,
-                         kv_cache_gib=cfg.kv_cache_gib, enforce_eager=cfg.enforce_eager, **kwargs)
+                         kv_cache_gib=cfg.kv_cache_gib, enforce_eager=cfg.enforce_eager,
+                         prefix_caching=cfg.prefix_caching, block_size=cfg.block_size, **kwargs)
 
 
 def evaluate_folder(model_dir: str | Path, tasks: list[str], *, backend: str = "hf", **kwargs):

@@ -12,8 +12,14 @@ weights_iterator=..., is_checkpoint_format=True)`` (vllm/model_executor/model_lo
 the checkpoint-format (Hugging Face) names and shapes are loaded by the model's ``load_weights``
 (which fuses q/k/v and gate/up) and then each layer's post-load processing runs again (the CPU
 backend repacks linear weights after loading, which is why a plain ``load_weights`` into the
-running model fails there). After every swap the prefix cache is reset, and the engine is built
-with prefix caching off: no KV block computed with one candidate's weights serves the next.
+running model fails there).
+
+Prefix caching (on by default, ``prefix_caching``): within a candidate, prompts that share whole
+KV blocks (``block_size`` tokens: a task's fixed few-shot examples) reuse the blocks computed
+first. Every swap resets the cache (``reset_prefix_cache``), so no block computed with one
+candidate's weights serves the next: two candidates in a row score as each alone
+(tests/test_vllm_prefix_cache.py). vLLM never reads the cache for a loglikelihood request
+(``prompt_logprobs``); only generation tasks gain.
 """
 
 from __future__ import annotations
@@ -99,8 +105,8 @@ def _quiet_vllm_class():
     return SameAnswers
 
 
-def _cpu_head_sizes() -> list[int] | None:
-    """The head sizes vLLM's CPU attention runs (None: not vLLM's CPU build, or no vLLM)."""
+def _cpu_attention():
+    """vLLM's CPU attention backend class (None: not vLLM's CPU build, or no vLLM)."""
     try:
         from vllm.platforms import current_platform
         if not current_platform.is_cpu():
@@ -108,7 +114,21 @@ def _cpu_head_sizes() -> list[int] | None:
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
     except Exception:  # noqa: BLE001 - no vLLM here: vllm_available() says why, elsewhere
         return None
-    return list(CPUAttentionBackend.get_supported_head_sizes())
+    return CPUAttentionBackend
+
+
+def _cpu_head_sizes() -> list[int] | None:
+    """The head sizes vLLM's CPU attention runs (None: not vLLM's CPU build, or no vLLM)."""
+    backend = _cpu_attention()
+    return None if backend is None else list(backend.get_supported_head_sizes())
+
+
+def cpu_block_multiple() -> int | None:
+    """The multiple of which vLLM's CPU attention takes KV block sizes (None: not vLLM's CPU build;
+    vLLM 0.32 says ``[MultipleOf(32)]``)."""
+    backend = _cpu_attention()
+    sizes = [] if backend is None else backend.get_supported_kernel_block_sizes()
+    return next((s.base for s in sizes if hasattr(s, "base")), None)
 
 
 def engine_folder_problem(model_dir: str | Path) -> str | None:
@@ -137,9 +157,12 @@ def engine_folder_problem(model_dir: str | Path) -> str | None:
 
 def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size: int = 32,
                     max_model_len: int | None = None, kv_cache_gib: int = 1, seed: int = 1234,
-                    enforce_eager: bool = True, trust_remote_code: bool = False):
-    """lm-eval's ``VLLM`` LM over an engine started once per process with these settings."""
-    key = (str(Path(model_dir).resolve()), dtype, batch_size, max_model_len, kv_cache_gib, seed, enforce_eager)
+                    enforce_eager: bool = True, prefix_caching: bool = True, block_size: int | None = None,
+                    trust_remote_code: bool = False):
+    """lm-eval's ``VLLM`` LM over an engine started once per process with these settings
+    (``block_size``: KV block size in tokens, None: vLLM's, 128 on CPU)."""
+    key = (str(Path(model_dir).resolve()), dtype, batch_size, max_model_len, kv_cache_gib, seed, enforce_eager,
+           prefix_caching, block_size)
     if key in _ENGINES:
         return _ENGINES[key]
     if reason := vllm_available():
@@ -151,16 +174,29 @@ def resident_engine(model_dir: str | Path, *, dtype: str = "float32", batch_size
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # CPU backend only (GiB)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the cores with the rest
     threads = torch.get_num_threads()
+    extra = {} if block_size is None else {"block_size": block_size}
     try:
         lm = _quiet_vllm_class()(pretrained=str(model_dir), dtype=dtype, batch_size=batch_size,
                                  max_model_len=max_model_len, seed=seed, trust_remote_code=trust_remote_code,
-                                 enable_prefix_caching=False, enforce_eager=enforce_eager,
-                                 max_num_seqs=batch_size)
+                                 enable_prefix_caching=prefix_caching, enforce_eager=enforce_eager,
+                                 max_num_seqs=batch_size, **extra)
     finally:
         torch.set_num_threads(threads)  # vLLM's CPU worker resets the process's torch threads
         undo_compile_decorators()
     _ENGINES[key] = lm
     return lm
+
+
+def close_engines() -> None:
+    """Shuts every resident engine of this process down and frees its KV cache (for a process that
+    starts engines of many models one after another: the architecture matrix's tests)."""
+    import gc
+
+    while _ENGINES:
+        _, lm = _ENGINES.popitem()
+        lm.model.llm_engine.engine_core.shutdown()
+        del lm
+    gc.collect()
 
 
 def undo_compile_decorators() -> list[str]:
@@ -209,14 +245,21 @@ def swap_weights(lm, weights: dict[str, torch.Tensor]) -> None:
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
     lm.model.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
                                                       "is_checkpoint_format": True})
-    lm.model.reset_prefix_cache()
+    reset_prefix_cache(lm)
     lm.evomerge_swapped = True
+
+
+def reset_prefix_cache(lm) -> None:
+    """Drops every cached KV block (they hold the previous weights' keys and values); vLLM refuses
+    while requests run, which between two evaluations none do."""
+    if not lm.model.reset_prefix_cache():
+        raise RuntimeError("vLLM did not reset its prefix cache after a weight swap (requests still running)")
 
 
 def restore_folder_weights(lm) -> None:
     """Puts the weights of the folder the engine was started from back (vLLM's reload from disk)."""
     lm.model.collective_rpc("reload_weights", kwargs={"is_checkpoint_format": True})
-    lm.model.reset_prefix_cache()
+    reset_prefix_cache(lm)
     lm.evomerge_swapped = False
 
 
@@ -226,13 +269,14 @@ class VllmEvaluator(LmEvalEvaluator):
 
     def __init__(self, tasks: Sequence[str], *, model_dir: str | Path, dtype: str = "float32",
                  max_model_len: int | None = None, kv_cache_gib: int = 1, enforce_eager: bool = True,
-                 **kwargs):
+                 prefix_caching: bool = True, block_size: int | None = None, **kwargs):
         if problem := engine_folder_problem(model_dir):  # before any run folder or weights
             raise ConfigError(f"evaluator backend 'vllm': {problem}")
         super().__init__(tasks, **kwargs)
         self.engine_args = dict(model_dir=model_dir, dtype=dtype, batch_size=self.batch_size,
                                 max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                                enforce_eager=enforce_eager)
+                                enforce_eager=enforce_eager, prefix_caching=prefix_caching,
+                                block_size=block_size)
         self.swap_s = 0.0
 
     def engine(self):
