@@ -133,8 +133,8 @@ def main() -> int:
     import ray
 
     from evomerge.execution import ExecutorKind
+    from evomerge.execution.factory import Factory
     from evomerge.execution.ray import RayExecutor
-    from evomerge.execution.registry import Factory
     from evomerge.models.sources import load_source
     from evomerge.runs.folder import RunFolder, history
     from evomerge.runs.start import run_search

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import yaml
 from test_bad_inputs import run_cli, search_config, write_yaml
-from test_racing import Crash, FakeExecutor, fake_config
-from test_steady import Pipelined, search
+from test_racing import FakeExecutor, fake_config
+from test_steady import Pipelined, killed_and_resumed, search
 
 from evomerge.models.sources import load_source
 from evomerge.recipes.mergekit import mergekit_yaml
 from evomerge.recipes.parameter_space import evaluate_setting
-from evomerge.runs.folder import LOG, RunFolder, history
+from evomerge.runs.folder import RunFolder, history
 from evomerge.search.codecs.parameter import Codec
 from evomerge.search.optimizers.m2n2 import (
     M2N2,
@@ -234,13 +234,7 @@ def test_an_m2n2_search_killed_and_resumed_equals_uninterrupted(zoo_dir, tmp_pat
     search(fake_config(zoo_dir, tmp_path, "ref", **M2N2_CFG), executor)
     expected = history(RunFolder.open(tmp_path / "ref").records())
     cfg = fake_config(zoo_dir, tmp_path, "run", **M2N2_CFG)
-    for crash in (2, 5, 1, 4):  # killed four times mid-block
-        with pytest.raises(Crash):
-            search(cfg, executor, crash_after=crash,
-                   **({"resume": True, "run_dir": tmp_path / "run"} if (tmp_path / "run" / LOG).is_file() else {}))
-        cfg = None
-    search(None, executor, resume=True, run_dir=tmp_path / "run")
-    got = RunFolder.open(tmp_path / "run").records()
+    got = killed_and_resumed(cfg, tmp_path / "run", executor, (2, 5, 1, 4))  # killed four times mid-block
     keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
     assert len(keys) == len(set(keys)) == 16
     assert history(got) == expected

@@ -168,16 +168,22 @@ def test_no_ray_process_outlives_a_killed_search(zoo_dir, tmp_path, target):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_racing_on_two_workers_equals_in_process(zoo_dir, local_ray, tmp_path):
-    # racing's stages are batches of their own; per-item scores come back from the workers and are
-    # reused by the next stage, and the background re-scoring ranks by the race's told values
-    cfg = tiny_config(zoo_dir, tasks=[{"name": "zoo_rev", "metric": "acc"}],
-                      racing={"stages": [4, 8, 16], "keep": 0.5})
+def on_two_workers_and_in_process(cfg: dict, tmp_path, local_ray) -> list:
+    """Runs ``cfg`` on 2 Ray workers and in-process; asserts the same history; the Ray run's records."""
     run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "ray2", quiet=True, workers=2)
     local_ray.update(worker_pids(tmp_path / "ray2"))
     run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "local", quiet=True, workers=0)
     got = RunFolder.open(tmp_path / "ray2").records()
     assert history(got) == history(RunFolder.open(tmp_path / "local").records())
+    return got
+
+
+def test_racing_on_two_workers_equals_in_process(zoo_dir, local_ray, tmp_path):
+    # racing's stages are batches of their own; per-item scores come back from the workers and are
+    # reused by the next stage, and the background re-scoring ranks by the race's told values
+    cfg = tiny_config(zoo_dir, tasks=[{"name": "zoo_rev", "metric": "acc"}],
+                      racing={"stages": [4, 8, 16], "keep": 0.5})
+    got = on_two_workers_and_in_process(cfg, tmp_path, local_ray)
     stages = [r for r in got if r.type == "candidate"]
     assert {r.stage for r in stages} == {0, 1, 2}
     # stage 1 scored only the 4 items that stage 0 had not
@@ -190,11 +196,7 @@ def test_m2n2_on_two_workers_equals_in_process(zoo_dir, local_ray, tmp_path):
     cfg = tiny_config(zoo_dir, tasks=[{"name": "zoo_rev", "metric": "acc", "limit": 16},
                                       {"name": "zoo_add", "metric": "acc", "limit": 16}],
                       optimizer={"name": "m2n2", "popsize": 4, "m2n2": {"archive_size": 4}}, racing=None)
-    run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "ray2", quiet=True, workers=2)
-    local_ray.update(worker_pids(tmp_path / "ray2"))
-    run_search(SearchConfig.from_dict(cfg), run_dir=tmp_path / "local", quiet=True, workers=0)
-    got = RunFolder.open(tmp_path / "ray2").records()
-    assert history(got) == history(RunFolder.open(tmp_path / "local").records())
+    got = on_two_workers_and_in_process(cfg, tmp_path, local_ray)
     cands = [r for r in got if r.type == "candidate"]
     assert len(cands) == 8 and {r.worker.split("@")[0] for r in cands} == {"w0", "w1"}
     assert len({r.eval_key for r in cands}) == 1  # one item subset for every candidate

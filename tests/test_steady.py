@@ -50,6 +50,19 @@ def search(cfg, executor=FakeExecutor, crash_after=None, **kw):
     return run_search(cfg, quiet=True, executor_factory=in_process(executor), **kw)
 
 
+def killed_and_resumed(cfg, run_dir, executor, crashes, check=lambda records: None) -> list:
+    """Runs ``cfg`` in ``run_dir``, killed after each of ``crashes`` jobs (``check`` then reads the
+    log), each time resumed; then resumed to the end. Returns the log's records."""
+    for crash in crashes:
+        with pytest.raises(Crash):
+            search(cfg, executor, crash_after=crash,
+                   **({"resume": True, "run_dir": run_dir} if (run_dir / LOG).is_file() else {}))
+        cfg = None
+        check(RunFolder.open(run_dir).records())
+    search(None, executor, resume=True, run_dir=run_dir)
+    return RunFolder.open(run_dir).records()
+
+
 def test_a_steady_state_search_draws_random_searchs_genomes_one_at_a_time(zoo_dir, tmp_path, monkeypatch):
     from evomerge.search.optimizers.random_search import SteadyRandomSearch
 
@@ -90,14 +103,11 @@ def test_a_steady_state_search_killed_and_resumed_equals_uninterrupted(zoo_dir, 
     search(fake_config(zoo_dir, tmp_path, "ref", **STEADY), executor)
     expected = history(RunFolder.open(tmp_path / "ref").records())
     cfg = fake_config(zoo_dir, tmp_path, "run", **STEADY)
-    for crash in (2, 3, 1, 4, 2):  # killed five times, mid-block (jobs done in each session; 14 in all)
-        with pytest.raises(Crash):
-            search(cfg, executor, crash_after=crash,
-                   **({"resume": True, "run_dir": tmp_path / "run"} if (tmp_path / "run" / LOG).is_file() else {}))
-        cfg = None
-        assert not any(r.type == "final" for r in RunFolder.open(tmp_path / "run").records())
-    search(None, executor, resume=True, run_dir=tmp_path / "run")
-    got = RunFolder.open(tmp_path / "run").records()
+    def unfinished(records):
+        assert not any(r.type == "final" for r in records)
+
+    # killed five times, mid-block (jobs done in each session; 14 in all)
+    got = killed_and_resumed(cfg, tmp_path / "run", executor, (2, 3, 1, 4, 2), check=unfinished)
     keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
     assert len(keys) == len(set(keys)) == 12  # none lost, none scored twice
     assert history(got) == expected
@@ -145,13 +155,7 @@ def test_a_recipe_repeated_while_its_first_copy_is_in_flight_is_scored_once(zoo_
     # killed with repeats waiting, then resumed: the same history
     Pipelined.slots = 3
     cfg = fake_config(zoo_dir, tmp_path, "run", **STEADY)
-    for crash in (3, 1, 2):
-        with pytest.raises(Crash):
-            search(cfg, Counting, crash_after=crash,
-                   **({"resume": True, "run_dir": tmp_path / "run"} if (tmp_path / "run" / LOG).is_file() else {}))
-        cfg = None
-    search(None, Counting, resume=True, run_dir=tmp_path / "run")
-    assert history(RunFolder.open(tmp_path / "run").records()) == expected
+    assert history(killed_and_resumed(cfg, tmp_path / "run", Counting, (3, 1, 2))) == expected
 
 
 class Recording(Pipelined):

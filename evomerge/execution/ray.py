@@ -33,9 +33,9 @@ import torch
 
 from evomerge.core.errors import ConfigError, ExecutionError
 from evomerge.evaluation.trial import TrialResult
-from evomerge.execution import SOURCES
+from evomerge.execution import SOURCES, ExecutorKind
+from evomerge.execution.factory import Factory
 from evomerge.execution.local import run_job
-from evomerge.execution.registry import ExecutorKind, Factory
 from evomerge.execution.sources import ShippedSources, remove_local
 from evomerge.execution.sources import fetch as fetch_sources
 from evomerge.execution.sources import ship as ship_sources

@@ -9,32 +9,11 @@ exists: its kind's ``uses_ray`` (background work defaults on with Ray workers), 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from evomerge.core.errors import ConfigError
 from evomerge.execution import EXECUTOR_NAMES, EXECUTORS, ExecutorKind
+from evomerge.execution.factory import Factory
 from evomerge.search.jobs import Executor
-
-
-def _no_check(cfg) -> None:
-    pass
-
-
-@dataclass(frozen=True)
-class Factory:
-    """An `ExecutorFactory` of a registered kind: ``make(cfg, fitness, tokenizer)`` builds the
-    executor, ``check(cfg)`` is its own check before a run folder is written."""
-
-    kind: ExecutorKind
-    make: Callable[..., Executor]
-    check: Callable[..., None] = _no_check
-
-    @property
-    def uses_ray(self) -> bool:
-        return EXECUTORS[self.kind].uses_ray
-
-    def __call__(self, cfg, fitness, tokenizer) -> Executor:
-        return self.make(cfg, fitness, tokenizer)
 
 
 def default_builder(cfg):

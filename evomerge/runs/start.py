@@ -163,9 +163,7 @@ def plan_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, 
         return _plan_resume(cfg, run_dir, study_storage, executor)
     if cfg is None:
         raise ConfigError("a config is needed to start a search")
-    # dtype/placement auto: decided here (by the sources' headers), frozen with the run
-    cfg = with_memory_plan(with_mirror_settings(cfg, None, study_storage))
-    evaluators = _checked(cfg, executor)
+    cfg, evaluators = _checked(with_mirror_settings(cfg, None, study_storage), executor)
     cfg = with_base_scores(cfg, evaluators)  # floors at the base's scores: measured once, frozen
     if cfg.background is None:  # decided once, frozen with the run: on with Ray workers
         cfg = cfg.model_copy(update={"background": executor.uses_ray})
@@ -173,11 +171,13 @@ def plan_search(cfg: SearchConfig | None, *, run_dir: str | Path | None = None, 
     return SearchPlan(cfg, evaluators, Path(run_dir or cfg.run_dir or default_run_dir(config_path)))
 
 
-def _checked(cfg: SearchConfig, executor: ExecutorFactory) -> dict:
-    """The checks of every plan, new or resumed; returns the task evaluators."""
+def _checked(cfg: SearchConfig, executor: ExecutorFactory) -> tuple[SearchConfig, dict]:
+    """The checks of every plan, new or resumed; returns the config with its memory plan (dtype and
+    placement auto: decided by the sources' headers, then frozen with the run) and the evaluators."""
     check_mirrors(cfg)
     executor.check(cfg)
-    return validate(cfg)
+    cfg = with_memory_plan(cfg)
+    return cfg, validate(cfg)
 
 
 def _plan_resume(cfg: SearchConfig | None, run_dir, study_storage: str | None,
@@ -187,7 +187,7 @@ def _plan_resume(cfg: SearchConfig | None, run_dir, study_storage: str | None,
     run = RunFolder.open(run_dir)
     frozen, rewrite = migrated(load_frozen(run))  # earlier run-folder formats (runs/migrate.py)
     resumed = resumed_config(frozen, cfg, run, study_storage)
-    evaluators = _checked(resumed, executor)
+    resumed, evaluators = _checked(resumed, executor)
     check_tasks_unchanged(run, evaluators)
     check_sources_unchanged(run.path, resumed, "resume")
     return SearchPlan(resumed, evaluators, run.path, resume=True, rewrite_config=rewrite or resumed != frozen,
