@@ -54,6 +54,11 @@ def _diff_keys(a, b, prefix="") -> list[str]:
 def validate(cfg: SearchConfig):
     """Every check that needs no weights: sources' configs, tasks and metrics, codec sizes."""
     check_sources(cfg)
+    return check_evaluation(cfg)
+
+
+def check_evaluation(cfg: SearchConfig):
+    """The tasks and metrics, the IRT anchors and what the optimizer needs of them; the evaluators."""
     evaluators = check_tasks(cfg)
     check_anchors(cfg, evaluators)
     check_per_item(optimizers.kind(cfg.optimizer.name), per_item_means(cfg.tasks, evaluators))
@@ -176,8 +181,9 @@ def _checked(cfg: SearchConfig, executor: ExecutorFactory) -> tuple[SearchConfig
     placement auto: decided by the sources' headers, then frozen with the run) and the evaluators."""
     check_mirrors(cfg)
     executor.check(cfg)
+    check_sources(cfg)  # the memory plan reads the sources' headers: their own errors first
     cfg = with_memory_plan(cfg)
-    return cfg, validate(cfg)
+    return cfg, check_evaluation(cfg)
 
 
 def _plan_resume(cfg: SearchConfig | None, run_dir, study_storage: str | None,

@@ -8,19 +8,18 @@ from evomerge.core.errors import ConfigError
 from evomerge.merge.engine import _dtype_name
 from evomerge.merge.inplace.memory import auto_plan
 from evomerge.search.config import SearchConfig
-from evomerge.search.validation import check_sources
 
 AUTO = "auto"
 
 
 def with_memory_plan(cfg: SearchConfig) -> SearchConfig:
-    """`cfg` with its open (auto) dtype and placement chosen; ConfigError when nothing fits."""
+    """`cfg` with its open (auto) dtype and placement chosen; ConfigError when nothing fits. The
+    plan reads the sources' headers: the caller has checked the sources (validation.check_sources)."""
     if AUTO not in (cfg.dtype, cfg.placement):
         return cfg
     if cfg.is_dfs:  # a layer path is built layer by layer, not held as task vectors: no plan
         return cfg.model_copy(update={k: v for k, v in (("dtype", "float32"), ("placement", "resident"))
                                       if getattr(cfg, k) == AUTO})
-    check_sources(cfg)  # the plan reads the sources' headers: their own errors first
     try:
         plan = auto_plan(cfg.models, cfg.base_model, cfg.space.method, device=cfg.device,
                          dtype=None if cfg.dtype == AUTO else cfg.dtype,
