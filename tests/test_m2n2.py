@@ -12,7 +12,7 @@ import pytest
 import yaml
 from test_bad_inputs import run_cli, search_config, write_yaml
 from test_racing import FakeExecutor, fake_config
-from test_steady import Pipelined, killed_and_resumed, search
+from test_steady import Pipelined, check_killed_and_resumed, search
 
 from evomerge.models.sources import load_source
 from evomerge.recipes.mergekit import mergekit_yaml
@@ -231,13 +231,7 @@ def test_a_pipelined_m2n2_search_has_the_history_of_an_in_process_one(zoo_dir, t
 @pytest.mark.parametrize("executor", [FakeExecutor, Pipelined], ids=["in-process", "pipelined"])
 def test_an_m2n2_search_killed_and_resumed_equals_uninterrupted(zoo_dir, tmp_path, executor):
     Pipelined.slots = 2
-    search(fake_config(zoo_dir, tmp_path, "ref", **M2N2_CFG), executor)
-    expected = history(RunFolder.open(tmp_path / "ref").records())
-    cfg = fake_config(zoo_dir, tmp_path, "run", **M2N2_CFG)
-    got = killed_and_resumed(cfg, tmp_path / "run", executor, (2, 5, 1, 4))  # killed four times mid-block
-    keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
-    assert len(keys) == len(set(keys)) == 16
-    assert history(got) == expected
+    check_killed_and_resumed(zoo_dir, tmp_path, executor, M2N2_CFG, (2, 5, 1, 4), candidates=16)  # mid-block
 
 
 def test_a_frozen_m2n2_config_round_trips(zoo_dir, tmp_path):

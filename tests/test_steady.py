@@ -97,20 +97,27 @@ def test_a_pipelined_steady_state_search_has_the_history_of_an_in_process_one(zo
         assert history(records) == expected
 
 
-@pytest.mark.parametrize("executor", [FakeExecutor, Pipelined], ids=["in-process", "pipelined"])
-def test_a_steady_state_search_killed_and_resumed_equals_uninterrupted(zoo_dir, tmp_path, executor):
-    Pipelined.slots = 3
-    search(fake_config(zoo_dir, tmp_path, "ref", **STEADY), executor)
+def check_killed_and_resumed(zoo_dir, tmp_path, executor, over: dict, crashes, candidates: int) -> None:
+    """A search of ``over`` killed after each of ``crashes`` jobs (never finished meanwhile), then
+    resumed, has the uninterrupted run's history: every one of ``candidates`` logged once."""
+    search(fake_config(zoo_dir, tmp_path, "ref", **over), executor)
     expected = history(RunFolder.open(tmp_path / "ref").records())
-    cfg = fake_config(zoo_dir, tmp_path, "run", **STEADY)
+
     def unfinished(records):
         assert not any(r.type == "final" for r in records)
 
-    # killed five times, mid-block (jobs done in each session; 14 in all)
-    got = killed_and_resumed(cfg, tmp_path / "run", executor, (2, 3, 1, 4, 2), check=unfinished)
+    got = killed_and_resumed(fake_config(zoo_dir, tmp_path, "run", **over), tmp_path / "run", executor, crashes,
+                             check=unfinished)
     keys = [(r.generation, r.index) for r in got if r.type == "candidate"]
-    assert len(keys) == len(set(keys)) == 12  # none lost, none scored twice
+    assert len(keys) == len(set(keys)) == candidates  # none lost, none scored twice
     assert history(got) == expected
+
+
+@pytest.mark.parametrize("executor", [FakeExecutor, Pipelined], ids=["in-process", "pipelined"])
+def test_a_steady_state_search_killed_and_resumed_equals_uninterrupted(zoo_dir, tmp_path, executor):
+    Pipelined.slots = 3
+    # killed five times, mid-block (jobs done in each session; 14 in all)
+    check_killed_and_resumed(zoo_dir, tmp_path, executor, STEADY, (2, 3, 1, 4, 2), candidates=12)
 
 
 def _asked_twice(monkeypatch):
