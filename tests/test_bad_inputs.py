@@ -608,6 +608,30 @@ def test_a_changed_adapter_config_is_refused_by_materialize_and_resume(lora_run,
         config.write_text(before)
 
 
+def test_materialize_hashes_each_source_file_once(lora_run, tmp_path, capsys, monkeypatch):
+    """The check against sources.json hashes every source file; the card reuses those hashes
+    instead of reading the sources a second time beside the merge."""
+    from evomerge.merge import card
+    from evomerge.models import fingerprint
+
+    hashed: list[Path] = []
+    sha256_file = fingerprint.sha256_file
+
+    def counting(path, stop=None):
+        hashed.append(Path(path))
+        return sha256_file(path, stop)
+
+    monkeypatch.setattr(fingerprint, "sha256_file", counting)
+    monkeypatch.setattr(card, "sha256_file", counting)
+    rc, _, _ = run_cli(capsys, "materialize", lora_run["run"], "--out", tmp_path / "m", "--no-test")
+    monkeypatch.undo()
+    recorded = {Path(f): h for files in json.loads((lora_run["run"] / "sources.json").read_text()).values()
+                for f, h in files.items()}
+    assert rc == 0 and sorted(hashed) == sorted(recorded)  # each once
+    text = (tmp_path / "m" / "README.md").read_text()
+    assert all(f"| {f.name} | `{h}` |" in text for f, h in recorded.items())
+
+
 def test_a_changed_tokenizer_is_refused_by_resume(lora_run, tiny, capsys):
     tok = tiny["base"] / "tokenizer_config.json"
     before = tok.read_text()

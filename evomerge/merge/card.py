@@ -34,11 +34,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def source_hashes(plan: MergePlan, stop: Event | None = None) -> dict[Path, str]:
+def source_hashes(plan: MergePlan, stop: Event | None = None,
+                  known: Mapping[Path, str] | None = None) -> dict[Path, str]:
     """sha256 of every source's meaning files (the card's table: weights, config, tokenizer,
-    adapter_config.json), each file hashed once; cut short (empty hashes) once `stop` is set."""
+    adapter_config.json), each file hashed once; cut short (empty hashes) once `stop` is set.
+    `known`: hashes this process computed already (a materialize's check against the run's
+    sources.json), taken as they are; any other file is hashed."""
+    known = known or {}
     files = dict.fromkeys(f for source in plan.sources.values() for f in meaning_files(source))
-    return {f: sha256_file(f, stop) for f in files}
+    return {f: known[f] if f in known else sha256_file(f, stop) for f in files}
 
 
 def model_card(plan: MergePlan, hashes: Mapping[Path, str] | None = None) -> str:

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -168,8 +168,12 @@ def _json_bytes(data: Any) -> bytes:
 def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
                        device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                        force: bool = False, allow_pickle: bool = False,
-                       max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+                       max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                       known_hashes: Mapping[Path, str] | None = None) -> Path:
     """Merge and write a Hugging Face folder; returns its path.
+
+    `known_hashes`: sources' file hashes the caller computed already (materialize checks them
+    against the run folder's record), used in the card instead of hashing those files again.
 
     The folder is built under a temporary sibling name, fsynced and renamed into place when
     complete. An existing `out_dir` is refused unless `force`; with `force` it is replaced only
@@ -190,7 +194,7 @@ def write_merged_model(recipe: Recipe, out_dir: str | os.PathLike, *,
     # GIL): they would otherwise read every source a second time after it.
     hashing, stop = ThreadPoolExecutor(1, thread_name_prefix="evomerge-sha256"), Event()
     try:
-        hashes = hashing.submit(source_hashes, plan, stop)
+        hashes = hashing.submit(source_hashes, plan, stop, known_hashes)
         _write_shards(plan, tmp, max_shard_size, device=device, dtype=dtype)
         write_durable(tmp / "config.json", _json_bytes(plan.out_config))
         _copy_extras(plan, tmp)

@@ -40,6 +40,13 @@ def meaning_files(source: SourceModel) -> tuple[Path, ...]:
     return (*source.weight_files, *extra)
 
 
-def file_hashes(source: SourceModel) -> dict[str, str]:
-    """sha256 of each of ``source``'s meaning files, keyed by path."""
-    return {str(p): sha256_file(p) for p in meaning_files(source)}
+def file_hashes(source: SourceModel, seen: dict[Path, str] | None = None) -> dict[str, str]:
+    """sha256 of each of ``source``'s meaning files, keyed by path. ``seen``: the hashes of
+    files read already (filled here), so that a file several sources share (a base under its
+    LoRA adapters) is read once."""
+    seen = {} if seen is None else seen
+    files = meaning_files(source)
+    for p in files:
+        if p not in seen:
+            seen[p] = sha256_file(p)
+    return {str(p): seen[p] for p in files}

@@ -69,14 +69,15 @@ def materialize(run_dir: str | Path, out: str | Path, *, rank: int = 1, dtype: s
         raise UsageError(f"{out} exists; pass --force to replace it")
     recipe, record = recipe_from_run(run_dir, rank)
     cfg = SearchConfig.from_dict(RunFolder.open(run_dir).config_dict())
-    check_sources_unchanged(run_dir, cfg, "materialize")
+    hashes = check_sources_unchanged(run_dir, cfg, "materialize")
     dtype = dtype or getattr(recipe, "dtype", None) or cfg.dtype
     remove_stale_staging(out.parent)
     staging = out.parent / f"{STAGING_PREFIX.format(name=out.name)}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         # a parameter-space recipe through the merge writer; a layer path folded into a plain model
-        write_model(recipe, staging, device=device, dtype=dtype, force=True, allow_pickle=cfg.allow_pickle)
+        write_model(recipe, staging, device=device, dtype=dtype, force=True, allow_pickle=cfg.allow_pickle,
+                    known_hashes=hashes)
         test: dict[str, dict[str, float]] = {}
         if score_test:
             model = load_causal_lm(staging, device=device, dtype=dtype)

@@ -27,8 +27,9 @@ def named_sources(cfg: SearchConfig) -> list[tuple[str, str]]:
 
 
 def source_hashes(cfg: SearchConfig) -> dict[str, dict[str, str]]:
-    """source name -> {file path: sha256}."""
-    return {name: file_hashes(load_source(name, base=cfg.base_model, allow_pickle=cfg.allow_pickle))
+    """source name -> {file path: sha256}; a file several sources share is read once."""
+    seen: dict[Path, str] = {}
+    return {name: file_hashes(load_source(name, base=cfg.base_model, allow_pickle=cfg.allow_pickle), seen)
             for _, name in named_sources(cfg)}
 
 
@@ -36,12 +37,14 @@ def record_sources(run, cfg: SearchConfig) -> None:
     run.write_json(SOURCES, source_hashes(cfg))
 
 
-def check_sources_unchanged(run_dir: str | Path, cfg: SearchConfig, what: str) -> None:
+def check_sources_unchanged(run_dir: str | Path, cfg: SearchConfig, what: str) -> dict[Path, str]:
     """Refuses (``what``: "resume", "materialize") when a source's files differ from those the
-    search started with, naming the source and the file."""
+    search started with, naming the source and the file. Returns the hashes it just computed
+    (file -> sha256; empty for a run folder without sources.json), so that a materialize's card
+    does not read every source a second time."""
     path = Path(run_dir) / SOURCES
     if not path.is_file():
-        return
+        return {}
     then = json.loads(path.read_text())
     now = source_hashes(cfg)
     for field, name in named_sources(cfg):
@@ -54,6 +57,7 @@ def check_sources_unchanged(run_dir: str | Path, cfg: SearchConfig, what: str) -
             raise RunFolderError(f"cannot {what} {run_dir}: source {field} {name!r} is not the one the search scored: "
                                  f"{files} since the search started; its fitness describes the old files: put them "
                                  "back, or start a new search on the new ones")
+    return {Path(f): h for files in now.values() for f, h in files.items()}
 
 
 def _state(f: str, old: dict, new: dict) -> str:
