@@ -256,5 +256,5 @@ def refine(codec: Codec, genome: np.ndarray, model: torch.nn.Module, tokenizer, 
         opt.step()
         with torch.no_grad():
             r.theta.clamp_(0.0, 1.0)  # the cube: the genome stays one the codec decodes
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return RefineResult(r.genome(), r.start, r.genes, start_loss, full_loss(), losses)
