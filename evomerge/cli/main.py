@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from evomerge.cli.dashboard import add_parsers as add_dashboard_parsers
 from evomerge.cli.merge import add_parser as add_merge_parser
+from evomerge.cli.refine import add_parser as add_refine_parser
 from evomerge.core.env import quiet_libraries
 from evomerge.core.errors import EvomergeError, UsageError
 from evomerge.evaluation import BACKENDS
@@ -435,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_export(sub)
     _add_materialize(sub)
+    add_refine_parser(sub)
     add_dashboard_parsers(sub)
     return parser
 

@@ -307,6 +307,55 @@ class LmEvalEvaluator:
         return results
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One item's prompt and its reference answer as token ids, split as lm-eval's
+    loglikelihood splits them (``_encode_pair``): what a training objective reads (search/refine)."""
+
+    task: str
+    doc: int
+    context: tuple[int, ...]
+    answer: tuple[int, ...]
+
+
+def answers(evaluator: LmEvalEvaluator, model: torch.nn.Module, tokenizer, samples: dict[str, list[int] | None]
+            ) -> list[Answer]:
+    """The items' prompts (the task's templates and few-shot examples, as scored) and reference
+    answers: a loglikelihood task's continuation, a multiple-choice task's correct choice, a
+    generation task's target after its delimiter."""
+    lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=evaluator.batch_size,
+                       device=str(model.device))
+    if evaluator.prompt_options["apply_chat_template"]:
+        raise ConfigError("refine: tasks with a chat template are not supported (their prompts "
+                          "are built per model)")
+    out = []
+    for name, idx in samples.items():
+        task = evaluator.task(name)
+        docs = list(range(len(task.eval_docs))) if idx is None else sorted(set(idx))
+        task.build_all_requests(samples=docs, **evaluator.prompt_options)
+        kind = task.get_config("output_type")
+        for inst in task.instances:
+            doc = docs[inst.doc_id]
+            if kind == "loglikelihood":
+                context, cont = inst.args[0], inst.args[1]
+            elif kind == "multiple_choice":
+                target = task.doc_to_target(inst.doc)
+                choices = task.doc_to_choice(inst.doc)
+                right = target if isinstance(target, int) else choices.index(target)
+                if inst.idx != right:
+                    continue
+                context, cont = inst.args[0], inst.args[1]
+            elif kind == "generate_until":
+                target = task.doc_to_target(inst.doc)
+                target = target[0] if isinstance(target, list) else target
+                context, cont = inst.args[0], task.config.target_delimiter + str(target)
+            else:
+                raise ConfigError(f"refine: task {name!r} has output type {kind!r}: no answer to train on")
+            ctx, ans = lm._encode_pair(context, cont)
+            out.append(Answer(name, doc, tuple(ctx), tuple(ans)))
+    return out
+
+
 def evaluate_model_dir(model_dir: str | Path, tasks: Sequence[str], *, split: str | None = None,
                        limit: int | None = None, batch_size: int = 32, device: str = "cpu",
                        dtype: str = "float32", allow_pickle: bool = False,

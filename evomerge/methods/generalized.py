@@ -76,6 +76,35 @@ class TaskArithmeticMerge:
         keys = sorted(k for k in group.tensors if k != group.base)
         if not keys:
             return base
+        deltas = self.task_deltas(group, shared, per_source, mask_seed=mask_seed)
+        weights = torch.tensor(
+            [per_source[k]["weight"] for k in keys], dtype=deltas.dtype, device=deltas.device
+        )
+        weights = weights.reshape(len(keys), *([1] * base.dim()))
+        deltas.mul_(weights)
+
+        if self.consensus is Consensus.SUM:
+            mask = sign_consensus(deltas)
+            mixed = (deltas * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if shared["normalize"]:
+            mixed /= divisor
+        if shared["lambda"] != 1:
+            mixed *= shared["lambda"]
+        if mixed.dtype == base.dtype:  # in place: base + mixed and mixed + base are the same bits
+            return mixed.add_(base)
+        return (base + mixed).to(base.dtype)
+
+    def task_deltas(self, group, shared, per_source, *, mask_seed) -> torch.Tensor:
+        """The non-base sources' sparsified task vectors, unweighted, stacked in recipe order
+        (the masks depend on no weight; search/refine trains the weights on top of them)."""
+        base = group.tensors[group.base]
+        keys = sorted(k for k in group.tensors if k != group.base)
         extras = [p.name for p in self.extras]
         deltas = base.new_empty((len(keys), *base.shape))
         for row, key in enumerate(keys):
@@ -95,26 +124,11 @@ class TaskArithmeticMerge:
                     **{e: per_source[key][e] for e in extras},
                 )
             deltas[row] = delta
-        weights = torch.tensor(
-            [per_source[k]["weight"] for k in keys], dtype=deltas.dtype, device=deltas.device
-        )
-        weights = weights.reshape(len(keys), *([1] * base.dim()))
-        deltas.mul_(weights)
+        return deltas
 
-        if self.consensus is Consensus.SUM:
-            majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-            mask = deltas.sign() == majority  # pruned zeros have sign 0: never counted
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-        if shared["normalize"]:
-            mixed /= divisor
-        if shared["lambda"] != 1:
-            mixed *= shared["lambda"]
-        if mixed.dtype == base.dtype:  # in place: base + mixed and mixed + base are the same bits
-            return mixed.add_(base)
-        return (base + mixed).to(base.dtype)
+
+def sign_consensus(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES's sign election over the stacked weighted deltas: each source's elements that agree
+    with the sign of the sum (pruned zeros have sign 0: never counted)."""
+    majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+    return weighted.sign() == majority

@@ -35,7 +35,8 @@ def kept_rank(shape: torch.Size, tasks: int, rank_fraction: float) -> int:
     return max(1, min(share, int(full * rank_fraction / tasks)))
 
 
-def tsv_matrix(deltas: list[torch.Tensor], rank_fraction: float) -> torch.Tensor:
+def _decorrelated(deltas: list[torch.Tensor], rank_fraction: float):
+    """(U_perp, the kept singular values of every task, V_perp^T, the rank kept per task)."""
     r = kept_rank(deltas[0].shape, len(deltas), rank_fraction)
     us, ss, vhs = [], [], []
     for d in deltas:
@@ -45,7 +46,21 @@ def tsv_matrix(deltas: list[torch.Tensor], rank_fraction: float) -> torch.Tensor
         vhs.append(vh[:r, :])
     u_perp = polar(torch.cat(us, dim=1))  # m x Tr
     vh_perp = polar(torch.cat(vhs, dim=0))  # Tr x n (rows: the V_i^T stacked)
-    return u_perp @ torch.diag(torch.cat(ss)) @ vh_perp
+    return u_perp, torch.cat(ss), vh_perp, r
+
+
+def tsv_matrix(deltas: list[torch.Tensor], rank_fraction: float) -> torch.Tensor:
+    u_perp, s, vh_perp, _ = _decorrelated(deltas, rank_fraction)
+    return u_perp @ torch.diag(s) @ vh_perp
+
+
+def tsv_parts(deltas: list[torch.Tensor], rank_fraction: float) -> list[torch.Tensor]:
+    """Each task's block of the TSV matrix (they sum to ``tsv_matrix``). A task vector scaled by
+    w > 0 keeps its singular vectors, so TSV of the weighted task vectors is sum_i w_i part_i of
+    the unweighted ones: linear in the weights (search/refine trains them so)."""
+    u_perp, s, vh_perp, r = _decorrelated(deltas, rank_fraction)
+    return [u_perp[:, i * r:(i + 1) * r] @ torch.diag(s[i * r:(i + 1) * r]) @ vh_perp[i * r:(i + 1) * r]
+            for i in range(len(deltas))]
 
 
 def _merge(inputs: Inputs, shared, per_source) -> torch.Tensor:

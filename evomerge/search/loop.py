@@ -133,6 +133,30 @@ class Search:
                                  f"best fitness {final.fitness:.4f}; raise the budget to continue it")
             return self._outcome(hist)
 
+        tok = self._open(hist)
+        pipelined = self._bg_run is not None
+        try:
+            self.check_stop()
+            if reference is None:
+                reference = self._evaluate([self.job(RecordKind.REFERENCE, -1, 0, self.codec.x0, None)])[(-1, 0)]
+            if self.irt is not None and (rec := self.irt.prepare(reference, tok, self._append, self.display.message)):
+                self.items_spent += sum(rec.items_scored.values())
+
+            if self.kind.batch is Batch.STEADY:  # one candidate at a time, fed to the workers (steady.py)
+                g = run_steady(self, logged, candidates, done_gens)
+            else:
+                g = self._generations(logged, candidates, done_gens, reference, pipelined)
+
+            self._drain()
+            self._rescore(candidates, g)
+        finally:
+            self.executor.close()
+        return self._outcome(RunHistory(self.run.records()))
+
+    def _open(self, hist: RunHistory):
+        """The executor, the caches of the log's scores and the background work (after ``_setup``);
+        returns the tokenizer."""
+        records = hist.records
         tok = load_tokenizer(self.cfg.tokenizer_folder(), trust_remote_code=self.cfg.trust_remote_code)
         self.display.message("loading models...")
         self.executor = self.executor_factory(self.cfg, self.fitness, tok)
@@ -154,23 +178,7 @@ class Search:
                                               {r.recipe_hash: r for r in hist.of(RecordKind.TEST)})
         pipelined = self.background is not None and self.executor.pipelined
         self._bg_run = self.background if pipelined else None
-        try:
-            self.check_stop()
-            if reference is None:
-                reference = self._evaluate([self.job(RecordKind.REFERENCE, -1, 0, self.codec.x0, None)])[(-1, 0)]
-            if self.irt is not None and (rec := self.irt.prepare(reference, tok, self._append, self.display.message)):
-                self.items_spent += sum(rec.items_scored.values())
-
-            if self.kind.batch is Batch.STEADY:  # one candidate at a time, fed to the workers (steady.py)
-                g = run_steady(self, logged, candidates, done_gens)
-            else:
-                g = self._generations(logged, candidates, done_gens, reference, pipelined)
-
-            self._drain()
-            self._rescore(candidates, g)
-        finally:
-            self.executor.close()
-        return self._outcome(RunHistory(self.run.records()))
+        return tok
 
     def _generations(self, logged: dict, candidates: dict, done_gens: set[int], reference: EvalRecord,
                      pipelined: bool) -> int:
