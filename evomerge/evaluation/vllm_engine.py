@@ -245,8 +245,22 @@ def swap_weights(lm, weights: dict[str, torch.Tensor]) -> None:
     logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
     lm.model.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items()),
                                                       "is_checkpoint_format": True})
-    reset_prefix_cache(lm)
+    _after_reload(lm, weights)
     lm.evomerge_swapped = True
+
+
+def _after_reload(lm, weights: dict[str, torch.Tensor] | None) -> None:
+    """Redoes what vLLM's reload leaves stale (tied heads), checks the engine holds ``weights``
+    (evaluation/vllm_reload.py; a stale engine raises here rather than scoring wrong), and drops
+    every cached KV block."""
+    from evomerge.evaluation.vllm_reload import check_reloaded, refresh_tied
+
+    lm.model.collective_rpc(refresh_tied)
+    problems = [p for found in lm.model.collective_rpc(check_reloaded, kwargs={"weights": weights})
+                for p in found]
+    if problems:
+        raise RuntimeError("vLLM weight swap left the engine stale: " + "; ".join(problems))
+    reset_prefix_cache(lm)
 
 
 def reset_prefix_cache(lm) -> None:
@@ -259,7 +273,7 @@ def reset_prefix_cache(lm) -> None:
 def restore_folder_weights(lm) -> None:
     """Puts the weights of the folder the engine was started from back (vLLM's reload from disk)."""
     lm.model.collective_rpc("reload_weights", kwargs={"is_checkpoint_format": True})
-    reset_prefix_cache(lm)
+    _after_reload(lm, None)
     lm.evomerge_swapped = False
 
 
