@@ -109,10 +109,9 @@ def build_family(family: Family, out: Path) -> dict[str, Path]:
     seed = int(hashlib.sha256(family.name.encode()).hexdigest()[:8], 16)
     torch.manual_seed(seed)  # transformers' initializers (overwritten below) draw from it
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    params = dict(model.state_dict())
     g = torch.Generator().manual_seed(seed)
     base = {k: _base_value(k, v.shape, g) if v.is_floating_point() else v.clone()
-            for k, v in sorted(params.items())}
+            for k, v in sorted(model.state_dict().items())}
     paths = {}
     for member in MEMBERS:
         state = dict(base)
@@ -123,6 +122,9 @@ def build_family(family: Family, out: Path) -> dict[str, Path]:
             state = {k: v + 0.01 * i * (0.6 * torch.randn(v.shape, generator=shared)
                                         + torch.randn(v.shape, generator=own))
                      if v.is_floating_point() else v for k, v in base.items()}
+        # the model's tensors now, not the first member's: a save in another dtype (`.to`)
+        # replaced them, and copying into the old ones left every bfloat16 member equal to the base
+        params = dict(model.state_dict())
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)  # tied tensors get the last of their names' values

@@ -89,8 +89,10 @@ def test_vllm_swap_hands_over_the_checkpoints_names(fam, family, monkeypatch):
     handed: dict[str, tuple] = {}
 
     class FakeEngine:
-        def collective_rpc(self, method, kwargs):
-            handed.update({k: tuple(v.shape) for k, v in kwargs["weights_iterator"]})
+        def collective_rpc(self, method, kwargs=None):
+            if method == "reload_weights":
+                handed.update({k: tuple(v.shape) for k, v in kwargs["weights_iterator"]})
+            return [[]]  # the after-reload refresh and check (vllm_reload.py): nothing found
 
         def reset_prefix_cache(self):
             return True  # vLLM's answer when no request runs
@@ -175,6 +177,15 @@ def test_vllm_engine_refuses_an_adapter_and_head_size_16(fam, tmp_path):
     cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"] = 4, 2, 16
     (small / "config.json").write_text(json.dumps(cfg))
     assert "head size 16" in engine_folder_problem(small)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_vllm_engine_refuses_a_mixture_of_experts(fam, family):
+    """The in-place swap leaves a MoE's expert weights unlike a fresh engine's (test_families_vllm):
+    the vLLM backend refuses the family before any work instead of scoring stale experts."""
+    from evomerge.evaluation.vllm_engine import engine_folder_problem
+
+    assert "mixture of experts" in engine_folder_problem(fam[family]["base"])
 
 
 def test_vllm_search_engine_starts_from_the_tokenizer_folder(fam, tmp_path, monkeypatch):

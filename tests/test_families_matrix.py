@@ -69,6 +69,16 @@ def test_fixture_bytes_are_the_goldens_inputs(fam, family):
         assert _short(load_folder(fam[family][m])) == GOLDENS[family]["inputs"][m], m
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_fine_tune_differs_from_the_base(fam, family):
+    """Each fine-tune carries its perturbation in the saved dtype (mistral's bfloat16 members were
+    once all the base: a merge or a swap of them could not be told from none)."""
+    base = _short(load_folder(fam[family]["base"]))
+    for m in MEMBERS:
+        if m != "base":
+            assert _short(load_folder(fam[family][m])) != base, m
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_merge_equals_mergekit(fam, family, kind):

@@ -1,0 +1,83 @@
+"""What a vLLM in-place weight reload leaves stale, redone, and a check that nothing is.
+
+vLLM's reload (``reload_weights``, model_loader/reload/layerwise.py) re-runs a layer's post-load
+processing only for the layers its ``load_weights`` wrote. A tied head (``lm_head`` sharing the
+embeddings' Parameter: llama, qwen3, granite, starcoder2, gemma, gemma3, gpt2, falcon) receives no
+weight of its own, so its processing does not run again; on the CPU build that processing built the
+head's matmul (oneDNN's packed copy of the weight, ``cpu_linear``) from the *old* embeddings, and
+every logit kept the previous candidate's head (0.5 nats per item off). ``refresh_tied`` re-runs
+it for every module whose weight another module shares.
+
+``check_reloaded`` then verifies, on the engine's own tensors:
+- every vocabulary table (embeddings, head) holds one of the swapped tensors bit for bit (the
+  engine's dtype; its rows past the vocabulary are vLLM's padding);
+- every layer that keeps its weight and runs a prepared matmul (``cpu_linear``) gives that weight's
+  columns for one-hot inputs, so a matmul built from stale weights fails here, not in the scores.
+
+Both run in the engine's worker (``collective_rpc`` with a function: this process, the engine
+runs in it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _model(worker) -> torch.nn.Module:
+    return worker.model_runner.get_model()
+
+
+def refresh_tied(worker) -> list[str]:
+    """Re-runs the post-load processing of every module whose weight Parameter another module
+    shares (the tied heads): returns their names."""
+    model = _model(worker)
+    owners: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append((name, module))
+    refreshed = []
+    for modules in owners.values():
+        if len(modules) < 2:
+            continue
+        for name, module in modules:
+            method = getattr(module, "quant_method", None)
+            if method is not None and module.weight.numel() and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(module)
+                refreshed.append(name)
+    return refreshed
+
+
+def _vocab_tables(model: torch.nn.Module):
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    for name, module in model.named_modules():
+        if isinstance(module, VocabParallelEmbedding) and module.weight.numel():
+            yield name, module.weight[: module.org_vocab_size]
+
+
+def check_reloaded(worker, weights: dict[str, torch.Tensor] | None = None, columns: int = 2) -> list[str]:
+    """The problems found after a reload (empty: none); ``weights``: the tensors swapped in (None:
+    the folder's, not checked against)."""
+    model = _model(worker)
+    problems = []
+    if weights is not None:
+        for name, table in _vocab_tables(model):
+            same_shape = [t for t in weights.values() if t.shape == table.shape]
+            if not any(torch.equal(table, t.to(table.dtype)) for t in same_shape):
+                problems.append(f"{name}.weight holds none of the swapped tensors of shape "
+                                f"{tuple(table.shape)}")
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if not hasattr(module, "cpu_linear") or weight is None or weight.dim() != 2 or not weight.numel():
+            continue
+        n = min(columns, weight.shape[1])
+        probe = torch.zeros(n, weight.shape[1], dtype=weight.dtype)
+        probe[torch.arange(n), torch.arange(n)] = 1
+        got = module.cpu_linear(probe, weight, None).to(weight.dtype)
+        want = weight[:, :n].t()
+        if not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-6):
+            err = (got.float() - want.float()).abs().max().item()
+            problems.append(f"{name}: its prepared matmul does not give its weight (off by {err:.3g}): "
+                            "built from stale weights")
+    return problems
