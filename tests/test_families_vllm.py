@@ -21,13 +21,14 @@ from evomerge.evaluation.vllm_engine import vllm_available
 REASON = vllm_available()
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(REASON is not None, reason=f"vLLM does not import here: {REASON}")]
-# Every dense family. The tied-head ones (llama, qwen3, gemma, gemma3_text, granite, starcoder2, gpt2,
-# falcon) scored the previous candidate's head until the swap re-prepared it (vllm_reload.py).
-# Left out: mixtral and qwen2_moe (their swapped expert weights differ from a fresh engine's: the
-# vLLM backend refuses MoE models). mistral (bfloat16) runs since its fixture was fixed (its
-# fine-tunes were equal to the base: the swap had nothing to change). Issue #30.
-FAMILIES = ("falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "granite", "llama", "mistral",
-            "llama_untied", "olmo2", "phi", "phi3", "qwen2", "qwen3", "stablelm", "starcoder2")
+# Every family. The tied-head ones (llama, qwen3, gemma, gemma3_text, granite, starcoder2, gpt2,
+# falcon) scored the previous candidate's head until the swap re-prepared it (vllm_reload.py); the
+# mixtures of experts (mixtral, qwen2_moe) scored unpacked expert weights until the swap packed them
+# again. mistral (bfloat16) runs since its fixture was fixed (its fine-tunes were equal to the base:
+# the swap had nothing to change). Issue #30.
+FAMILIES = ("falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "granite", "llama",
+            "llama_untied", "mistral", "mixtral", "olmo2", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
+            "stablelm", "starcoder2")
 LL, GEN = "zoo_add", "zoo_add_gen"
 N = 20
 
