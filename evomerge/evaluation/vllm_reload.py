@@ -6,7 +6,8 @@ embeddings' Parameter: llama, qwen3, granite, starcoder2, gemma, gemma3, gpt2, f
 weight of its own, so its processing does not run again; on the CPU build that processing built the
 head's matmul (oneDNN's packed copy of the weight, ``cpu_linear``) from the *old* embeddings, and
 every logit kept the previous candidate's head (0.5 nats per item off). ``refresh_tied`` re-runs
-it for every module whose weight another module shares.
+it for every module whose weight another module shares. A fused mixture-of-experts layer is left
+in checkpoint layout while its CPU kernel reads a prepacked one: ``repack_experts`` packs it again.
 
 ``check_reloaded`` then verifies, on the engine's own tensors:
 - every vocabulary table (embeddings, head) holds one of the swapped tensors bit for bit (the
