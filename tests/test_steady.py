@@ -174,18 +174,27 @@ class Recording(Pipelined):
         return super().score(job)
 
 
-def test_background_work_is_handed_out_beside_the_candidates_not_after_them(zoo_dir, tmp_path):
-    """A block's re-scores go to the next free worker, before the candidates asked after it: they
-    do not pile up behind the last block (a tail of workers waiting for the last re-scores)."""
+def test_a_block_is_closed_by_its_last_result_not_by_the_tells_after_it(zoo_dir, tmp_path):
+    """A block's generation record and re-scores come as soon as its candidates are scored, though
+    the optimizer is told them only before the asks they may influence (up to ``pending`` later):
+    no candidate of the next block lands between a block's last result and its record, and its
+    re-scores go to the next free worker, beside the next block's candidates (they do not pile up
+    behind the last block, a tail of workers waiting for the last re-scores)."""
     tasks = [{"name": "zoo_add", "weight": 0.5, "limit": 16}, {"name": "zoo_sub", "weight": 0.5, "limit": 16}]
     search(fake_config(zoo_dir, tmp_path, "inproc", background=True, tasks=tasks, **STEADY))
     expected = history(RunFolder.open(tmp_path / "inproc").records())
     Pipelined.slots, Recording.handed = 2, []
     search(fake_config(zoo_dir, tmp_path, "piped", background=True, tasks=tasks, **STEADY), Recording)
+    records = RunFolder.open(tmp_path / "piped").records()
+    for g in range(3):
+        at = next(n for n, r in enumerate(records) if r.type == "generation" and r.generation == g)
+        last = max(n for n, r in enumerate(records) if r.type == "candidate" and r.generation == g)
+        assert [r.type for r in records[last + 1:at]] == [], (g, [(r.type, r.generation) for r in records])
+    # block 0's re-scores go to the next free worker after its last result (fifo: handed = scored),
+    # not ``pending`` asks later, when the optimizer is told it
     handed = Recording.handed
-    first_rescore = next(n for n, (kind, _) in enumerate(handed) if kind == "rescore")
-    assert first_rescore < handed.index(("candidate", 2))  # block 0's re-scores before the last block's candidates
-    assert history(RunFolder.open(tmp_path / "piped").records()) == expected
+    assert handed.index(("rescore", 0)) < [n for n, h in enumerate(handed) if h == ("candidate", 1)][1], handed
+    assert history(records) == expected
 
 
 class FailsFirst(Counting):

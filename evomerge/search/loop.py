@@ -424,7 +424,7 @@ class Search:
         return ranking.top_candidates(records, self.cfg.rescore_top_k)
 
     def _end_generation(self, g: int, gen_records: list[EvalRecord], told: list[float], candidates: dict,
-                        race: RaceSummary | None, items: int | None = None) -> None:
+                        race: RaceSummary | None, items: int | None = None, optimizer: bool = True) -> None:
         best = ranking.best_of(candidates.values())
         rec = GenerationRecord(
             generation=g, popsize=len(gen_records), evaluations=len(candidates),
@@ -432,11 +432,13 @@ class Search:
             max=float(np.max(told)), item_evaluations=self.items_spent if items is None else items, time=time.time(),
             elapsed_s=round(self.elapsed(), 3), racing=race, steady=True if self.kind.batch is Batch.STEADY else None)
         self._append(rec)
-        self._checkpoint(candidates)
+        self._checkpoint(candidates, optimizer)
 
-    def _checkpoint(self, candidates: dict) -> None:
-        """The optimizer's state, the best so far and (NSGA-II) the Pareto front, after a generation."""
-        self.run.write_optimizer(self.optimizer.state_dict())
+    def _checkpoint(self, candidates: dict, optimizer: bool = True) -> None:
+        """The optimizer's state (unless ``optimizer`` is False: the steady engine writes it when it
+        tells), the best so far and (NSGA-II) the Pareto front, after a generation."""
+        if optimizer:
+            self.run.write_optimizer(self.optimizer.state_dict())
         if self.multi:
             self._write_pareto(candidates)
         best = ranking.best_of(candidates.values())

@@ -9,7 +9,12 @@ history stays a function of the seed alone, whatever the workers and timing:
   ``k - pending`` is in, and the optimizer is told the results in log order, each one just before
   the ask it may influence (candidate ``j`` before ask ``j + pending``): every ask sees exactly the
   same tells, so a resume replays the asks bit for bit;
-- a block's generation record is written when its last candidate is told, from told candidates only;
+- a block is closed as soon as its candidates and every earlier one are scored (not when the
+  optimizer is told them, which may be ``pending`` candidates later): its generation record is
+  written then, from those candidates only, and the background work it implies (re-scores, the
+  test score of the best so far) is queued then, beside the next block's candidates instead of
+  after them. The last block's work thus starts with its last result, as a generational search's
+  does; the optimizer's checkpoint is written when its tells complete a block;
 - a recipe asked again while its first copy is in flight waits for that result and is served from
   it (as a repeat is from the cache), so it is scored once whatever the workers: a failed first
   copy is not reused, and the repeat is then scored itself, as it is in-process.
@@ -51,23 +56,20 @@ class SteadyState:
         self.pending = self.opt.pending
         self.logged, self.candidates, self.done_gens = logged, candidates, done_gens
         self.asked = 0
-        self.told = 0
+        self.told = 0  # candidates told to the optimizer (in log order, just before the asks they may influence)
+        self.closed = 0  # candidates scored with every earlier one: their blocks are closed
         self.results: dict[int, tuple[np.ndarray, EvalRecord]] = {}  # k -> its genome and record, once scored
         self.flight: dict[tuple[int, int], tuple[int, np.ndarray]] = {}  # (generation, index) -> k, genome
         # (recipe hash, settings key) in flight -> the repeats of it asked meanwhile: (k, genome, job)
         self.waiting: dict[tuple[str, str], list[tuple[int, np.ndarray, EvalJob]]] = {}
         self.again: deque[EvalJob] = deque()  # repeats whose first copy failed: scored themselves
-        self.told_records: dict[tuple[int, int], EvalRecord] = {}
-        # the generation records' item count: the candidates' items are added as they are told
+        self.closed_records: dict[tuple[int, int], EvalRecord] = {}
+        # the generation records' item count: the candidates' items are added as they are closed
         self.items = RunHistory(search.run.records()).search_items(but=RecordKind.CANDIDATE)
         # an optimizer told per-item scores (M2N2) compares candidates item by item: one subset for all
         self.per_item = search.kind.per_item
         self.fixed_items = search.fitness.samples(0) if self.per_item else None
         check_per_item(search.kind, search.items.reusable)
-
-    @property
-    def generations(self) -> int:
-        return self.told // self.popsize
 
     def _may_ask(self, k: int) -> bool:
         g = k // self.popsize
@@ -139,14 +141,21 @@ class SteadyState:
         bg = self.s.background
         return bg.next() if bg is not None else None
 
-    # ------------------------------------------------------------------ telling, in log order
+    # ------------------------------------------------------------------ closing and telling, in log order
     def _scored(self, k: int, x: np.ndarray, rec: EvalRecord) -> None:
         self.results[k] = (x, rec)
         self.candidates[(rec.generation, rec.index)] = rec
+        while self.closed in self.results:
+            r = self.results[self.closed][1]
+            self.closed_records[(r.generation, r.index)] = r
+            self.items += sum((r.items_scored or {}).values())
+            self.closed += 1
+            if self.closed % self.popsize == 0:
+                self._close_block(self.closed // self.popsize - 1)
 
     def _ready(self, n: int) -> bool:
         """Candidates told..n-1 are scored."""
-        return all(m in self.results for m in range(self.told, n))
+        return self.closed >= n
 
     def _tell_upto(self, n: int) -> None:
         """Tells the results of candidates told..n-1 (all of them scored), in log order."""
@@ -156,25 +165,26 @@ class SteadyState:
                 self.opt.tell_items(x, *self.s.items.vector(rec.recipe_hash if rec.ok else None, self.fixed_items))
             else:
                 self.opt.tell(x[None, :], np.array([rec.fitness]))
-            self.told_records[(rec.generation, rec.index)] = rec
-            self.items += sum((rec.items_scored or {}).values())
             self.told += 1
-            if self.told % self.popsize == 0:
-                self._end_block(self.told // self.popsize - 1)
+            g = self.told // self.popsize - 1
+            if self.told % self.popsize == 0 and g + 1 not in self.done_gens:  # else a later one overwrites it
+                self.s.run.write_optimizer(self.opt.state_dict())
 
-    def _end_block(self, g: int) -> None:
-        block = [self.told_records[(g, i)] for i in range(self.popsize)]
+    def _close_block(self, g: int) -> None:
+        """Block ``g`` is scored: its generation record, the best so far, and its background work."""
         if g not in self.done_gens:
-            self.s._end_generation(g, block, [r.fitness for r in block], self.told_records, None, items=self.items)
-        elif g + 1 not in self.done_gens:
-            self.s._checkpoint(self.told_records)
+            block = [self.closed_records[(g, i)] for i in range(self.popsize)]
+            self.s._end_generation(g, block, [r.fitness for r in block], self.closed_records, None,
+                                   items=self.items, optimizer=False)
+        elif g + 1 not in self.done_gens:  # the last logged block: its best.yaml may be stale
+            self.s._checkpoint(self.closed_records, optimizer=False)
         if self.s.background is not None:
-            self.s.background.plan(g, self.told_records)
+            self.s.background.plan(g, self.closed_records)
 
 
 def run_steady(search, logged: dict, candidates: dict, done_gens: set[int]) -> int:
-    """Runs the steady-state engine on the search's executor to the budget; returns the blocks told."""
+    """Runs the steady-state engine on the search's executor to the budget; returns the blocks closed."""
     engine = SteadyState(search, logged, candidates, done_gens)
     for _ in search._run([], background=engine):
         pass
-    return -(-engine.told // engine.popsize)  # a last, partial block (an evaluations budget) counts
+    return -(-engine.closed // engine.popsize)  # a last, partial block (an evaluations budget) counts
