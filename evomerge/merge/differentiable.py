@@ -28,22 +28,28 @@ import torch
 
 from evomerge.core.errors import ConfigError
 from evomerge.merge.engine import MergePlan, TensorJob, load_inputs, plan_jobs
-from evomerge.methods.base import TensorGroup
+from evomerge.methods.base import MergeMethod, TensorGroup
 from evomerge.methods.generalized import Consensus, TaskArithmeticMerge, sign_consensus
+from evomerge.methods.registry import get_method, registered_methods
 from evomerge.methods.spectral import is_task_matrix
 from evomerge.methods.tsv import tsv_parts
 from evomerge.recipes.parameter_space import Recipe
 
-DIFFERENTIABLE = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                  "della", "della_linear", "linear", "tsv")
+_OTHER_FORMS = ("linear", "tsv")  # differentiated here besides the task-arithmetic family
+
+
+def _differentiable(method: MergeMethod) -> bool:
+    return isinstance(method, TaskArithmeticMerge) or method.name in _OTHER_FORMS
 
 
 def refusal(method: str) -> str | None:
-    """Why ``method``'s coefficients cannot be trained by gradient (None: they can)."""
-    if method in DIFFERENTIABLE:
+    """Why ``method``'s coefficients cannot be trained by gradient (None: they can); the
+    supported methods are read from the registry, so a new task-arithmetic method is one too."""
+    if _differentiable(get_method(method)):
         return None
+    supported = ", ".join(m.name for m in registered_methods() if _differentiable(m))
     return (f"method {method!r} is not differentiated by refine (its merged tensor is not a weighted sum "
-            f"of fixed directions); supported: {', '.join(DIFFERENTIABLE)}")
+            f"of fixed directions); supported: {supported}")
 
 
 @dataclass(frozen=True)
