@@ -73,3 +73,17 @@ def test_a_method_without_a_differentiable_form_is_refused(zoo_dir, tmp_path):
     assert main(["search", str(cfg), "--quiet"]) == 0
     with pytest.raises(ConfigError, match="multislerp.*not differentiated"):
         refine_run(tmp_path / "run", OPTS, quiet=True)
+
+
+def test_weight_genes_that_decode_to_one_value_are_refused_not_mapped_wrong():
+    """gene_map tells genes apart by their decoded weights: two genes of other bounds that decode
+    to the same value would map a tensor to the wrong gene, so the space is refused."""
+    from types import SimpleNamespace
+
+    from evomerge.search.codecs.parameter import Gene
+    from evomerge.search.refine import WEIGHT, gene_map
+
+    # probe values 1/3 and 2/3: 0 + 1/3 * 1.0 == 0 + 2/3 * 0.5
+    codec = SimpleNamespace(genes=[Gene(WEIGHT, "a", "global", 0.0, 1.0), Gene(WEIGHT, "b", "global", 0.0, 0.5)])
+    with pytest.raises(ConfigError, match="cannot be told apart"):
+        gene_map(codec, np.zeros(2), plan=None)

@@ -107,6 +107,9 @@ def gene_map(codec: Codec, genome: np.ndarray, plan) -> tuple[list[int], dict[st
     for j, i in enumerate(idx):
         x[i] = (j + 1) / (len(idx) + 1)
     value_gene = {codec.genes[i].value(x[i]): i for i in idx}
+    if len(value_gene) < len(idx):  # genes of other bounds decoded to one value: the map would be wrong
+        raise ConfigError("refine: the space's weight genes cannot be told apart by their decoded values "
+                          "(their bounds differ); this space cannot be refined")
     out = {}
     for job in plan_jobs(codec.to_recipe(x), plan):
         out[job.name] = [value_gene.get(job.per_source[k].get(WEIGHT)) for k in range(len(job.models))]
